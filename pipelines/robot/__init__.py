@@ -1,0 +1,1 @@
+"""gr2.pipelines.robot"""
