@@ -1,0 +1,84 @@
+"""The video build flow: sources -> clips in the lake, with a funnel artifact."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field, field_validator
+
+from gr2.flows.runtime import ensure_ray
+from gr2.pipelines import sources as sources_mod
+from gr2.pipelines.build import BuildResult, new_build_id, run_build
+from gr2.pipelines.config import BuildConfig
+from gr2.pipelines.lake import Lake
+
+
+class BuildParams(BaseModel):
+    """The flow's parameters, validated before any work starts."""
+
+    sources: list[str] = Field(min_length=1)
+    lake: str = Field(min_length=1)
+    config: BuildConfig = BuildConfig()
+    retry_failed: bool = False
+
+    @field_validator("sources")
+    @classmethod
+    def _no_blank_sources(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("a source is blank")
+        return v
+
+
+def funnel_markdown(build_id: str, funnel: dict) -> str:
+    """The funnel as a markdown table: what people read in Prefect's UI and in `gr2 status`."""
+    rows = [("inputs", funnel["inputs"]), ("accepted", funnel["accepted"]),
+            ("rejected", funnel["rejected"]), ("failed", funnel["failed"])]
+    rows += [(f"rejected: {k}", v) for k, v in sorted(funnel.get("rejected_by_reason", {}).items())]
+    rows += [(f"failed: {k}", v) for k, v in sorted(funnel.get("failed_by_reason", {}).items())]
+    rows += [("already in the lake (skipped)", funnel.get("skipped_already_in_lake", 0)),
+             ("clips", funnel.get("clips", 0)), ("clips accepted", funnel.get("clips_accepted", 0)),
+             ("clips rejected", funnel.get("clips_rejected", 0)), ("clips failed", funnel.get("clips_failed", 0))]
+    rows += [(f"clips {k}", v) for k, v in sorted(funnel.get("clips_by_reason", {}).items())]
+    rows += [(k, funnel[k]) for k in ("video_seconds", "frames_decoded", "elapsed_s", "videos_per_s", "frames_per_s")
+             if k in funnel]
+    rows += [(k, v) for k, v in funnel.items() if k.startswith(("caption", "dedup", "tokeniz", "embed"))]
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"### Build `{build_id}`\n\n| stage | count |\n|---|---|\n{body}\n"
+
+
+def record_build(lake: Lake, result: BuildResult, flow_name: str, sources: list[str], config_json: str,
+                 config_hash: str, started: datetime, tables: tuple[str, ...]) -> None:
+    """Tag every table this build touched with the build id and write its row in `builds`."""
+    for table in tables:
+        if lake.exists(table):
+            lake.tag(table, result.build_id)
+            result.versions[table] = lake.dataset(table).version
+    lake.commit("builds", [{
+        "build_id": result.build_id, "flow": flow_name, "started_at": started,
+        "finished_at": datetime.now(timezone.utc), "sources": sources, "config_json": config_json,
+        "config_hash": config_hash, "funnel_json": json.dumps(result.funnel), "versions_json": json.dumps(result.versions),
+    }])
+
+
+@flow(name="build-video-dataset", log_prints=True)
+def build_video_dataset(sources: list[str], lake: str, config: BuildConfig = BuildConfig(),
+                        retry_failed: bool = False) -> dict:
+    """Filter, cut and gate web video from `sources` into the lake at `lake`; returns the funnel."""
+    params = BuildParams(sources=sources, lake=lake, config=config, retry_failed=retry_failed)
+    logger = get_run_logger()
+    ensure_ray()
+    started = datetime.now(timezone.utc)
+    the_lake = Lake(params.lake)
+    inputs = sources_mod.list_inputs(params.sources)
+    result = run_build(inputs, the_lake, params.config, build_id=new_build_id(), retry_failed=params.retry_failed,
+                       log=logger.info)
+    record_build(the_lake, result, "build-videos", params.sources, params.config.model_dump_json(),
+                 params.config.hash(), started, ("videos", "clips"))
+    create_markdown_artifact(key="video-build-funnel", markdown=funnel_markdown(result.build_id, result.funnel),
+                             description=f"funnel of {result.build_id}")
+    logger.info(f"{result.build_id}: {result.funnel['accepted']} accepted, {result.funnel['rejected']} rejected, "
+                f"{result.funnel['failed']} failed of {result.funnel['inputs']} inputs")
+    return {"build_id": result.build_id, "lake": the_lake.root, "funnel": result.funnel, "versions": result.versions}

@@ -1,0 +1,106 @@
+"""`gr2 build-videos`, `gr2 status`, `gr2 serve`: the video build from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from gr2.flows.cli import CommandError
+from gr2.pipelines.config import BuildConfig
+
+
+def load_config(path: str | None, overrides: dict | None = None) -> BuildConfig:
+    """A BuildConfig from a YAML/JSON file (unknown keys are an error), with overrides applied."""
+    data = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise CommandError(f"config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise CommandError(f"config {path}: does not parse ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise CommandError(f"config {path}: expected a mapping of settings")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return BuildConfig(**data)
+
+
+def build_videos(args) -> str:
+    from gr2.flows.build import build_video_dataset, funnel_markdown
+
+    config = load_config(args.config, {"workers": args.workers})
+    result = build_video_dataset(sources=args.sources, lake=args.lake, config=config, retry_failed=args.retry_failed)
+    return funnel_markdown(result["build_id"], result["funnel"]) + f"\nlake: {result['lake']}"
+
+
+def status(args) -> str:
+    from gr2.flows.build import funnel_markdown
+    from gr2.pipelines.lake import Lake
+
+    lake = Lake(args.lake)
+    if not lake.exists():
+        raise CommandError(f"no lake at {lake.root}")
+    if args.failed:
+        return failed_ledger(lake)
+    build = lake.latest_build()
+    if build is None:
+        raise CommandError(f"lake {lake.root} has no finished build yet")
+    if args.json:
+        return json.dumps(build, default=str, indent=2)
+    when = build["finished_at"].isoformat(timespec="seconds")
+    return funnel_markdown(build["build_id"], build["funnel"]) + f"\nfinished {when}; versions {build['versions']}"
+
+
+def failed_ledger(lake) -> str:
+    """Failed inputs grouped by reason."""
+    import pyarrow.compute as pc
+
+    videos = lake.read("videos", columns=["uri", "status", "reason"])
+    failed = videos.filter(pc.equal(videos["status"], "failed")).to_pylist()
+    if not failed:
+        return "no failed inputs"
+    groups: dict[str, list[str]] = {}
+    for row in failed:
+        groups.setdefault((row["reason"] or "").replace(row["uri"], "<uri>"), []).append(row["uri"])
+    lines = [f"{len(failed)} failed inputs"]
+    for reason, uris in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"\n{len(uris)} x {reason}")
+        lines += [f"    {u}" for u in uris]
+    return "\n".join(lines)
+
+
+def serve(args) -> None:
+    from gr2.flows.build import build_video_dataset
+
+    config = load_config(args.config, {"workers": args.workers})
+    build_video_dataset.serve(
+        name=args.name, cron=args.cron,
+        parameters={"sources": args.sources, "lake": args.lake, "config": config.model_dump()},
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build-videos", help="build (or extend) a lake of video clips from sources")
+    p.add_argument("--lake", required=True, help="lake root: a directory or s3://bucket/prefix")
+    p.add_argument("sources", nargs="+", help="directories, globs, manifests (.csv/.jsonl/.parquet), URIs")
+    p.add_argument("--config", help="YAML/JSON file of BuildConfig settings")
+    p.add_argument("--workers", type=int, help="parallel decode tasks (default: all CPUs)")
+    p.add_argument("--retry-failed", action="store_true", help="retry inputs whose last outcome was failed")
+    p.set_defaults(run=build_videos)
+
+    p = sub.add_parser("status", help="the funnel of the lake's latest build")
+    p.add_argument("--lake", required=True)
+    p.add_argument("--failed", action="store_true", help="list failed inputs grouped by reason")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=status)
+
+    p = sub.add_parser("serve", help="serve the build on a cron schedule (Prefect serve)")
+    p.add_argument("--lake", required=True)
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
+    p.add_argument("--name", default="scheduled-build")
+    p.add_argument("--config")
+    p.add_argument("--workers", type=int)
+    p.set_defaults(run=serve)

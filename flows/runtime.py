@@ -1,0 +1,26 @@
+"""Where flows run: joining or starting Ray, and the environment Prefect needs offline."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def offline_defaults() -> None:
+    """Settings for a machine without internet: no telemetry, no usage stats."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def ensure_ray(num_cpus: int | None = None) -> dict:
+    """Join RAY_ADDRESS when set (a real cluster), else start a local Ray; returns its resources."""
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("GR2_PROGRESS", "1") == "1"
+    return ray.cluster_resources()

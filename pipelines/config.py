@@ -1,0 +1,41 @@
+"""The video build's configuration: one frozen model, hashed into every row it shaped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BuildConfig(BaseModel):
+    """How the video build cuts, samples and gates clips. The defaults run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Clips
+    clip_s: float = Field(2.0, gt=0, description="length of a candidate clip, seconds")
+    frames_per_clip: int = Field(8, ge=2, le=64, description="frames sampled from each clip")
+    frame_size: int = Field(128, ge=16, le=1024, description="sampled frames: square side, pixels")
+    # Shots
+    shot_threshold: float = Field(30.0, gt=0, description="frame difference (0..255) that can be a cut")
+    shot_ratio: float = Field(3.0, ge=1, description="a cut stands this many times above its neighbours")
+    cut_margin_frames: int = Field(2, ge=0, description="frames dropped beside each cut")
+    # Video gates
+    min_duration_s: float = Field(1.0, ge=0)
+    max_duration_s: float | None = Field(None, gt=0)
+    min_short_side: int = Field(96, ge=1, description="pixels")
+    min_fps: float = Field(4.0, ge=0)
+    # Clip gates
+    min_clip_s: float = Field(1.0, ge=0, description="a shot shorter than this yields a rejected clip")
+    black_threshold: float = Field(16.0, ge=0, description="mean luma below this is black")
+    blank_threshold: float = Field(4.0, ge=0, description="luma std below this is a flat frame")
+    static_threshold: float = Field(0.5, ge=0, description="mean abs frame difference below this is static")
+    # Execution
+    workers: int | None = Field(None, ge=1, description="parallel decode tasks (default: the cluster's CPUs)")
+    commit_every: int = Field(256, ge=1, description="clips per lake commit")
+
+    def hash(self) -> str:
+        """A short content hash of the settings that shape rows (execution knobs excluded)."""
+        shaping = self.model_dump(exclude={"workers", "commit_every"})
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
