@@ -115,3 +115,85 @@ def conform(table: str, rows: list[dict] | pa.Table) -> pa.Table:
         if extra:
             raise ValueError(f"{table}: columns not in the schema: {sorted(extra)}")
     return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+# -- Robot trajectories (pipelines/robot) -------------------------------------------------------
+
+# One entry per camera: how its clock was mapped onto the state stream's (pipelines/robot/align.py).
+ALIGNMENT_REPORT = pa.struct(
+    [
+        pa.field("camera", pa.string()),
+        pa.field("fps", pa.float64()),  # declared by the source, else from the median frame interval
+        pa.field("frame_count", pa.int64()),
+        pa.field("offset_s", pa.float64()),  # camera clock minus state clock (its latency)
+        pa.field("offset_source", pa.string()),  # declared | estimated | none
+        pa.field("tolerance_s", pa.float64()),
+        pa.field("max_skew_s", pa.float64()),  # over the steps that got a frame
+        pa.field("mean_abs_skew_s", pa.float64()),
+        pa.field("dropped_frames", pa.int32()),  # gaps in the camera's timestamps, in frame periods
+        pa.field("flagged_steps", pa.int32()),  # steps with no frame of this camera within tolerance
+    ]
+)
+
+EPISODES = pa.schema(
+    [
+        pa.field("episode_id", pa.string(), nullable=False),  # sha256 of the episode's content (of its uri when unreadable)
+        pa.field("source", pa.string(), nullable=False),  # the dataset's root uri
+        pa.field("episode_key", pa.string(), nullable=False),  # the episode within its source
+        pa.field("format", pa.string()),  # lerobot | hdf5-robomimic | hdf5-aloha | calvin | annotated-json
+        pa.field("dataset", pa.string()),  # name normalisation statistics are grouped by
+        pa.field("instruction", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),  # null when accepted; "gate:score" or the error otherwise
+        pa.field("length", pa.int32()),  # aligned steps
+        pa.field("duration_s", pa.float64()),
+        pa.field("state_fps", pa.float64()),
+        pa.field("state_dim", pa.int32()),
+        pa.field("action_dim", pa.int32()),
+        pa.field("action_space", pa.string()),  # ee_delta (pipelines/robot/actions.py) | native
+        pa.field("cameras", pa.list_(pa.string())),  # view order of steps.views
+        pa.field("frame_width", pa.int32()),
+        pa.field("frame_height", pa.int32()),
+        pa.field("alignment", pa.list_(ALIGNMENT_REPORT)),
+        pa.field("flagged_steps", pa.int32()),  # steps with at least one view flagged
+        pa.field("tokenizer_id", pa.string()),  # checkpoint id of the token grids; null: none
+        pa.field("config_hash", pa.string()),
+        pa.field("build_id", pa.string(), nullable=False),
+        pa.field("processed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+# One entry per camera, in the episode's `cameras` order. A view with no frame within tolerance
+# has ok=false and no jpeg: flagged, never filled with a frame from the wrong time.
+STEP_VIEW = pa.struct(
+    [
+        pa.field("camera", pa.string()),
+        pa.field("ok", pa.bool_()),
+        pa.field("jpeg", pa.binary()),
+        pa.field("frame_index", pa.int64()),  # nearest frame in the camera's stream
+        pa.field("timestamp_s", pa.float64()),  # that frame's time on the state clock (offset removed)
+        pa.field("skew_s", pa.float32()),  # frame time minus step time
+        pa.field("tokens", pa.list_(pa.uint16())),  # row-major token grid; null without a tokenizer
+        pa.field("token_shape", pa.list_(pa.int32(), 2)),  # (h, w) of `tokens`
+    ]
+)
+
+STEPS = pa.schema(
+    [
+        pa.field("step_id", pa.string(), nullable=False),  # episode_id and step
+        pa.field("episode_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string()),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("timestamp_s", pa.float64()),  # on the state clock
+        pa.field("state", pa.list_(pa.float32())),
+        pa.field("action", pa.list_(pa.float32())),  # in episodes.action_space; null where undefined (last step of deltas)
+        pa.field("source_action", pa.list_(pa.float32())),  # as the source recorded it
+        pa.field("views", pa.list_(STEP_VIEW)),
+        pa.field("flags", pa.list_(pa.string())),  # e.g. "view:gripperPOV", "action:none"; empty when clean
+        pa.field("config_hash", pa.string()),
+        pa.field("build_id", pa.string(), nullable=False),
+    ]
+)
+
+SCHEMAS["episodes"] = EPISODES
+SCHEMAS["steps"] = STEPS
