@@ -50,7 +50,34 @@ VIDEOS = pa.schema(
 # Every gate's score has its own column, so a data scientist can re-threshold without re-running.
 CLIP_SCORES = ("black_score", "blank_score", "motion_score")
 
-CLIPS = pa.schema(
+# CLIP image embeddings are fixed-size lists (what Lance's vector indexes need), so their width is
+# part of the schema. A lake holds one CLIP model's embeddings; its width is read from the rows.
+EMBEDDING_DIM = 512  # ViT-B-32 and coca_ViT-B-32; ViT-L-14 lakes are 768 wide
+
+
+def clips_schema(embedding_dim: int = EMBEDDING_DIM) -> pa.Schema:
+    """The clips schema with `embedding_dim`-wide embeddings."""
+    return pa.schema(
+        [f if f.name != "embedding" else pa.field("embedding", pa.list_(pa.float32(), embedding_dim))
+         for f in _CLIPS_FIELDS]
+    )
+
+
+def clips_schema_for(rows: list[dict] | pa.Table) -> pa.Schema:
+    """The clips schema whose embedding width is the one `rows` carry (the default when none do)."""
+    if isinstance(rows, pa.Table):
+        if "embedding" in rows.column_names:
+            t = rows.schema.field("embedding").type
+            if pa.types.is_fixed_size_list(t):
+                return clips_schema(t.list_size)
+            first = next((v for v in rows.column("embedding").to_pylist() if v is not None), None)
+            return clips_schema(len(first)) if first else CLIPS
+        return CLIPS
+    first = next((r["embedding"] for r in rows if r.get("embedding") is not None), None)
+    return clips_schema(len(first)) if first is not None else CLIPS
+
+
+_CLIPS_FIELDS = pa.schema(
     [
         pa.field("clip_id", pa.string(), nullable=False),  # from video_id and the frame span
         pa.field("video_id", pa.string(), nullable=False),
@@ -70,11 +97,22 @@ CLIPS = pa.schema(
         pa.field("sampled_frames", pa.list_(pa.int64())),  # frame indices the clip's frames came from
         pa.field("thumbnail", pa.binary()),  # JPEG of the middle sampled frame
         pa.field("caption", pa.string()),
+        pa.field("caption_source", pa.string()),  # source | coca | none (none: flagged uncaptioned)
+        pa.field("caption_model", pa.string()),  # "coca_ViT-B-32/<weights>" when caption_source is coca
         pa.field("dataset", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),  # mean of the frames' CLIP embeddings, L2-normalised
+        pa.field("clip_model", pa.string()),  # open_clip model name, e.g. ViT-B-32
+        pa.field("clip_pretrained", pa.string()),  # weights: an open_clip tag, a checkpoint path, or "none" (random init)
+        pa.field("text_score", pa.float32()),  # CLIP cosine between the caption and the embedding; null uncaptioned
+        pa.field("duplicate_of", pa.string()),  # clip_id of the earlier clip this one near-duplicates
+        pa.field("duplicate_distance", pa.float32()),  # cosine distance to it
+        pa.field("preview", pa.binary()),  # animated WebP of the sampled frames, small (the gallery's preview)
         pa.field("config_hash", pa.string()),
         pa.field("build_id", pa.string(), nullable=False),
     ]
 )
+
+CLIPS = clips_schema()
 
 BUILDS = pa.schema(
     [
