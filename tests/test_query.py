@@ -1,0 +1,266 @@
+"""Finding clips: text and --like search, filters, SQL, indexes, the CLI and the HTML gallery."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from gr2.pipelines import gallery, index
+from gr2.pipelines.lake import Lake
+from gr2.pipelines.query import QueryError, query, sql
+
+DIM = 512
+DATASETS = ("ego4d", "howto100m", "sthv2")
+TEXT = "a hand opens a drawer"
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def jpeg(color: tuple[int, int, int], size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def clip_rows(vectors: np.ndarray, seed: int = 0, **fixed) -> pa.Table:
+    """Synthetic clips rows with realistic columns around `vectors`."""
+    rng = np.random.default_rng(seed)
+    n = len(vectors)
+    data = {
+        "clip_id": [f"clip{seed}-{i:05d}" for i in range(n)],
+        "video_id": [f"video{seed}-{i // 4:05d}" for i in range(n)],
+        "uri": [f"/videos/{i // 4}.mp4" for i in range(n)],
+        "start_s": (np.arange(n) % 4 * 2.0).tolist(),
+        "end_s": (np.arange(n) % 4 * 2.0 + 2.0).tolist(),
+        "duration_s": rng.uniform(0.5, 4.0, n).round(2).tolist(),
+        "status": rng.choice(["accepted"] * 8 + ["rejected", "failed"], n).tolist(),
+        "dataset": rng.choice(DATASETS, n).tolist(),
+        "caption": [f"caption {i}" for i in range(n)],
+        "caption_source": ["source"] * n,
+        "text_score": rng.uniform(0.1, 0.4, n).astype(np.float32).tolist(),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(unit(vectors).ravel()), DIM),
+        "clip_model": ["ViT-B-32"] * n,
+        "clip_pretrained": ["none"] * n,
+        "build_id": ["build-test"] * n,
+    }
+    data.update({k: v if isinstance(v, list) else [v] * n for k, v in fixed.items()})
+    return pa.table(data)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from gr2.pipelines.embed import ClipEmbedder
+
+    return ClipEmbedder("ViT-B-32", "none")
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, embedder) -> Lake:
+    """400 synthetic clips, one of which has exactly the embedding of TEXT."""
+    lake = Lake(str(tmp_path_factory.mktemp("qlake") / "lake"))
+    vectors = np.random.default_rng(0).standard_normal((400, DIM))
+    vectors[7] = embedder.embed_text([TEXT])[0]
+    rows = clip_rows(vectors)
+    status = rows["status"].to_pylist()
+    status[7] = status[8] = "accepted"
+    rows = rows.set_column(rows.schema.get_field_index("status"), "status", pa.array(status))
+    lake.commit("clips", rows)
+    return lake
+
+
+def test_text_query_finds_the_clip_whose_embedding_is_the_text(lake, embedder):
+    hits = query(lake, text=TEXT, k=5, embedder=embedder)
+    assert hits["clip_id"][0].as_py() == "clip0-00007"
+    assert hits["score"][0].as_py() == pytest.approx(1.0, abs=1e-4)
+    assert hits.column_names[:3] == ["clip_id", "score", "caption"]
+    scores = hits["score"].to_pylist()
+    assert scores == sorted(scores, reverse=True) and len(hits) == 5
+    assert hits.to_pandas().shape == (5, len(hits.column_names))
+
+
+def test_text_query_loads_the_model_the_lake_records(lake):
+    # No embedder passed: ViT-B-32 random-init (seeded) is rebuilt from what the rows say.
+    assert query(lake, text=TEXT, k=1)["clip_id"][0].as_py() == "clip0-00007"
+
+
+def test_like_returns_the_clip_itself_first(lake):
+    hits = query(lake, like="clip0-00008", k=3)
+    assert hits["clip_id"][0].as_py() == "clip0-00008"
+    assert hits["score"][0].as_py() == pytest.approx(1.0, abs=1e-4)
+    assert hits["score"][1].as_py() < 0.5  # random 512-d vectors are near-orthogonal
+
+
+def test_where_filters_the_hits_and_k_limits_them(lake):
+    hits = query(lake, like="clip0-00008", where="duration_s > 2 AND dataset = 'ego4d'", k=7,
+                 columns=["duration_s", "dataset", "status"])
+    assert len(hits) == 7
+    assert all(d > 2 for d in hits["duration_s"].to_pylist())
+    assert set(hits["dataset"].to_pylist()) == {"ego4d"} and set(hits["status"].to_pylist()) == {"accepted"}
+
+
+def test_filter_only_query_returns_matching_rows_without_scores(lake):
+    hits = query(lake, where="dataset = 'sthv2'", k=1000, status=None)
+    expected = sql(lake, "select count(*) as n from clips where dataset = 'sthv2'")["n"][0].as_py()
+    assert len(hits) == expected > 0
+    assert hits["score"].null_count == len(hits)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"text": "   "}, "empty query"),
+    ({}, "empty query"),
+    ({"like": "clip0-00008", "where": "duration_s >"}, "does not parse"),
+    ({"like": "clip0-00008", "where": "colour = 'red'"}, "unknown column 'colour'"),
+    ({"like": "clip0-00008", "columns": ["colour"]}, "unknown column 'colour'"),
+    ({"like": "no-such-clip"}, "no clip 'no-such-clip'"),
+])
+def test_bad_queries_are_one_line_errors(lake, kwargs, message):
+    with pytest.raises(QueryError) as e:
+        query(lake, **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_lake_is_a_query_error(tmp_path):
+    with pytest.raises(QueryError, match="no lake at"):
+        query(str(tmp_path / "nowhere"), text=TEXT)
+
+
+def test_sql_runs_duckdb_over_the_lake_tables(lake):
+    counts = sql(lake, "select status, count(*) as n from clips group by status order by status")
+    assert sum(counts["n"].to_pylist()) == 400
+    with pytest.raises(QueryError, match="colour"):
+        sql(lake, "select colour from clips")
+
+
+def test_index_gives_the_same_top_hit_as_exact_search(tmp_path):
+    rng = np.random.default_rng(1)
+    centres = unit(rng.standard_normal((20, DIM)))
+    vectors = unit(centres[rng.integers(0, 20, 3000)] + 0.6 * rng.standard_normal((3000, DIM)) / np.sqrt(DIM) * 4)
+    lake = Lake(str(tmp_path / "lake"))
+    lake.commit("clips", clip_rows(vectors, status="accepted"))
+    report = index.build_indexes(lake, min_rows=1000)
+    assert report["vector"].startswith("IVF_PQ trained on 3000") and "clip_id" in report["scalar"]
+    assert index.has_vector_index(lake.dataset("clips"))
+    for i in rng.choice(3000, 15, replace=False):
+        probe = f"clip0-{i:05d}"
+        indexed = query(lake, like=probe, k=10)["clip_id"].to_pylist()
+        exact = query(lake, like=probe, k=10, exact=True)["clip_id"].to_pylist()
+        assert indexed[0] == exact[0] == probe
+        assert len(set(indexed) & set(exact)) >= 8
+    # A later build's rows join the existing index rather than retraining it.
+    lake.commit("clips", clip_rows(vectors[:100], seed=1, status="accepted"))
+    assert index.build_indexes(lake, min_rows=1000)["vector"].startswith("IVF_PQ updated")
+
+
+def test_small_tables_stay_on_exact_search(lake):
+    report = index.build_indexes(lake)
+    assert report["vector"].startswith("exact search (400 rows")
+    assert not index.has_vector_index(lake.dataset("clips"))
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def gr2(*argv: str, capsys) -> tuple[int, str, str]:
+    """Run `gr2 argv` in-process through the real CLI boundary (with the query commands registered)."""
+    from gr2.flows import cli
+
+    if "gr2.flows.query" not in cli.COMMAND_MODULES:
+        cli.COMMAND_MODULES = (*cli.COMMAND_MODULES, "gr2.flows.query")
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_json_lists_hits_with_clip_id_score_and_caption(lake, capsys):
+    code, out, _ = gr2("query", "--lake", lake.root, "--like", "clip0-00008", "--k", "3", "--format", "json",
+                       "--columns", "caption,duration_s", capsys=capsys)
+    hits = json.loads(out)
+    assert code == 0 and len(hits) == 3
+    assert set(hits[0]) == {"clip_id", "score", "caption", "duration_s"} and hits[0]["clip_id"] == "clip0-00008"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", ""], "empty query"),
+    (["--like", "clip0-00008", "--where", "duration_s >>> 2"], "does not parse"),
+    (["--like", "clip0-00008", "--where", "colour = 1"], "unknown column"),
+    (["--like", "missing-id"], "no clip 'missing-id'"),
+])
+def test_cli_bad_input_is_one_line_and_non_zero(lake, capsys, args, message):
+    code, out, err = gr2("query", "--lake", lake.root, *args, capsys=capsys)
+    assert code != 0 and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_missing_lake_and_bad_sql(tmp_path, lake, capsys):
+    code, _, err = gr2("query", "--lake", str(tmp_path / "none"), "--text", "x", capsys=capsys)
+    assert code != 0 and "no lake at" in err and len(err.strip().splitlines()) == 1
+    code, out, err = gr2("sql", "--lake", lake.root, "select dataset, count(*) as n from clips group by 1",
+                         "--format", "json", capsys=capsys)
+    assert code == 0 and sum(r["n"] for r in json.loads(out)) == 400
+    code, _, err = gr2("sql", "--lake", lake.root, "selec 1", capsys=capsys)
+    assert code != 0 and "syntax error" in err and len(err.strip().splitlines()) == 1
+
+
+# -- the gallery --------------------------------------------------------------------------------
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220)}
+
+
+def colour_clip(colour: tuple[int, int, int]) -> np.ndarray:
+    """8 frames of one colour with a moving white bar (so the preview animates)."""
+    frames = np.empty((8, 64, 64, 3), np.uint8)
+    frames[:] = colour
+    for t in range(8):
+        frames[t, :, t * 8:t * 8 + 4] = 255
+    return frames
+
+
+def test_gallery_in_headless_chromium_shows_every_hit(tmp_path):
+    names = list(COLOURS)
+    batch = {"clip_id": np.array(names, dtype=object), "status": np.array(["accepted"] * 3, dtype=object),
+             "duration_s": np.array([2.0] * 3), "frames": np.stack([colour_clip(COLOURS[n]) for n in names])}
+    previews = gallery.previews(batch)["preview"]
+    assert Image.open(io.BytesIO(previews[0])).n_frames == 8
+    hits = pa.table({
+        "clip_id": names, "score": [0.9, 0.8, 0.7], "caption": [f"a {n} clip" for n in names],
+        "caption_source": ["source", "coca", "none"], "text_score": [0.31, 0.22, None],
+        "duration_s": [2.0] * 3, "start_s": [0.0, 2.0, 4.0], "end_s": [2.0, 4.0, 6.0],
+        "uri": ["/videos/a.mp4"] * 3, "dataset": ["sthv2"] * 3,
+        "thumbnail": [jpeg(COLOURS[n]) for n in names], "preview": list(previews),
+    })
+    page = gallery.write(hits, str(tmp_path / "gallery.html"), "gr2 query", f"“{TEXT}”")
+    html_text = open(page).read()
+    assert "http" not in html_text.replace("http-equiv", "")  # self-contained: nothing fetched
+    assert html_text.count("data:image/webp;base64,") == 3 and "#t=2.00,4.00" in html_text
+
+    shot = tmp_path / "gallery.png"
+    subprocess.run([
+        "/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars", "--window-size=900,600", f"--screenshot={shot}", f"file://{page}",
+    ], check=True, capture_output=True, timeout=60)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    for name, colour in COLOURS.items():
+        close = (np.abs(pixels - np.array(colour)).sum(axis=-1) < 60).sum()
+        assert close > 5000, f"the {name} hit's preview is not on the page ({close} pixels)"
+
+
+def test_cli_html_gallery_of_a_query(lake, tmp_path, capsys):
+    out = tmp_path / "hits.html"
+    code, stdout, _ = gr2("query", "--lake", lake.root, "--like", "clip0-00008", "--k", "4", "--format", "html",
+                          "--out", str(out), capsys=capsys)
+    assert code == 0 and "wrote 4 hits" in stdout
+    assert out.read_text().count('class="hit"') == 4
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
