@@ -6,9 +6,9 @@ largest distance at which the nearest frame of an on-time, gap-free stream can l
 farther means a frame is missing (dropped, or the stream started late or stopped early). Such a
 step is flagged for that view, never filled with a frame from the wrong time.
 
-Offsets (camera clock minus state clock) are declared per camera, or estimated from the episode:
-the lag at which the image motion (mean absolute difference of consecutive frames, per second)
-best correlates with the end effector's speed.
+Offsets (camera clock minus state clock), first match wins: declared in the config, estimated
+(the lag at which image motion best follows the end effector's motion), declared by the dataset's
+own metadata (a calibrated rig), else none (0).
 """
 
 from __future__ import annotations
@@ -226,6 +226,8 @@ def align(episode: Episode, config: AlignConfig = AlignConfig(), cameras: list[s
             offset, source = float(config.offsets_s[name]), "declared"
         elif name in config.estimate_cameras or "*" in config.estimate_cameras:
             offset, source = _estimate(episode, cam, config), "estimated"
+        elif cam.offset_s is not None:
+            offset, source = float(cam.offset_s), "dataset"
         else:
             offset, source = 0.0, "none"
         views.append(align_camera(step_times, cam, offset, source, config.tolerance_s))

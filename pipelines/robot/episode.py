@@ -139,6 +139,7 @@ class Camera:
     timestamps_s: np.ndarray  # [F] float64
     frames: Frames
     fps: float | None = None  # the rate the source declares; None: from the timestamps
+    offset_s: float | None = None  # latency the source declares (a calibrated rig's metadata)
 
 
 @dataclass

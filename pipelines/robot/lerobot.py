@@ -5,6 +5,7 @@ Camera clocks: LeRobot assumes every camera runs at the dataset's fps in step wi
 A dataset that knows better (ours, from record_metaworld) names per-camera frame timestamps in
 info.json's `camera_timestamps_path`; otherwise each frame's time is its presentation time in
 the mp4 (minus the episode's `from_timestamp` in v3), which is what LeRobot itself decodes by.
+A camera's feature info may declare its latency (`gr2.latency_s`), used unless the config overrides.
 
 The end effector: when `observation.state`'s names include a position (x, y, z) and a rotation
 (qx, qy, qz, qw, or roll, pitch, yaw), the episode carries an EndEffector and gets ee_delta
@@ -33,6 +34,8 @@ from gr2.pipelines.robot.episode import (
 FORMAT = "lerobot"
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
+# Not a LeRobot key: a camera's calibrated latency (s), which a rig that knows it may declare.
+LATENCY_KEY = "gr2.latency_s"
 
 
 def is_dataset(path: str) -> bool:
@@ -125,6 +128,7 @@ def load_episode(ref: EpisodeRef) -> Episode:
 def _camera(ref, root, info, key, index, version, meta, table) -> Camera | None:
     feature = info["features"][key]
     fps = float(feature.get("info", {}).get("video.fps") or info.get("fps") or 0) or None
+    latency = feature.get("info", {}).get(LATENCY_KEY)
     name = camera_name(key)
     if feature.get("dtype") == "image":  # frames stored in the parquet as encoded images
         if key not in table.column_names:
@@ -159,7 +163,7 @@ def _camera(ref, root, info, key, index, version, meta, table) -> Camera | None:
         raise
     except Exception as e:  # DecodeError, or PyAV's own errors on a broken container
         raise EpisodeError(f"{ref.uri}: camera {name}: unreadable video {path} ({type(e).__name__}: {e})") from None
-    return Camera(name, times, frames, fps)
+    return Camera(name, times, frames, fps, None if latency is None else float(latency))
 
 
 def _v2_camera_times(root, info, key, index, video_path, count, fps) -> np.ndarray:

@@ -11,7 +11,9 @@ Timing model, per camera and episode (state clock: env step i is at i * dt, dt =
 - latency: the frame is stamped offset_s after its capture, on the camera's clock;
 - drops: `drops` frames away from the ends vanish from the video and the timestamps.
 
-So for every kept frame: timestamp = capture_step * dt + offset_s, exactly.
+So for every kept frame: timestamp = capture_step * dt + offset_s, exactly. Each camera's latency
+is also declared in its feature info (`gr2.latency_s`), as a calibrated rig would; jitter and
+drops are not (RecordConfig.declare_latency=False leaves the latency for estimation).
 
 Layout: LeRobot v2.1 (meta/info.json, meta/episodes.jsonl, meta/tasks.jsonl, one parquet per
 episode, one mp4 per camera per episode), plus one extension LeRobot lacks: per-camera frame
@@ -26,9 +28,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from gr2.pipelines.robot.lerobot import LATENCY_KEY
 
 INSTRUCTIONS = {
     "drawer-open-v3": "open the drawer",
@@ -77,8 +82,8 @@ class RecordConfig:
     tasks: tuple[str, ...] = ("drawer-open-v3",)
     episodes: int = 2  # per task
     cameras: tuple[CameraSpec, ...] = (
-        CameraSpec("corner", fps=20.0, offset_s=0.030, jitter_s=0.004, drops=2),
-        CameraSpec("gripperPOV", fps=15.0, offset_s=0.055, jitter_s=0.004, drops=2),
+        CameraSpec("corner", fps=20.0, offset_s=0.030, jitter_s=0.003, drops=2),
+        CameraSpec("gripperPOV", fps=15.0, offset_s=0.055, jitter_s=0.003, drops=2),
     )
     width: int = 128
     height: int = 128
@@ -86,6 +91,7 @@ class RecordConfig:
     tail_steps: int = 10  # steps recorded after the expert succeeds
     seed: int = 0
     crf: int = 18
+    declare_latency: bool = True  # write each camera's latency into info.json, as a calibrated rig would
 
 
 @dataclass
@@ -155,6 +161,13 @@ def _policy(task: str):
 
 def record_episode(out: str, config: RecordConfig, task: str, episode_index: int, seed: int) -> EpisodeRecording:
     """Run the expert for one episode, render the frames its cameras' clocks call for, write them."""
+    with warnings.catch_warnings():
+        # Meta-World's experts warn on every step that their gains exceed the clipped action range.
+        warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
+        return _record_episode(out, config, task, episode_index, seed)
+
+
+def _record_episode(out: str, config: RecordConfig, task: str, episode_index: int, seed: int) -> EpisodeRecording:
     import mujoco
     import pandas as pd
 
@@ -277,7 +290,8 @@ def write_meta(out: str, config: RecordConfig, recordings: list[EpisodeRecording
             "shape": [config.height, config.width, 3],
             "names": ["height", "width", "channel"],
             "info": {"video.fps": c.fps, "video.codec": "h264", "video.pix_fmt": "yuv420p",
-                     "video.is_depth_map": False, "has_audio": False},
+                     "video.is_depth_map": False, "has_audio": False,
+                     **({LATENCY_KEY: c.offset_s} if config.declare_latency else {})},
         }
         for c in config.cameras
     }
