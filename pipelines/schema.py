@@ -164,7 +164,7 @@ ALIGNMENT_REPORT = pa.struct(
         pa.field("fps", pa.float64()),  # declared by the source, else from the median frame interval
         pa.field("frame_count", pa.int64()),
         pa.field("offset_s", pa.float64()),  # camera clock minus state clock (its latency)
-        pa.field("offset_source", pa.string()),  # declared | estimated | none
+        pa.field("offset_source", pa.string()),  # declared (config) | estimated | dataset (its metadata) | none
         pa.field("tolerance_s", pa.float64()),
         pa.field("max_skew_s", pa.float64()),  # over the steps that got a frame
         pa.field("mean_abs_skew_s", pa.float64()),
