@@ -213,7 +213,8 @@ def _failed_row(ref: EpisodeRef, episode_id: str, reason: str, config: IngestCon
 def _rows(episode: Episode, episode_id: str, config: IngestConfig, build_id: str, tokenizer, offsets) -> tuple[dict, pa.Table | None]:
     ref = episode.ref
     if config.max_step_hz and episode.fps > config.max_step_hz * 1.001:
-        episode = episode.every(int(np.ceil(episode.fps / config.max_step_hz)))
+        # float32 timestamps make 80 Hz read as 80.00007: a hair of slack keeps 80 -> 20 Hz an exact 4.
+        episode = episode.every(int(np.ceil(episode.fps / config.max_step_hz - 1e-3)))
     cams = list(config.cameras) or sorted(episode.cameras)
     missing = [c for c in cams if c not in episode.cameras]
     if missing:
@@ -461,6 +462,7 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
     pending_eps: list[pa.Table] = []
     pending_steps: list[pa.Table] = []
     touched: set[str] = set()
+    seen: set[str] = set()
 
     def flush() -> None:
         if pending_steps:
@@ -492,6 +494,10 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
                 episode = _from_ipc(out["episode"])
                 status = out["status"]
                 counts[status] += 1
+                if status == "accepted" and out["episode_id"] in seen:
+                    counts["duplicates"] += 1  # the same content under two names: its rows once
+                    continue
+                seen.add(out["episode_id"])
                 counts["new"] += 1
                 if status != "accepted":
                     reasons.append(f"{status}: {episode.column('reason')[0].as_py()}")
@@ -515,6 +521,7 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
         "failed": counts["failed"],
         "new": counts["new"] + len(listing_failures),
         "already_in_lake": counts["already_in_lake"],
+        "duplicates": counts["duplicates"],  # accepted episodes whose content another source already gave
         "steps_added": counts["steps"],
         "flagged_steps_added": counts["flagged_steps"],
         "offsets_estimated": {s: o for s, o in offsets.items()},

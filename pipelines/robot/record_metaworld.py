@@ -363,7 +363,9 @@ def record(out: str, config: RecordConfig = RecordConfig()) -> dict:
     if _ray_running():
         import ray
 
-        remote = ray.remote(num_cpus=1)(record_episode)
+        # max_calls=1: the worker process exits after its episode, so no later task in it
+        # meets osmesa's state (torch's compiler stack segfaults beside it, DESIGN.md).
+        remote = ray.remote(num_cpus=1, max_calls=1)(record_episode)
         recordings = ray.get([remote.remote(out, config, task, idx, seed) for task, idx, seed in jobs])
     else:
         recordings = [record_episode(out, config, task, idx, seed) for task, idx, seed in jobs]
