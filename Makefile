@@ -37,7 +37,7 @@ demo: venv
 	$(BIN)/python -m gr2.flows.demo
 
 test: venv
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: venv
 	$(BIN)/python benchmarks/build_throughput.py

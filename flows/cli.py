@@ -69,4 +69,6 @@ def _one_line(e: Exception) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gr2.flows import cli  # run the imported module, so its exception types are the ones raised
+
+    sys.exit(cli.main())

