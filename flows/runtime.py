@@ -21,6 +21,7 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            # address="local": a fresh instance, never a cluster some other `ray start` left running
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("GR2_PROGRESS", "1") == "1"
     return ray.cluster_resources()
