@@ -125,7 +125,7 @@ def test_latency_is_estimated_from_image_motion_pooled_over_episodes():
     cams = {"head": (15.0, 0.045), "wrist": (30.0, -0.020)}
     episodes = [synthetic_episode(seed=s, cams=cams, drops=2)[0] for s in range(10, 13)]
     found = estimate_offsets(episodes, list(cams), AlignConfig())
-    for name, (fps, offset) in cams.items():
+    for name, (_, offset) in cams.items():
         assert abs(found[name] - offset) < 0.005, (name, found[name], offset)
     # Per episode too, through align() with the camera marked for estimation.
     result = align(episodes[0], AlignConfig(estimate_cameras=("*",)))

@@ -99,7 +99,7 @@ def test_record_metaworld_command_writes_a_dataset_then_refuses_to_overwrite_it(
     args = _commands().parse_args(["record-metaworld", "--out", str(out), "--tasks", "reach-v3",
                                    "--episodes", "1", "--size", "48"])
     text = args.run(args)
-    assert text.startswith(f"recorded 1 episodes (1 successful") and "corner 20 Hz +30 ms" in text
+    assert text.startswith("recorded 1 episodes (1 successful") and "corner 20 Hz +30 ms" in text
     info = json.loads((out / "meta/info.json").read_text())
     assert info["features"]["observation.images.corner"]["shape"] == [48, 48, 3]
     with pytest.raises(CommandError, match="already holds a dataset"):

@@ -56,7 +56,7 @@ def test_the_recording_is_a_lerobot_dataset_that_carries_its_truth(recorded):
     assert {n: (c["fps"], c["offset_s"]) for n, c in t["cameras"].items()} == {"corner": (20.0, 0.03), "gripperPOV": (15.0, 0.055)}
     for ep in t["episodes"]:
         assert ep["success"] and ep["length"] <= 200
-        for name, cam in ep["cameras"].items():
+        for cam in ep["cameras"].values():
             assert len(cam["dropped_capture_step"]) == 2 and np.all(np.diff(cam["capture_step"]) > 0)
 
 

@@ -247,7 +247,7 @@ def test_real_samples_become_accepted_episodes_with_ee_delta_actions():
 def _corrupt_episode(root: Path, index: int, **columns) -> None:
     path = root / f"data/chunk-000/episode_{index:06d}.parquet"
     df = pd.read_parquet(path)
-    for name, fn in columns.items():
+    for fn in columns.values():
         df = fn(df)
     df.to_parquet(path, index=False)
 

@@ -516,6 +516,7 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
     stats = {d: refresh_stats(lake, d) for d in sorted(touched)}
     funnel = {
         "episodes": len(refs) + len(listing_failures),
+        "inputs": len(refs) + len(listing_failures),  # the lake-wide name: inputs = accepted + rejected + failed
         "accepted": counts["accepted"],
         "rejected": counts["rejected"],
         "failed": counts["failed"],
