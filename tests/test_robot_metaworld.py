@@ -120,3 +120,18 @@ def test_ingest_is_accounted_for_and_reingest_adds_nothing(ray_local, recorded, 
     assert second.funnel["accepted"] == 3 and second.funnel["failed"] == 1
     assert lake.read("episodes").num_rows == 3 and lake.read("steps").num_rows == steps.num_rows
     assert lake.dataset("steps").version == versions["steps"]  # nothing was even merged
+
+
+def test_ingest_estimates_a_static_cameras_latency_per_source_or_fails_its_episodes(ray_local, recorded, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    out = ingest([recorded], lake, IngestConfig(estimate_cameras=("corner",)))
+    estimated = out.funnel["offsets_estimated"][recorded]["corner"]
+    assert abs(estimated - 0.030) < 0.5 / 20 and out.funnel["accepted"] == 2
+    for row in lake.read("episodes").to_pylist():
+        sources = {a["camera"]: (a["offset_source"], a["offset_s"]) for a in row["alignment"]}
+        assert sources["corner"] == ("estimated", estimated) and sources["gripperPOV"] == ("dataset", 0.055)
+
+    # An estimate the data cannot support is refused, and the source's episodes fail saying why.
+    strict = ingest([recorded], Lake(str(tmp_path / "strict")), IngestConfig(estimate_cameras=("corner",), min_correlation=0.99))
+    assert strict.funnel["failed"] == 2 and strict.funnel["accepted"] == 0
+    assert all("camera corner over 2 episodes: cannot estimate the offset" in r for r in strict.reasons)

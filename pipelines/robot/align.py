@@ -33,6 +33,7 @@ class AlignConfig:
     # cameras: a wrist camera's image motion follows its distance to the scene as much as its
     # speed, and on Meta-World's gripperPOV the estimate is confidently wrong (measured, 2026-11).
     estimate_cameras: tuple[str, ...] = ()
+    estimated_s: Mapping[str, float] = field(default_factory=dict)  # estimated beforehand, pooled over episodes
     max_offset_s: float = 0.25  # estimation searches [-max, +max] ...
     resolution_s: float = 0.0025  # ... in steps this fine (then refines the peak)
     min_correlation: float = 0.5  # below: the estimate is refused, not guessed
@@ -227,6 +228,8 @@ def align(episode: Episode, config: AlignConfig = AlignConfig(), cameras: list[s
         cam = episode.cameras[name]
         if name in config.offsets_s:
             offset, source = float(config.offsets_s[name]), "declared"
+        elif name in config.estimated_s:
+            offset, source = float(config.estimated_s[name]), "estimated"
         elif name in config.estimate_cameras or "*" in config.estimate_cameras:
             offset, source = _estimate(episode, cam, config), "estimated"
         elif cam.offset_s is not None:

@@ -65,11 +65,12 @@ class IngestConfig:
     concurrency: int = 2  # Ray workers
     commit_every: int = 16  # episodes per lake commit
 
-    def align_config(self, offsets: dict[str, float] | None = None) -> AlignConfig:
+    def align_config(self, estimated: dict[str, float] | None = None) -> AlignConfig:
         return AlignConfig(
             tolerance_s=self.tolerance_s,
-            offsets_s={**self.offsets_s, **(offsets or {})},
+            offsets_s=dict(self.offsets_s),
             estimate_cameras=(),  # estimated per source before the episodes run (estimate_source_offsets)
+            estimated_s=dict(estimated or {}),
             max_offset_s=self.max_offset_s,
             min_correlation=self.min_correlation,
         )
