@@ -97,7 +97,7 @@ def render(hits: pa.Table, title: str = "gr2 clips", subtitle: str = "") -> str:
             f'<div class="cap">{html.escape(caption) if caption else "<i>uncaptioned</i>"}</div>',
             f'<div class="meta">score {_fmt(row.get("score"))} · text {_fmt(row.get("text_score"))} '
             f'· <span class="badge{" warn" if source == "none" else ""}">{html.escape(source)}</span></div>',
-            f'<div class="meta">{span} · {html.escape(row.get("dataset") or "")}</div>',
+            f'<div class="meta">{" · ".join(html.escape(x) for x in (span, row.get("dataset")) if x)}</div>',
             f'<div class="meta">{anchor} <code>{html.escape(str(row.get("clip_id"))[:10])}</code></div>',
         ]
         if row.get("status") and row["status"] != "accepted":

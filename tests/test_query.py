@@ -264,3 +264,67 @@ def test_cli_html_gallery_of_a_query(lake, tmp_path, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- a real build, then queries over it ---------------------------------------------------------
+
+
+def test_a_real_build_embeds_captions_dedups_and_can_be_queried(ray_local, sthv2_dir, tmp_path, capsys):
+    from conftest import ffmpeg_encode
+    from gr2.pipelines import sources
+    from gr2.pipelines.build import run_build
+    from gr2.pipelines.caption import Captioner
+    from gr2.pipelines.config import BuildConfig
+    from gr2.pipelines.dedup import Deduplicator
+    from gr2.pipelines.embed import ClipEmbedder
+
+    copy = ffmpeg_encode(tmp_path / "push_again.mp4", "-i", str(sthv2_dir / "1113.webm"), "-vf", "scale=-2:160",
+                         "-c:v", "libx264", "-crf", "28", "-pix_fmt", "yuv420p")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"uri": str(sthv2_dir / name), "caption": caption}) + "\n" for name, caption in
+                                [("1113.webm", "pushing box from left to right"), ("1870.webm", "uncovering tweezers")]))
+    inputs = sources.list_inputs([str(manifest), str(copy)])
+    lake = Lake(str(tmp_path / "lake"))
+    config = BuildConfig(frame_size=128, frames_per_clip=6)
+    stages = [
+        (Captioner, dict(fn_constructor_kwargs={"model_name": "coca_ViT-B-32", "max_tokens": 4},
+                         concurrency=1, num_cpus=0.3, batch_size=8)),
+        (ClipEmbedder, dict(fn_constructor_kwargs={"model_name": "ViT-B-32", "pretrained": "none"},
+                            concurrency=1, num_cpus=0.3, batch_size=8)),
+        (gallery.previews, dict(batch_size=8)),
+        (Deduplicator, dict(fn_constructor_kwargs={"lake_root": lake.root, "max_distance": 0.005},
+                            concurrency=1, num_cpus=0.05, batch_size=8)),
+    ]
+    run_build(inputs, lake, config, extra_stages=stages, log=lambda *_: None)
+    clips = lake.read("clips").to_pylist()
+    by_video: dict[str, list[dict]] = {}
+    for c in clips:
+        by_video.setdefault(c["uri"].rsplit("/", 1)[-1], []).append(c)
+
+    # Every clip was embedded by the recorded random-init model; manifest captions won; CoCa did the rest.
+    assert all(c["clip_model"] == "ViT-B-32" and c["clip_pretrained"] == "none" for c in clips)
+    assert all(len(c["embedding"]) == 512 for c in clips if c["status"] != "failed")
+    assert {c["caption_source"] for c in by_video["1870.webm"]} == {"source"}
+    assert by_video["1870.webm"][0]["caption"] == "uncovering tweezers"
+    # The copy came without a caption: CoCa wrote its captions (before dedup looked at it).
+    assert {c["caption_source"] for c in by_video["push_again.mp4"]} == {"coca"}
+    assert all(c["caption"] and c["caption_model"] == "coca_ViT-B-32/none" for c in by_video["push_again.mp4"])
+    assert all(c["text_score"] is not None for c in by_video["1870.webm"])
+    # The re-encoded copy and its original: per span, one is the other's duplicate.
+    pairs = {}
+    for c in by_video["1113.webm"] + by_video["push_again.mp4"]:
+        pairs.setdefault((c["start_frame"], c["end_frame"]), []).append(c)
+    assert pairs and all(len(p) == 2 for p in pairs.values())
+    for a, b in pairs.values():
+        dup, orig = (a, b) if a["status"] == "rejected" else (b, a)
+        assert orig["status"] == "accepted" and dup["duplicate_of"] == orig["clip_id"], (a["reason"], b["reason"])
+        assert dup["reason"].startswith("duplicate: of ")
+
+    accepted = [c for c in clips if c["status"] == "accepted"]
+    target = accepted[0]["clip_id"]
+    code, out, _ = gr2("query", "--lake", lake.root, "--like", target, "--k", "3", "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)[0]["clip_id"] == target
+    page = tmp_path / "real.html"
+    code, _, _ = gr2("query", "--lake", lake.root, "--text", "pushing a box", "--format", "html", "--out", str(page),
+                     capsys=capsys)
+    assert code == 0 and page.read_text().count("data:image/webp;base64,") == min(20, len(accepted))
