@@ -15,19 +15,6 @@ from gr2.pipelines.lake import Lake
 SAMPLES = Path(__file__).parent / "data" / "robot"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _own_local_ray():
-    # ensure_ray's plain ray.init() joins any Ray already running on this machine (another
-    # session's tests) and then refuses num_cpus; start our own first. Delete once ensure_ray
-    # passes address="local".
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-
-
 def _commands() -> argparse.ArgumentParser:
     from gr2.flows.robot import register
 

@@ -19,19 +19,6 @@ from gr2.pipelines.robot.ingest import IngestConfig, ingest
 from gr2.pipelines.robot.record_metaworld import RecordConfig, record, truth
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _own_local_ray():
-    # ensure_ray's plain ray.init() joins any Ray already running on this machine (another
-    # session's tests) and then refuses num_cpus; start our own first. Delete once ensure_ray
-    # passes address="local".
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-
-
 @pytest.fixture(scope="session")
 def recorded(tmp_path_factory, ray_local) -> str:
     """Two drawer-open episodes, corner at 20 Hz (+30 ms) and gripperPOV at 15 Hz (+55 ms), 2 drops each.
