@@ -1,0 +1,185 @@
+"""Quantizers that turn encoder features into discrete codes: an EMA codebook and FSQ."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class Quantized(NamedTuple):
+    """What a quantizer returns for a feature map [B, D, h, w]."""
+
+    z_q: torch.Tensor  # [B, D, h, w], straight-through: gradients flow to the encoder
+    indices: torch.Tensor  # [B, h, w] long
+    loss: torch.Tensor  # scalar commitment loss (zero for FSQ)
+
+
+def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Fraction of codes used and perplexity (exp of the usage entropy) from per-code counts."""
+    counts = counts.double()
+    probs = counts / counts.sum().clamp(min=1)
+    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum()
+    return {
+        "codebook_usage": float((counts > 0).double().mean()),
+        "perplexity": float(torch.exp(entropy)),
+    }
+
+
+# Cosine similarities of neighbouring unit codes differ by a few hundredths; this scale turns
+# such a gap into a logit gap of a few units.
+REENCODE_TEMPERATURE = 0.01
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class EMACodebook(nn.Module):
+    """Codebook of unit vectors: cosine-similarity lookup, EMA updates and dead-code restarts.
+
+    Unit vectors in a low dimension (ViT-VQGAN's recipe) keep most codes in use; EMA updates
+    move codes without a codebook loss; a code whose EMA count falls below `dead_threshold`
+    is restarted on a random encoder output from the current batch.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        *,
+        decay: float = 0.99,
+        beta: float = 0.25,
+        dead_threshold: float = 0.5,
+    ):
+        super().__init__()
+        self.codebook_size, self.dim = codebook_size, dim
+        self.decay, self.beta, self.dead_threshold = decay, beta, dead_threshold
+        self.register_buffer("embedding", F.normalize(torch.randn(codebook_size, dim), dim=1))
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_sum", self.embedding.clone())
+        # Data-dependent init on the first training batch: random unit vectors in `dim`
+        # are far from where the encoder's outputs live, and most of them would die at once.
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest code (by cosine similarity) for each vector of `z` [N, dim] -> [N]."""
+        return (F.normalize(z.float(), dim=1) @ self.embedding.t()).argmax(dim=1)
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors for `indices` [B, h, w] -> [B, dim, h, w]."""
+        return F.embedding(indices, self.embedding).permute(0, 3, 1, 2).contiguous()
+
+    def reencode_loss(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """How far features z [B, dim, h, w] are from choosing the codes `indices` [B, h, w].
+
+        Cross-entropy over cosine similarities: unlike a distance to the code, it pushes hardest
+        where a neighbouring code is about to win, i.e. where a token would flip.
+        """
+        flat = F.normalize(z.float().permute(0, 2, 3, 1).reshape(-1, self.dim), dim=1)
+        return F.cross_entropy(flat @ self.embedding.t() / REENCODE_TEMPERATURE, indices.flatten())
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        b, d, h, w = z.shape
+        flat = F.normalize(z.float().permute(0, 2, 3, 1).reshape(-1, d), dim=1)
+        if self.training:
+            self._update(flat)
+        indices = (flat @ self.embedding.t()).argmax(dim=1)
+        q = self.embedding[indices]
+        loss = self.beta * F.mse_loss(flat, q.detach())
+        q = flat + (q - flat).detach()
+        z_q = q.view(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+        return Quantized(z_q, indices.view(b, h, w), loss)
+
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor) -> None:
+        if not bool(self.initialised):
+            self._restart(torch.arange(self.codebook_size, device=flat.device), flat)
+            self.cluster_size.fill_(1.0)
+            self.initialised.fill_(True)
+        indices = (flat @ self.embedding.t()).argmax(dim=1)
+        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        live = self.cluster_size >= self.dead_threshold
+        self.embedding[live] = F.normalize(self.embed_sum[live], dim=1)
+        dead = (~live).nonzero().flatten()
+        if dead.numel():
+            self._restart(dead, flat)
+
+    @torch.no_grad()
+    def _restart(self, codes: torch.Tensor, flat: torch.Tensor) -> None:
+        """Move `codes` onto random batch vectors (rank 0's choice, so every rank agrees)."""
+        pick = torch.randint(0, flat.shape[0], (codes.numel(),), device=flat.device)
+        new = F.normalize(flat[pick] + 1e-3 * torch.randn_like(flat[pick]), dim=1)
+        if _distributed():
+            dist.broadcast(new, src=0)
+        self.embedding[codes] = new
+        # A restarted code gets one threshold's worth of credit: it survives a few dozen
+        # steps to win vectors before it can be restarted again.
+        self.cluster_size[codes] = 2 * self.dead_threshold
+        self.embed_sum[codes] = new * 2 * self.dead_threshold
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023): each channel rounded to a few levels.
+
+    There is no codebook to learn or collapse; the implicit codebook is the product of `levels`.
+    """
+
+    def __init__(self, levels: tuple[int, ...]):
+        super().__init__()
+        self.levels = tuple(int(n) for n in levels)
+        self.dim = len(self.levels)
+        self.codebook_size = math.prod(self.levels)
+        lv = torch.tensor(self.levels, dtype=torch.float32)
+        basis = torch.cumprod(torch.tensor((1,) + self.levels[:-1]), dim=0)
+        # Not part of the state dict: they follow from `levels`, which the config holds.
+        self.register_buffer("_levels", lv, persistent=False)
+        self.register_buffer("_basis", basis, persistent=False)
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        half = (self._levels - 1) * (1 - 1e-3) / 2
+        # Even level counts have no zero level: shift by half a step so rounding gives L values.
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def _scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """Rounded values in [-1, 1] with a straight-through gradient; z is [..., dim]."""
+        bounded = self._bound(z)
+        rounded = bounded + (torch.round(bounded) - bounded).detach()
+        return rounded / (self._levels // 2)
+
+    def _to_indices(self, scaled: torch.Tensor) -> torch.Tensor:
+        half = self._levels // 2
+        digits = torch.round(scaled * half + half).long()
+        return (digits * self._basis).sum(dim=-1)
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Code index for each vector of `z` [N, dim] -> [N]."""
+        return self._to_indices(self._scaled(z.float()))
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors for `indices` [B, h, w] -> [B, dim, h, w]."""
+        half = self._levels // 2
+        digits = (indices.unsqueeze(-1) // self._basis) % self._levels.long()
+        return ((digits - half) / half).permute(0, 3, 1, 2).contiguous()
+
+    def reencode_loss(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """How far features z [B, dim, h, w] are from rounding to the codes `indices` [B, h, w]."""
+        unrounded = self._bound(z.float().permute(0, 2, 3, 1)) / (self._levels // 2)
+        return F.mse_loss(unrounded.permute(0, 3, 1, 2), self.embed(indices))
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        scaled = self._scaled(z.float().permute(0, 2, 3, 1))
+        indices = self._to_indices(scaled.detach())
+        return Quantized(scaled.permute(0, 3, 1, 2).contiguous(), indices, z.new_zeros(()))

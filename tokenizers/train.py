@@ -1,0 +1,266 @@
+"""A plain torch training loop for the tokenizer; runs alone or inside a torch DDP worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .losses import (
+    PatchDiscriminator,
+    discriminator_hinge_loss,
+    generator_adversarial_loss,
+    psnr,
+    reconstruction_loss,
+)
+from .model import Tokenizer, TokenizerConfig, to_model_input
+from .quantize import codebook_stats
+
+Frames = np.ndarray | torch.Tensor  # uint8 [N, 3, H, W] or [N, H, W, 3]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; unlike TokenizerConfig, none of this shapes the weights' layout."""
+
+    batch_size: int = 32  # per rank
+    lr: float = 1e-3
+    warmup_steps: int = 100  # linear lr warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    reencode_weight: float = 0.1  # pulls encode(decode(tokens)) back onto the same tokens
+    # ... from this step on: earlier, while codes are still spreading out, it would collapse them.
+    reencode_start: int = 200
+    disc_start: int | None = None  # step at which the patch discriminator switches on; None: off
+    disc_weight: float = 0.1
+    disc_lr: float = 2e-4
+    hflip: bool = True  # random horizontal flips of training frames
+    eval_every: int = 0  # 0: evaluate only after the last step
+    eval_batch_size: int = 64
+    log_every: int = 25
+    seed: int = 0
+
+
+@dataclass
+class TrainMetrics:
+    steps: int
+    seconds: float
+    frames_seen: int  # summed over ranks
+    final_loss: float
+    eval: dict[str, float]  # held-out: psnr_db, codebook_usage, perplexity, reencode_agreement
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def as_nchw(frames: Frames) -> torch.Tensor:
+    """uint8 frames [N, 3, H, W] or [N, H, W, 3] (decord's layout) -> tensor [N, 3, H, W]."""
+    x = torch.as_tensor(frames)
+    if x.ndim != 4:
+        raise ValueError(f"frames must be 4-d [N, 3, H, W] or [N, H, W, 3], got {tuple(x.shape)}")
+    if x.shape[1] != 3 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] != 3:
+        raise ValueError(f"frames need 3 colour channels, got shape {tuple(x.shape)}")
+    return x
+
+
+def _batches(frames: Frames | Iterable, batch_size: int, seed: int, key: str) -> Iterator[torch.Tensor]:
+    """Endless random batches from an array, or the batches an iterable yields."""
+    if isinstance(frames, (np.ndarray, torch.Tensor)):
+        data = as_nchw(frames)
+        rank, _ = _rank_world()
+        gen = torch.Generator().manual_seed(seed + 1000 * rank)  # ranks draw different batches
+        while True:
+            yield data[torch.randint(0, len(data), (batch_size,), generator=gen)]
+    while True:
+        empty = True
+        for batch in frames:
+            empty = False
+            yield as_nchw(batch[key] if isinstance(batch, Mapping) else batch)
+        if empty or iter(frames) is frames:  # an exhausted iterator cannot start again
+            return
+
+
+@torch.no_grad()
+def evaluate(tokenizer: Tokenizer, frames: Frames, batch_size: int = 64) -> dict[str, float]:
+    """Held-out PSNR (dB), codebook usage and perplexity, and encode->decode->encode agreement.
+
+    Under torch.distributed each rank takes a shard of `frames` and the totals are summed.
+    """
+    rank, world = _rank_world()
+    data = as_nchw(frames)[rank::world]
+    device = tokenizer.device
+    psnr_sum = torch.zeros((), dtype=torch.float64, device=device)
+    agree = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(tokenizer.num_codes, dtype=torch.float64, device=device)
+    n_images = torch.tensor(float(len(data)), dtype=torch.float64, device=device)
+    for start in range(0, len(data), batch_size):
+        x = data[start : start + batch_size]
+        tokens = tokenizer.encode(x)
+        recon = tokenizer.decode(tokens)
+        psnr_sum += psnr((to_model_input(x, device) + 1) / 2, recon).sum()
+        agree += (tokenizer.encode(recon) == tokens).double().mean(dim=(1, 2)).sum()
+        counts += torch.bincount(tokens.flatten(), minlength=tokenizer.num_codes).double()
+    if world > 1:
+        for t in (psnr_sum, agree, counts, n_images):
+            dist.all_reduce(t)
+    n = max(float(n_images), 1.0)
+    return {"psnr_db": float(psnr_sum) / n, "reencode_agreement": float(agree) / n, **codebook_stats(counts)}
+
+
+def _lr_lambda(cfg: TrainConfig, steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train(
+    frames: Frames | Iterable,
+    config: TokenizerConfig = TokenizerConfig(),
+    steps: int = 1000,
+    *,
+    train_config: TrainConfig = TrainConfig(),
+    eval_frames: Frames | None = None,
+    model: Tokenizer | None = None,
+    device: str | torch.device | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = False,
+    frames_key: str = "frames",
+) -> tuple[Tokenizer, TrainMetrics]:
+    """Train a tokenizer for `steps` optimizer steps; returns it (unwrapped) and its metrics.
+
+    frames: uint8 [N, 3, H, W] / [N, H, W, 3] sampled at random, or an iterable of such batches
+        (or of dicts holding them under `frames_key`, as Ray Train's iterators yield).
+    eval_frames: held-out frames for PSNR and codebook usage; none: no evaluation.
+    When torch.distributed is initialised, the model is wrapped in DDP and EMA codebook
+    statistics are summed over ranks; each rank should be given its own shard of frames.
+    callback(step, metrics) is called every `log_every` steps and after each evaluation.
+    """
+    cfg = train_config
+    rank, world = _rank_world()
+    device = torch.device(device) if device is not None else _default_device()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts anyway)
+    tokenizer = (model or Tokenizer(config)).to(device).train()
+    config = tokenizer.config
+    net = tokenizer
+    if world > 1:
+        # Buffers (the EMA codebook) stay in sync by the quantizer's own all-reduce; no need for
+        # DDP to broadcast them every step.
+        net = DistributedDataParallel(
+            tokenizer, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    opt = torch.optim.Adam(tokenizer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+
+    disc = disc_net = disc_opt = None
+    if cfg.disc_start is not None:
+        disc = PatchDiscriminator().to(device).train()
+        disc_net = DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else disc
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="tokenizer", unit="step")
+    history: list[dict[str, float]] = []
+    eval_metrics: dict[str, float] = {}
+    batches = _batches(frames, cfg.batch_size, cfg.seed, frames_key)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919 * rank)
+    t0, seen, loss_value, step = time.perf_counter(), 0, float("nan"), 0
+    for step in range(1, steps + 1):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            step -= 1
+            break
+        if batch.shape[-1] != config.resolution or batch.shape[-2] != config.resolution:
+            raise ValueError(f"frames are {tuple(batch.shape[-2:])}, the config trains at {config.resolution}")
+        x = to_model_input(batch, device)
+        if cfg.hflip:
+            flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        seen += x.shape[0]
+
+        out = net(x, reencode=cfg.reencode_weight > 0 and step >= cfg.reencode_start)
+        rec = reconstruction_loss(x, out.reconstruction, cfg.l1_weight, cfg.l2_weight)
+        loss = rec + out.quantizer_loss + cfg.reencode_weight * out.reencode_loss
+        adv_on = disc is not None and step >= cfg.disc_start
+        if adv_on:
+            disc.requires_grad_(False)  # the generator's step must not touch the discriminator
+            loss = loss + cfg.disc_weight * generator_adversarial_loss(disc(out.reconstruction))
+            disc.requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+
+        record = {"step": step, "loss": loss.item(), "recon": rec.item(), "quant": out.quantizer_loss.item(),
+                  "reencode": out.reencode_loss.item(),
+                  "lr": sched.get_last_lr()[0]}
+        if adv_on:
+            # Real and fake in one forward: DDP allows a module one forward per backward.
+            logits = disc_net(torch.cat([x, out.reconstruction.detach()]))
+            d_loss = discriminator_hinge_loss(*logits.chunk(2))
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            record["disc"] = d_loss.item()
+        loss_value = record["loss"]
+
+        if step % cfg.log_every == 0 or step == steps:
+            record.update({f"batch_{k}": v for k, v in codebook_stats(torch.bincount(out.indices.flatten(), minlength=tokenizer.num_codes)).items()})
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            if callback:
+                callback(step, record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", usage=f"{record['batch_codebook_usage']:.2f}")
+        if eval_frames is not None and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            eval_metrics = evaluate(tokenizer, eval_frames, cfg.eval_batch_size)
+            history.append({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+            if callback:
+                callback(step, {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if eval_frames is not None and not eval_metrics:  # the data ran out before `steps`
+        eval_metrics = evaluate(tokenizer, eval_frames, cfg.eval_batch_size)
+    return tokenizer.eval(), TrainMetrics(
+        steps=step,
+        seconds=time.perf_counter() - t0,
+        frames_seen=seen * world,
+        final_loss=loss_value,
+        eval=eval_metrics,
+        history=history,
+    )
