@@ -38,6 +38,9 @@ def funnel_markdown(build_id: str, funnel: dict) -> str:
             ("rejected", funnel["rejected"]), ("failed", funnel["failed"])]
     rows += [(f"rejected: {k}", v) for k, v in sorted(funnel.get("rejected_by_reason", {}).items())]
     rows += [(f"failed: {k}", v) for k, v in sorted(funnel.get("failed_by_reason", {}).items())]
+    if "retried" in funnel:
+        rows += [("retried (failed before)", funnel["retried"])]
+        rows += [(f"retried -> {k}", v) for k, v in sorted(funnel.get("retried_outcomes", {}).items())]
     rows += [("already in the lake (skipped)", funnel.get("skipped_already_in_lake", 0)),
              ("clips", funnel.get("clips", 0)), ("clips accepted", funnel.get("clips_accepted", 0)),
              ("clips rejected", funnel.get("clips_rejected", 0)), ("clips failed", funnel.get("clips_failed", 0))]
@@ -71,7 +74,7 @@ def build_video_dataset(sources: list[str], lake: str, config: BuildConfig = Bui
     logger = get_run_logger()
     ensure_ray()
     started = datetime.now(timezone.utc)
-    the_lake = Lake(params.lake)
+    the_lake = Lake(params.lake, lease_timeout_s=params.config.lease_timeout_s)
     inputs = sources_mod.list_inputs(params.sources)
     result = run_build(inputs, the_lake, params.config, build_id=new_build_id(), retry_failed=params.retry_failed,
                        log=logger.info)

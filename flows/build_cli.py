@@ -55,10 +55,9 @@ def status(args) -> str:
 
 def failed_ledger(lake) -> str:
     """Failed inputs grouped by reason."""
-    import pyarrow.compute as pc
+    from gr2.pipelines.build import latest_by_uri
 
-    videos = lake.read("videos", columns=["uri", "status", "reason"])
-    failed = videos.filter(pc.equal(videos["status"], "failed")).to_pylist()
+    failed = [r for r in latest_by_uri(lake).values() if r["status"] == "failed"]
     if not failed:
         return "no failed inputs"
     groups: dict[str, list[str]] = {}

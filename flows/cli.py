@@ -8,7 +8,7 @@ import json
 import sys
 
 # Modules that add their own subcommands through `register(subparsers)`.
-COMMAND_MODULES = ("gr2.flows.build_cli",)
+COMMAND_MODULES = ("gr2.flows.build_cli", "gr2.flows.query", "gr2.flows.robot", "gr2.flows.tokenizer", "gr2.flows.train")
 
 
 class CommandError(Exception):

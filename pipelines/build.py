@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from PIL import Image
 
@@ -52,11 +53,13 @@ def hash_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             try:
                 path = probe.local_copy(uri)
                 vid, size = probe.file_id(path)
+            except FileNotFoundError:
+                error = f"{uri}: file not found"
             except (probe.ProbeError, OSError) as e:
                 error = str(e) if isinstance(e, probe.ProbeError) else f"{uri}: cannot read ({e.strerror or e})"
         ids.append(vid), sizes.append(size), paths.append(path), errors.append(error)
-    return {**batch, "video_id": np.array(ids), "bytes": np.array(sizes, dtype=object),
-            "local_path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object)}
+    return clean({**batch, "video_id": np.array(ids), "bytes": np.array(sizes, dtype=object),
+                  "local_path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object)})
 
 
 def survey_video(item: dict, config: BuildConfig) -> dict:
@@ -97,11 +100,12 @@ def survey_videos(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str
               "width", "height", "rotation", "has_audio", "shot_count", "frames_decoded"):
         out[k] = np.array([r.get(k) for r in rows], dtype=object)
     out["windows"] = np.array([json.dumps(r["windows"]) for r in rows], dtype=object)
-    return out
+    return clean(out)
 
 
 def read_clip_frames(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
     """Stage: decode only each clip's sampled frames, resized on decode, centre-cropped square."""
+    batch = clean(batch)
     n, size = config.frames_per_clip, config.frame_size
     frames, sampled, status, reason = [], [], list(batch["status"]), list(batch["reason"])
     for i in range(len(batch["clip_id"])):
@@ -120,6 +124,7 @@ def read_clip_frames(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[
 
 def gate_clips(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
     """Stage: score every clip (black, blank, motion) and reject the ones a gate catches."""
+    batch = clean(batch)
     scores = [gates.clip_scores(f) for f in batch["frames"]]
     status, reason = list(batch["status"]), list(batch["reason"])
     for i, s in enumerate(scores):
@@ -140,7 +145,7 @@ def thumbnails(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         buf = io.BytesIO()
         Image.fromarray(f[len(f) // 2]).save(buf, format="JPEG", quality=85)
         out.append(buf.getvalue())
-    return {**batch, "thumbnail": np.array(out, dtype=object)}
+    return clean({**batch, "thumbnail": np.array(out, dtype=object)})
 
 
 def _null(v):
@@ -148,6 +153,35 @@ def _null(v):
     if isinstance(v, np.generic):
         v = v.item()
     return None if isinstance(v, float) and v != v else v
+
+
+def clean(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with Ray's stand-ins for null (an all-NaN float column, NaN in an object column) as None.
+
+    A column that is null in one block and text in another must stay null, not become float, or
+    Ray cannot concatenate the blocks.
+    """
+    out = {}
+    for k, v in batch.items():
+        if v.dtype.kind == "f" and v.ndim == 1 and len(v) and np.isnan(v).all():
+            v = np.array([None] * len(v), dtype=object)
+        elif v.dtype == object and v.ndim == 1:
+            v = _objects([_null(x) for x in v])
+        out[k] = v
+    return out
+
+
+def lake_rows(batch: dict[str, np.ndarray], table: str = "clips") -> pa.Table:
+    """Last stage: the batch as rows of `table`'s exact schema (extra working columns dropped)."""
+    from gr2.pipelines import schema
+
+    names = set(schema.SCHEMAS[table].names)
+    rows = _rows({k: v for k, v in batch.items() if k in names})
+    for row in rows:
+        for k in TEXT_COLUMNS:
+            if row.get(k) == "":
+                row[k] = None
+    return schema.conform(table, rows)
 
 
 def _plain(row: dict) -> dict:
@@ -186,8 +220,8 @@ def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
             "clip_id": clip_id(video["video_id"], a, b), "video_id": video["video_id"], "uri": video["uri"],
             "local_path": video["local_path"], "width": int(video["width"]), "height": int(video["height"]),
             "shot_index": k, "start_frame": a, "end_frame": b, "start_s": a / fps, "end_s": b / fps,
-            "duration_s": (b - a) / fps, "fps": fps, "status": "accepted", "reason": None,
-            "caption": video["caption"], "dataset": video["dataset"], "config_hash": config.hash(),
+            "duration_s": (b - a) / fps, "fps": fps, "status": "accepted", "reason": "",
+            "caption": video["caption"] or "", "dataset": video["dataset"] or "", "config_hash": config.hash(),
             "build_id": build_id,
         }
         for k, a, b in json.loads(video["windows"])
@@ -195,6 +229,11 @@ def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
 
 
 CLIP_STAGES = (read_clip_frames, gate_clips)
+
+# Inside the clip pipeline these text columns hold "" for "none", never None: Ray turns a column of
+# only None into float, and a float block cannot be concatenated with a text block. lake_rows
+# turns "" back into null. Stages added later keep to the same rule.
+TEXT_COLUMNS = ("reason", "caption", "dataset")
 
 
 def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str | None = None,
@@ -214,6 +253,7 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
     ) if inputs else []
 
     finished = _finished_videos(lake, {r["video_id"] for r in hashed}, retry_failed)
+    failed_before = _failed_uris(lake) if retry_failed else set()
     todo, seen_ids = [], set()
     for r in hashed:
         if r["video_id"] not in finished and r["video_id"] not in seen_ids:
@@ -248,13 +288,12 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
         ds = ds.map_batches(thumbnails, batch_size=4, concurrency=workers)
         for stage, kwargs in extra_stages or []:
             ds = ds.map_batches(stage, **kwargs)
-        ds = ds.drop_columns(["frames", "local_path", "width", "height"])
-        for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="numpy"):
-            rows = _rows(batch)
-            lake.commit("clips", rows)
-            frames_decoded += sum(len(r["sampled_frames"]) for r in rows)
+        ds = ds.map_batches(lake_rows, batch_size=None, concurrency=workers)  # per block: no concatenation
+        for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
+            lake.commit("clips", batch)
+            frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
             done_videos = []
-            for row in rows:
+            for row in batch.select(["video_id", "status", "reason"]).to_pylist():
                 clip_status[row["status"]] += 1
                 if row["reason"]:
                     clip_reasons[f"{row['status']}:{_gate(row['reason'])}"] += 1
@@ -266,6 +305,10 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
     elapsed = time.time() - t0
     funnel = _funnel(inputs, hashed, finished, lake, video_rows, clip_status, clip_reasons, frames_decoded,
                      elapsed, retry_failed)
+    if retry_failed:
+        retried = [video_rows[r["video_id"]]["status"] for r in todo if r["uri"] in failed_before]
+        funnel["retried"] = len(retried)
+        funnel["retried_outcomes"] = dict(Counter(retried))
     return BuildResult(build_id, funnel)
 
 
@@ -276,6 +319,20 @@ def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str,
     done = lake.read("videos", columns=["video_id", "status"]).to_pylist()
     return {r["video_id"]: r["status"] for r in done
             if r["video_id"] in ids and not (retry_failed and r["status"] == "failed")}
+
+
+def _failed_uris(lake: Lake) -> set[str]:
+    """Uris whose latest outcome in the lake is `failed`."""
+    return {u for u, r in latest_by_uri(lake).items() if r["status"] == "failed"}
+
+
+def latest_by_uri(lake: Lake) -> dict[str, dict]:
+    """Each uri's most recent row in `videos` (an input retried after repair has several)."""
+    rows = lake.read("videos", columns=["video_id", "uri", "status", "reason", "processed_at"]).to_pylist()
+    latest: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["processed_at"] or datetime.min.replace(tzinfo=timezone.utc)):
+        latest[r["uri"]] = r
+    return latest
 
 
 def _commit_videos(lake: Lake, rows: list[dict], clip_count: Counter, config: BuildConfig, build_id: str) -> None:

