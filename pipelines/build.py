@@ -57,6 +57,8 @@ def hash_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 error = f"{uri}: file not found"
             except (probe.ProbeError, OSError) as e:
                 error = str(e) if isinstance(e, probe.ProbeError) else f"{uri}: cannot read ({e.strerror or e})"
+            except ValueError as e:  # e.g. a NUL byte in the path
+                error = f"{uri!r}: not a usable path ({e})"
         ids.append(vid), sizes.append(size), paths.append(path), errors.append(error)
     return clean({**batch, "video_id": np.array(ids), "bytes": np.array(sizes, dtype=object),
                   "local_path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object)})

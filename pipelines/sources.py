@@ -98,6 +98,9 @@ def read_manifest(uri: str) -> list[dict]:
             inputs.append(_input(where, error=f"{where}: uri is {type(u).__name__}, not a string"))
             continue
         u = u.strip()
+        if "\x00" in u:
+            inputs.append(_input(where, error=f"{where}: uri contains a NUL byte"))
+            continue
         if not _is_remote(u) and not os.path.isabs(u) and not _is_remote(base):
             u = os.path.abspath(os.path.join(base, u))
         elif not _is_remote(u) and not u.startswith("/") and _is_remote(base):

@@ -10,13 +10,15 @@ With language annotations, each annotated window is an episode (what CALVIN trai
 each recorded run is. robot_obs is tcp position (3), tcp Euler angles xyz (3), gripper width (1),
 arm joints (7), gripper action (1); the gripper command for ee_delta is actions[:, 6].
 
-auto_lang_ann.npy is a pickled dict (CALVIN's own format, loaded with allow_pickle): read only
-annotation files you trust.
+auto_lang_ann.npy is a pickled dict (CALVIN's own format). It is read with a restricted unpickler
+that rebuilds only numpy arrays and plain containers, so a hostile file cannot run code.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 
 import numpy as np
 
@@ -32,11 +34,43 @@ def is_dataset(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "ep_start_end_ids.npy"))
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, numpy scalars and builtin containers; refuses every other class."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise EpisodeError(f"refusing to unpickle {module}.{name} from an annotation file")
+        return super().find_class(module, name)
+
+
+def load_object_npy(path: str):
+    """The object stored in a .npy of dtype object (a pickle inside), through `_ArraysOnly`."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read_header(f)
+        if dtype != object:
+            return np.load(path)
+        try:
+            arr = _ArraysOnly(io.BufferedReader(f)).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise EpisodeError(f"{path}: unreadable annotation file ({e})") from None
+    return arr.item() if isinstance(arr, np.ndarray) and arr.shape == () else arr
+
+
 def _annotations(root: str) -> list[tuple[int, int, str]] | None:
     path = os.path.join(root, "lang_annotations", "auto_lang_ann.npy")
     if not os.path.exists(path):
         return None
-    ann = np.load(path, allow_pickle=True).item()
+    ann = load_object_npy(path)
     return [(int(a), int(b), str(text)) for (a, b), text in zip(ann["info"]["indx"], ann["language"]["ann"])]
 
 
