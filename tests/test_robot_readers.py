@@ -202,7 +202,7 @@ def test_calvin_reads_annotated_windows_with_their_instructions(tmp_path):
                  robot_obs=robot_obs, scene_obs=np.zeros(24), rgb_static=frames(1, i, 40)[0], rgb_gripper=frames(1, i + 1, 24)[0])
     np.save(root / "ep_start_end_ids.npy", np.array([[100, 129]]))
     ann = {"info": {"indx": [(100, 111), (115, 129)]}, "language": {"ann": ["push the blue block", "open the drawer"], "task": ["push", "open"]}}
-    np.save(root / "lang_annotations" / "auto_lang_ann.npy", ann, allow_pickle=True)
+    np.save(root / "lang_annotations" / "auto_lang_ann.npy", ann)  # np.save pickles the dict, as CALVIN does
     refs = calvin.list_episodes(str(root))
     assert [r.key for r in refs] == ["0000100-0000111", "0000115-0000129"] and reader_for(str(root)) is calvin
     ep = calvin.load_episode(refs[1])
