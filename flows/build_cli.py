@@ -50,7 +50,13 @@ def status(args) -> str:
     if args.json:
         return json.dumps(build, default=str, indent=2)
     when = build["finished_at"].isoformat(timespec="seconds")
-    return funnel_markdown(build["build_id"], build["funnel"]) + f"\nfinished {when}; versions {build['versions']}"
+    if build["flow"] == "ingest-robot":
+        from gr2.flows.robot import funnel_markdown as robot_funnel
+
+        text = robot_funnel(build["build_id"], build["funnel"])
+    else:
+        text = funnel_markdown(build["build_id"], build["funnel"])
+    return text + f"\n{build['flow']} finished {when}; versions {build['versions']}"
 
 
 def failed_ledger(lake) -> str:
@@ -89,7 +95,7 @@ def register(sub) -> None:
     p.add_argument("--retry-failed", action="store_true", help="retry inputs whose last outcome was failed")
     p.set_defaults(run=build_videos)
 
-    p = sub.add_parser("status", help="the funnel of the lake's latest build")
+    p = sub.add_parser("status", help="the funnel of the lake's latest build (videos or robot)")
     p.add_argument("--lake", required=True)
     p.add_argument("--failed", action="store_true", help="list failed inputs grouped by reason")
     p.add_argument("--json", action="store_true")

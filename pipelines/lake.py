@@ -154,6 +154,25 @@ class Lake:
             merge.when_not_matched_insert_all().execute(data)
             return self.dataset(table).version
 
+    def update(self, table: str, rows: pa.Table) -> int:
+        """Set some columns of rows already in `table` (`rows` holds the id and those columns only).
+
+        Rows whose id is not in the table are ignored: an update never inserts.
+        """
+        key = schema.TABLE_IDS[table]
+        if key not in rows.column_names:
+            raise ValueError(f"{table}: an update needs the id column {key!r}")
+        if table in schema.SCHEMAS:
+            target = schema.SCHEMAS[table]
+            unknown = [c for c in rows.column_names if c not in target.names]
+            if unknown:
+                raise ValueError(f"{table}: columns not in the schema: {unknown}")
+            rows = rows.cast(pa.schema([target.field(c) for c in rows.column_names]))
+        rows = _last_per_id(rows, key)
+        with self.lease():
+            self.dataset(table).merge_insert(key).when_matched_update_all().execute(rows)
+            return self.dataset(table).version
+
     def tag(self, table: str, name: str, version: int | None = None) -> None:
         """Tag `table`'s `version` (default: latest) as `name`; re-tagging moves the tag."""
         ds = self.dataset(table)
