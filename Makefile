@@ -43,4 +43,4 @@ bench: venv
 	$(BIN)/python benchmarks/build_throughput.py
 
 clean:
-	rm -rf $(VENV) .demo-lake
+	rm -rf $(VENV) .demo-lake .demo-robot

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import warnings
 
 import ray
 
@@ -12,6 +15,8 @@ def offline_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Lance warns on every fork; our Lance handles never cross one (workers open their own).
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
 
 
 def ensure_ray(num_cpus: int | None = None) -> dict:
@@ -23,5 +28,10 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
         else:
             # address="local": a fresh instance, never a cluster some other `ray start` left running
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("GR2_PROGRESS", "1") == "1"
+        # Progress bars on a terminal; in logs and CI only warnings (Ray Data logs a progress table
+        # every few seconds otherwise).
+        show = os.environ.get("GR2_PROGRESS", "1") == "1" and sys.stderr.isatty()
+        ray.data.DataContext.get_current().enable_progress_bars = show
+        if not show:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray.cluster_resources()
