@@ -76,14 +76,31 @@ def failed_ledger(lake) -> str:
     return "\n".join(lines)
 
 
-def serve(args) -> None:
-    from gr2.flows.build import build_video_dataset
+def scheduled_deployment(args):
+    """The build as a Prefect deployment on a cron schedule (validated before anything is served)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
+    from gr2.flows.build import BuildParams, build_video_dataset
+
+    try:
+        CronSchedule(cron=args.cron)
+    except ValidationError:
+        raise CommandError(f"--cron {args.cron!r} is not a cron expression (e.g. \"0 3 * * *\")") from None
     config = load_config(args.config, {"workers": args.workers})
-    build_video_dataset.serve(
+    params = BuildParams(sources=args.sources, lake=args.lake, config=config)
+    # Scheduled builds retry: a build that failed half-way resumes on the retry (nothing twice).
+    flow = build_video_dataset.with_options(retries=2, retry_delay_seconds=60)
+    return flow.to_deployment(
         name=args.name, cron=args.cron,
-        parameters={"sources": args.sources, "lake": args.lake, "config": config.model_dump()},
+        parameters={"sources": params.sources, "lake": params.lake, "config": params.config.model_dump()},
     )
+
+
+def serve(args) -> None:
+    from prefect import serve as prefect_serve
+
+    prefect_serve(scheduled_deployment(args))
 
 
 def register(sub) -> None:

@@ -182,3 +182,18 @@ def _wait_for_nodes(port: int, n: int, timeout: float = 120) -> None:
             return
         time.sleep(1)
     pytest.fail(f"ray cluster on port {port} never reached {n} nodes")
+
+
+def test_serve_makes_a_cron_deployment_of_the_build_and_refuses_a_bad_cron(tmp_path):
+    import argparse
+
+    from gr2.flows.build_cli import scheduled_deployment
+    from gr2.flows.cli import CommandError
+
+    args = argparse.Namespace(cron="0 3 * * *", name="nightly", config=None, workers=2,
+                              sources=[str(tmp_path)], lake=str(tmp_path / "lake"))
+    d = scheduled_deployment(args)
+    assert d.name == "nightly" and d.schedules[0].schedule.cron == "0 3 * * *"
+    assert d.parameters["lake"] == str(tmp_path / "lake") and d.parameters["config"]["workers"] == 2
+    with pytest.raises(CommandError, match="not a cron expression"):
+        scheduled_deployment(argparse.Namespace(**{**vars(args), "cron": "every night"}))
