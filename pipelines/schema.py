@@ -107,6 +107,9 @@ _CLIPS_FIELDS = pa.schema(
         pa.field("duplicate_of", pa.string()),  # clip_id of the earlier clip this one near-duplicates
         pa.field("duplicate_distance", pa.float32()),  # cosine distance to it
         pa.field("preview", pa.binary()),  # animated WebP of the sampled frames, small (the gallery's preview)
+        pa.field("tokenizer_id", pa.string()),  # checkpoint id of `tokens`; null: not tokenized
+        pa.field("tokens", pa.list_(pa.uint16())),  # VQ token grid [T, h, w] of the sampled frames, row-major
+        pa.field("token_shape", pa.list_(pa.int32(), 3)),  # (T, h, w) of `tokens`
         pa.field("config_hash", pa.string()),
         pa.field("build_id", pa.string(), nullable=False),
     ]
