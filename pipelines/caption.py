@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from gr2.pipelines.embed import RANDOM_INIT, load_model, text_of, to_model_input
+from gr2.pipelines.embed import RANDOM_INIT, ModelWeightsError, load_model, text_of, to_model_input
 
 GENERATIONS = ("greedy", "beam_search")
-
-
-class CaptionError(Exception):
-    """A captioning setup that cannot run (not a CoCa model, a decoding that needs a missing package)."""
 
 
 class Captioner:
@@ -28,7 +24,7 @@ class Captioner:
                  max_tokens: int = 20, generation: str = "greedy", cache_dir: str | None = None,
                  device: str | None = None):
         if generation not in GENERATIONS:
-            raise CaptionError(f"generation {generation!r}: expected one of {', '.join(GENERATIONS)}")
+            raise ModelWeightsError(f"generation {generation!r}: expected one of {', '.join(GENERATIONS)}")
         self.model = None
         self.model_name, self.max_tokens, self.generation = model_name, max_tokens, generation
         if model_name is None:
@@ -36,12 +32,12 @@ class Captioner:
         import open_clip
 
         if not model_name.startswith("coca"):
-            raise CaptionError(f"captioning model {model_name!r} is not a CoCa model (e.g. coca_ViT-B-32)")
+            raise ModelWeightsError(f"captioning model {model_name!r} is not a CoCa model (e.g. coca_ViT-B-32)")
         if generation == "beam_search":
             from open_clip import coca_model
 
             if not coca_model._has_transformers:
-                raise CaptionError("beam_search captions need the `transformers` package: pip install 'gr2[caption]'")
+                raise ModelWeightsError("beam_search captions need the `transformers` package: pip install 'gr2[caption]'")
         self.model, weights, self.preprocess = load_model(model_name, pretrained, cache_dir, device)
         self.device = next(self.model.parameters()).device
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -107,3 +103,11 @@ class Captioner:
             **batch, "caption": np.array(captions, dtype=object), "caption_source": np.array(sources, dtype=object),
             "caption_model": np.array(models, dtype=object),
         }
+
+
+def counts(rows: list[dict]) -> dict[str, int]:
+    """Clips by caption source, for the build's funnel: captions_source, captions_coca, captions_none."""
+    out = {f"captions_{k}": 0 for k in ("source", "coca", "none")}
+    for row in rows:
+        out[f"captions_{row.get('caption_source') or 'none'}"] += 1
+    return out

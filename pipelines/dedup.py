@@ -77,13 +77,15 @@ class Deduplicator:
         if "embedding" not in ds.schema.names:
             return out
         model, weights = _one(batch, "clip_model"), _one(batch, "clip_pretrained")
-        where = "status = 'accepted' AND embedding IS NOT NULL"
+        where = "status = 'accepted'"  # null embeddings are skipped by the search itself
         if model and weights:
             where += f" AND clip_model = {_sql(model)} AND clip_pretrained = {_sql(weights)}"
         # k=2: the nearest may be the clip itself, committed by an earlier, interrupted run.
         hits = ds.to_table(
             columns=["clip_id", "_distance"], filter=where, prefilter=True,
-            nearest={"column": "embedding", "q": np.stack(vectors), "k": 2, "metric": "cosine"},
+            # Re-ranking by full vectors (refine_factor) makes the distances exact, not PQ estimates.
+            nearest={"column": "embedding", "q": np.stack(vectors), "k": 2, "metric": "cosine",
+                     "nprobes": 32, "refine_factor": 10},
         ).to_pylist()
         if len(vectors) == 1:
             for h in hits:
@@ -104,3 +106,8 @@ def _one(batch, column: str) -> str | None:
 
 def _sql(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def counts(rows: list[dict]) -> dict[str, int]:
+    """Near-duplicates rejected, for the build's funnel."""
+    return {"dedup_duplicates": sum(1 for r in rows if r.get("duplicate_of"))}

@@ -52,22 +52,23 @@ def clips_dataset(lake: Lake, version: int | str | None = None):
 
 def query(lake: Lake | str, text: str | None = None, like: str | None = None, where: str | None = None,
           k: int = 20, columns: list[str] | None = None, *, status: str | None = "accepted",
-          exact: bool = False, version: int | str | None = None, embedder=None,
+          exact: bool = False, version: int | str | None = None, embedder=None, vector=None,
           nprobes: int = NPROBES, refine_factor: int = REFINE_FACTOR) -> pa.Table:
     """The `k` clips best matching `text` or most like clip `like`, filtered by `where` (SQL).
 
     Returns a pyarrow Table (`.to_pandas()` for a DataFrame): `clip_id`, `score` (cosine
     similarity; null for a filter-only query), then `columns` (default DEFAULT_COLUMNS).
     `status` keeps only clips of that status (None: all). `version` reads an earlier build (a
-    number or a build id tag). `embedder` (an embed.ClipEmbedder) saves reloading CLIP per call.
+    number or a build id tag). `embedder` (an embed.ClipEmbedder) saves reloading CLIP per call;
+    `vector` searches with an embedding of your own instead of text or a clip.
     """
     text = text.strip() if isinstance(text, str) else text
     like = like.strip() if isinstance(like, str) else like
     where = where.strip() if isinstance(where, str) else where
-    if text == "" or like == "" or (not text and not like and not where):
+    if text == "" or like == "" or (not text and not like and vector is None and not where):
         raise QueryError("empty query: give text, a clip id to search like, or a where filter")
-    if text and like:
-        raise QueryError("give text or like, not both")
+    if sum(x is not None and x != "" for x in (text, like)) + (vector is not None) > 1:
+        raise QueryError("give one of text, like or vector")
     if k < 1:
         raise QueryError(f"k must be at least 1 (got {k})")
     lake = open_lake(lake)
@@ -81,17 +82,21 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
     if status:
         filters.append(f"status = {_sql_str(status)}")
 
-    vector = None
     if like:
         vector = _clip_vector(ds, like, lake)
     elif text:
         embedder = embedder or embedder_for(ds)
         vector = embedder.embed_text([text])[0]
+    if vector is not None and "embedding" in names:
+        dim = ds.schema.field("embedding").type.list_size
+        if np.asarray(vector).shape != (dim,):
+            raise QueryError(f"the lake's embeddings are {dim}-d; the query vector has shape {np.asarray(vector).shape}")
     if vector is None:
         table = _run(ds, where, dict(columns=["clip_id", *columns], filter=" AND ".join(filters), limit=k))
         return _with_score(table, pa.nulls(len(table), pa.float32())).select(["clip_id", "score", *columns])
 
-    filters.append("embedding IS NOT NULL")
+    # No "embedding IS NOT NULL" filter: Lance's search already skips null vectors, and that
+    # filter would read every embedding to evaluate it (0.7 s at 1M rows).
     nearest = {"column": "embedding", "q": np.asarray(vector, np.float32), "k": k, "metric": "cosine",
                "use_index": not exact}
     if not exact:
