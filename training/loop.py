@@ -19,7 +19,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gr2.pipelines.lake import Lake
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
-from gr2.training.metrics import MetricsLog, Throughput, read_metrics, read_metrics_raw
+from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
 from gr2.training.model import GR2, GR2Config
 
 
@@ -61,13 +63,14 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(3, ge=1)
     report_every: int = Field(10, ge=1)  # how often workers report to Ray Train (the JSONL gets every step)
     max_failures: int = Field(1, ge=0)  # worker-group restarts, each resuming from the last checkpoint
+    max_minutes: float | None = None  # wall-clock budget of one attempt: checkpoint and stop when spent
     init: str | None = None  # checkpoint (id or directory) to start from: fine-tuning from pre-training
     tokenizer: str | None = None  # tokenizer checkpoint directory, when not under <lake>/models
 
     def shaping(self) -> dict:
         """The settings that change what a run computes (not how long, nor on how many workers)."""
         skip = {"steps", "workers", "cpus_per_worker", "use_gpu", "checkpoint_every", "keep_checkpoints",
-                "report_every", "max_failures", "tokenizer"}
+                "report_every", "max_failures", "max_minutes", "tokenizer"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
@@ -165,16 +168,33 @@ def plan(lake: Lake | str, config: TrainConfig) -> dict:
             "run_dir": f"{ckpt.models_dir(lake.root)}/{run_id}"}
 
 
-def train(lake: Lake | str, config: TrainConfig = TrainConfig()) -> TrainResult:
-    """Train (or resume) the run `config` describes on `lake`; returns its last checkpoint."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def train(lake: Lake | str, config: TrainConfig = TrainConfig(),
+          progress: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train (or resume) the run `config` describes on `lake`; returns its last checkpoint.
 
+    progress: called with each metrics record as rank 0 writes it (local lakes), from a thread."""
     p = plan(lake, config)
     run_dir = p["run_dir"]
     _write_run(p)
     started = time.perf_counter()
     last = ckpt.latest_checkpoint(run_dir)
+    stop, follower = threading.Event(), None
+    if progress is not None and "://" not in run_dir:
+        follower = follow(os.path.join(run_dir, METRICS), progress, stop, start_at_end=True)
+    try:
+        _fit(p, config, last)
+    finally:
+        stop.set()
+        if follower is not None:
+            follower.join(timeout=10)
+    return result_of(run_dir, time.perf_counter() - started, config.workers)
+
+
+def _fit(p: dict, config: TrainConfig, last: str | None) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = p["run_dir"]
     if last is None or ckpt.read_meta(last)["step"] < config.steps:
         args = {"config": config.model_dump(), "spec": p["spec"].to_dict(), "model": dataclasses.asdict(p["model"]),
                 "init": p["init"], "run_id": p["run_id"], "run_dir": run_dir}
@@ -188,7 +208,6 @@ def train(lake: Lake | str, config: TrainConfig = TrainConfig()) -> TrainResult:
                                  failure_config=FailureConfig(max_failures=config.max_failures)),
         )
         trainer.fit()
-    return result_of(run_dir, time.perf_counter() - started, config.workers)
 
 
 def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResult:
@@ -313,6 +332,7 @@ def _worker(args: dict) -> None:
                    "time": time.time()})
         log.flush()
     meter = Throughput()
+    started, cpu_started = time.monotonic(), time.process_time()
     tokens_per_sample = None
     for step in range(start + 1, config.steps + 1):
         lr = lr_at(step, config)
@@ -334,12 +354,17 @@ def _worker(args: dict) -> None:
             dist.all_reduce(values)  # the global batch's numbers, however many workers
             values /= world
         record = {"step": step, "lr": lr, **{k: float(v) for k, v in zip(keys, values)},
-                  **meter.tick(per_rank * world, per_rank * world * tokens_per_sample)}
+                  **meter.tick(per_rank * world, per_rank * world * tokens_per_sample),
+                  "elapsed_s": time.monotonic() - started, "cpu_s": time.process_time() - cpu_started}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if log:
             log.write(record)
-        last = step == config.steps
+        out_of_time = torch.tensor(float(config.max_minutes is not None and
+                                         record["elapsed_s"] > 60 * config.max_minutes))
+        if world > 1:
+            dist.broadcast(out_of_time, 0)  # rank 0's clock decides, so every rank stops at one step
+        last = step == config.steps or bool(out_of_time)
         if step % config.checkpoint_every == 0 or last:
             if log:
                 log.flush()
@@ -350,6 +375,8 @@ def _worker(args: dict) -> None:
             if log:
                 log.flush()
             ray.train.report(record)  # a barrier: every rank reports at the same steps
+        if last:
+            break
 
 
 def _meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, record: dict) -> dict:

