@@ -156,6 +156,16 @@ def _sql_str(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def _has_unsigned(t: pa.DataType) -> bool:
+    if pa.types.is_unsigned_integer(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_unsigned(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_has_unsigned(t.field(i).type) for i in range(t.num_fields))
+    return False
+
+
 def sql(lake: Lake | str, statement: str) -> pa.Table:
     """Run a DuckDB SQL `statement` over the lake's tables (videos, clips, builds, ...) as Arrow."""
     import duckdb
@@ -166,9 +176,17 @@ def sql(lake: Lake | str, statement: str) -> pa.Table:
     con = duckdb.connect()
     try:
         # DuckDB scans Lance datasets directly (they are Arrow datasets), pushing down columns and filters.
+        unsigned = False
         for table in schema.TABLE_IDS:
             if lake.exists(table):
-                con.register(table, lake.dataset(table))
+                ds = lake.dataset(table)
+                con.register(table, ds)
+                unsigned |= any(_has_unsigned(f.type) for f in ds.schema)
+        if unsigned:
+            # Lance (pylance 14) cannot read back the Substrait that a pushed-down filter becomes when
+            # the table has unsigned integers (VQ tokens are uint16): DuckDB filters instead, and
+            # still pushes down the columns it reads.
+            con.sql("SET disabled_optimizers = 'filter_pushdown'")
         result = con.sql(statement)
         return result.to_arrow_table() if result is not None else pa.table({})
     except duckdb.Error as e:
