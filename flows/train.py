@@ -142,8 +142,8 @@ def train_command(args) -> str:
 def evaluate_command(args) -> str:
     from gr2.flows.cli import CommandError
 
-    overrides = {k: v for k, v in {"episodes": args.episodes, "env_name": args.env, "videos": args.videos}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"episodes": args.episodes, "env_name": args.env, "videos": args.videos,
+                                   "max_steps": args.max_steps, "first_seed": args.first_seed}.items() if v is not None}
     try:
         result = evaluate(lake=args.lake, checkpoint=args.checkpoint, config=EvalConfig(**overrides))
     except _user_errors() as e:
@@ -171,5 +171,7 @@ def register(sub) -> None:
     p.add_argument("--episodes", type=int, help="closed-loop episodes (default 20; 0: none)")
     p.add_argument("--videos", type=int, help="rollouts kept as mp4 (default 2)")
     p.add_argument("--env", help="Meta-World task (default: from the episodes' instruction)")
+    p.add_argument("--max-steps", type=int, help="steps per closed-loop episode (default 200)")
+    p.add_argument("--first-seed", type=int, help="seed of the first episode (default 1000)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=evaluate_command)

@@ -44,7 +44,7 @@ def step_tokens(episode: int, step: int, view: int) -> list[int]:
 
 
 def robot_lake(root: str, episodes: int = 4, length: int = 12, cameras=("corner", "gripperPOV"),
-               tokenizer_id: str | None = "", flagged: dict | None = None, seed: int = 0) -> Lake:
+               tokenizer_id: str | None = "", flagged: dict | None = None, seed: int = 0, tokenizer_seed: int = 0) -> Lake:
     """Accepted episodes of `length` steps: state [x, y, z, qx, qy, qz, qw, gripper], source actions
     [dx, dy, dz, gripper] and ee_delta actions; tokens per view unless tokenizer_id is None.
 
@@ -52,7 +52,7 @@ def robot_lake(root: str, episodes: int = 4, length: int = 12, cameras=("corner"
     left without a frame, as alignment leaves a dropped one."""
     lake = Lake(root)
     if tokenizer_id == "":
-        _, tokenizer_id = save_tokenizer(lake.root)
+        _, tokenizer_id = save_tokenizer(lake.root, seed=tokenizer_seed)
     rng = np.random.default_rng(seed)
     flagged = flagged or {}
     episode_rows, step_rows = [], []

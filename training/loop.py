@@ -369,7 +369,7 @@ def _worker(args: dict) -> None:
             if log:
                 log.flush()
                 directory = f"{run_dir}/step-{step:06d}"
-                ckpt.save_checkpoint(directory, model, optimizer, _meta(args, spec, config, step, record))
+                ckpt.save_checkpoint(directory, model, optimizer, checkpoint_meta(args, spec, config, step, record))
                 ckpt.prune(run_dir, config.keep_checkpoints)
         if step % config.report_every == 0 or last:
             if log:
@@ -379,7 +379,8 @@ def _worker(args: dict) -> None:
             break
 
 
-def _meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, record: dict) -> dict:
+def checkpoint_meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, record: dict) -> dict:
+    """What a checkpoint records beside its weights: enough to evaluate and act without the run."""
     return {
         "run_id": args["run_id"], "stage": spec.stage, "step": step, "lake": spec.lake,
         "tokenizer_id": spec.tokenizer_id, "tokenizer_path": spec.tokenizer_path, "codebook_size": spec.codebook_size,

@@ -1,0 +1,89 @@
+"""Evaluation: held-out metrics, the next-frame picture, and the Meta-World policy adapter, which
+must hand the model exactly what training read from the lake."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_training_lakes import robot_lake
+
+from gr2.training import checkpoint as ckpt
+from gr2.training.data import DataConfig, plan_data
+from gr2.training.evaluate import EvalConfig, MetaWorldPolicy, evaluate, heldout_metrics
+from gr2.training.loop import TrainConfig, checkpoint_meta, model_config_for
+from gr2.training.model import GR2
+
+SMALL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vae_n_embd": 32, "vae_n_head": 2, "vae_n_layer": 1,
+         "history": 2, "chunk": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A Meta-World shaped lake (corner camera, recorder state layout, 4-d commands) and a checkpoint
+    of an untrained model written as the training loop writes one."""
+    torch.set_num_threads(1)
+    lake = robot_lake(str(tmp_path_factory.mktemp("eval") / "lake"), episodes=4, length=10, cameras=("corner",))
+    config = TrainConfig(stage="finetune", model=SMALL, data=DataConfig(action_column="source_action",
+                                                                        state_dims=(0, 1, 2, 7)))
+    spec = plan_data(lake, "finetune", 2, 2, config.data)
+    torch.manual_seed(0)
+    model = GR2(model_config_for(config, spec))
+    directory = f"{lake.root}/models/gr2/test-run/step-000001"
+    ckpt.save_checkpoint(directory, model, meta=checkpoint_meta({"run_id": "test-run", "init": None}, spec, config, 1, {}))
+    return lake, directory, spec
+
+
+def test_held_out_metrics_cover_tokens_and_actions_in_their_own_units(trained):
+    lake, directory, spec = trained
+    out = heldout_metrics(ckpt.load_checkpoint(directory).model, spec, EvalConfig(batch_size=4))
+    assert out["heldout_samples"] == 10 * len(spec.heldout_ids)
+    assert 0 <= out["token_accuracy"] <= 1 and out["loss_image"] > 0 and out["action_l1_units"] > 0
+
+
+def test_evaluate_writes_the_next_frame_picture_and_rolls_out_in_meta_world(trained, tmp_path):
+    lake, directory, spec = trained
+    out = evaluate(lake.root, None, EvalConfig(episodes=1, max_steps=8, videos=1, batch_size=4), str(tmp_path))
+    assert out["checkpoint"] == directory and out["stage"] == "finetune"  # the latest, found by itself
+    picture = Image.open(out["next_frames_png"])
+    assert picture.size == (3 * 16 * 16, 4 * 16 * 16)  # context | predicted | truth, 4 windows, 16x upscaled
+    loop = out["closed_loop"]
+    assert loop["env_name"] == "drawer-open-v3" and loop["episodes"] == 1 and loop["steps"] == [8]
+    assert loop["success_rate"] == 0.0 and os.path.getsize(loop["videos"][0]) > 0
+    assert os.path.exists(os.path.join(tmp_path, "eval.json"))
+
+
+def test_the_policy_sees_frames_and_state_as_training_read_them_and_acts_in_meta_worlds_units(trained):
+    lake, directory, spec = trained
+    tokenizer_dir = spec.tokenizer_path
+    policy = MetaWorldPolicy(directory, tokenizer_dir)
+    rendered = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    obs = {"observation.images.corner": rendered, "observation.state": np.array([0.1, 0.6, 0.2, 1.0], np.float32)}
+    as_recorded = np.array(Image.fromarray(rendered[::-1]).resize((16, 16), Image.BILINEAR))  # flipped, resized
+    expected = policy.tokenizer.encode(as_recorded[None].transpose(0, 3, 1, 2)).flatten(1)
+    action = policy(obs)
+    assert torch.equal(policy.frames[-1], expected)
+    stats = spec.stats["state"]
+    assert np.allclose(policy.states[-1], (np.array([0.1, 0.6, 0.2, 1.0]) - stats["mean"]) / np.asarray(stats["std"]),
+                       atol=1e-5)
+    assert action.shape == (4,) and action.dtype == np.float32 and np.all(np.abs(action) <= 1)
+    assert action[-1] in (-1.0, 1.0)
+    policy.reset()
+    assert len(policy.frames) == 0
+
+
+def test_a_checkpoint_whose_tokenizer_left_the_lake_cannot_be_evaluated(trained, tmp_path):
+    from gr2.training.evaluate import EvaluationError
+
+    lake, directory, spec = trained
+    meta = ckpt.read_meta(directory)
+    other = robot_lake(str(tmp_path / "other"), episodes=2, length=4, cameras=("corner",), tokenizer_seed=1)
+    moved = str(tmp_path / "other" / "models" / "gr2" / "x" / "step-000001")
+    loaded = ckpt.load_checkpoint(directory)
+    ckpt.save_checkpoint(moved, loaded.model, meta={**{k: v for k, v in meta.items() if k not in (
+        "format", "checkpoint_id", "model", "saved_at", "optimizer_param_groups")}, "tokenizer_path": None})
+    with pytest.raises(EvaluationError, match=meta["tokenizer_id"]):
+        evaluate(other.root, moved, EvalConfig(episodes=0))
