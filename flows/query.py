@@ -31,7 +31,7 @@ def as_text(table, max_width: int = 60) -> str:
     if len(table) == 0:
         return "no hits"
     df = table.select(keep).to_pandas()
-    return df.to_string(index=False, max_colwidth=max_width, float_format=lambda v: f"{v:.3f}")
+    return df.to_string(index=False, max_colwidth=max_width, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 
 def _emit(text: str, out: str | None, what: str) -> str:

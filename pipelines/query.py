@@ -103,7 +103,7 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
         nearest.update(nprobes=nprobes, refine_factor=refine_factor)
     table = _run(ds, where, dict(columns=["clip_id", *columns, "_distance"], filter=" AND ".join(filters),
                                  prefilter=True, nearest=nearest))
-    score = pa.array(1.0 - table.column("_distance").to_numpy(zero_copy_only=False), pa.float32())
+    score = pa.array(np.clip(1.0 - table.column("_distance").to_numpy(zero_copy_only=False), -1.0, 1.0), pa.float32())
     table = _with_score(table, score).sort_by([("score", "descending")])
     return table.select(["clip_id", "score", *columns])
 
