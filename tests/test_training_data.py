@@ -206,3 +206,11 @@ def test_fine_tuning_starts_from_pretrained_weights_where_they_fit(tmp_path, sma
     assert "view_emb" in report["partial"] and "state_arm.weight" in report["skipped"]
     with pytest.raises(ckpt.CheckpointError, match="tok_emb.weight"):
         ckpt.init_from(GR2(replace(small_config, codebook_size=32)), str(tmp_path / "pre"))
+
+
+def test_a_rank_left_without_samples_says_so_rather_than_waiting_forever(tmp_path):
+    lake = clips_lake(str(tmp_path / "lake"), clips=1, frames=3)
+    spec = plan_data(lake, "pretrain", 2, 0, DataConfig(holdout=0.0))
+    assert next(iter_samples(spec, 0, 2))["frames"].shape == (2, 1, 4)
+    with pytest.raises(TrainingDataError, match="rank 1 of 2 has no train samples"):
+        next(iter_samples(spec, 1, 2))

@@ -10,7 +10,7 @@ Nothing is copied out of the lake. `plan_data` runs once on the driver: it check
 train at all (tokens present, one tokenizer, a known codebook, views and shapes consistent),
 pins the table versions so every rank reads the same snapshot, splits off held-out items and
 computes normalisation statistics. Each rank then opens the Lance datasets itself and reads only
-its share: clips through Lance's own ShardedBatchSampler, episodes whole (a window needs its
+its share: every world-th clip of a filtered scan, or whole episodes (a window needs its
 neighbours) by a per-epoch permutation of episode ids. A local lake and one on object storage
 read the same way.
 """
@@ -342,25 +342,33 @@ def iter_samples(spec: DataSpec, rank: int = 0, world: int = 1, split: str = "tr
             stream = _clip_samples(spec, rank, world, split, seed + epoch, shuffle)
         else:
             stream = _episode_samples(spec, rank, world, split, seed + epoch, shuffle)
-        yield from (shuffle_buffer(stream, spec.config.shuffle_buffer, rng) if shuffle else stream)
+        count = 0
+        for sample in shuffle_buffer(stream, spec.config.shuffle_buffer, rng) if shuffle else stream:
+            count += 1
+            yield sample
+        if count == 0:  # rather than loop forever over an empty shard
+            raise TrainingDataError(f"rank {rank} of {world} has no {split} samples in {spec.lake} "
+                                    f"({len(_ids_for(spec, split))} {split} items): fewer workers, or more data")
         epoch += 1
 
 
 def _clip_samples(spec: DataSpec, rank: int, world: int, split: str, seed: int, shuffle: bool) -> Iterator[dict]:
-    from lance.sampler import ShardedBatchSampler
-
     wanted = set(_ids_for(spec, split))
     ds = _open(spec.lake, "clips", spec.table_version)
     names = ds.schema.names
     columns = ["clip_id", "tokens", *(["token_shape"] if "token_shape" in names else []),
                *(["caption"] if "caption" in names else [])]
-    # Lance's own sharding: every rank takes every world-th row of the filtered scan, shuffled by batch
-    sampler = ShardedBatchSampler(rank, world, randomize=shuffle, seed=seed)
-    batches = sampler(ds, batch_size=spec.config.clips_per_read, columns=columns,
-                      filter=f"status = 'accepted' AND tokens IS NOT NULL AND tokenizer_id = {_quote(spec.tokenizer_id)}")
-    for batch in batches:
+    # Every rank scans in the same order and keeps every world-th clip, the assignment rotating
+    # with the epoch (Lance's ShardedBatchSampler does the same, but in pylance 14.0.2 fails on a
+    # batch that leaves a rank no rows: pyarrow cannot take an empty, null-typed index list).
+    offset = (seed if shuffle else 0) + rank
+    scanner = ds.scanner(columns=columns, batch_size=spec.config.clips_per_read, scan_in_order=True,
+                         filter=f"status = 'accepted' AND tokens IS NOT NULL AND tokenizer_id = {_quote(spec.tokenizer_id)}")
+    i = 0
+    for batch in scanner.to_batches():
         for row in batch.to_pylist():
-            if row["clip_id"] not in wanted:
+            i += 1
+            if (i - 1 + offset) % world or row["clip_id"] not in wanted:
                 continue
             n_frames, gh, gw = _clip_grid(row.get("token_shape"), len(row["tokens"]), row["clip_id"])
             grid = np.asarray(row["tokens"], np.int64).reshape(n_frames, 1, gh * gw)
@@ -377,6 +385,8 @@ def _episode_samples(spec: DataSpec, rank: int, world: int, split: str, seed: in
     ids = list(_ids_for(spec, split))
     if shuffle:
         random.Random(seed).shuffle(ids)  # the same permutation on every rank: each takes its own slice
+    # fewer episodes than ranks (a tiny lake): ranks share episodes rather than one of them idling,
+    # which under DDP would hang every other rank at its next all-reduce
     mine = ids[rank::world] if len(ids) >= world else [ids[(rank + seed) % len(ids)]]
     ds = _open(spec.lake, "steps", spec.table_version)
     columns = ["episode_id", "step", "state", spec.config.action_column, "views"]
