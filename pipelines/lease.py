@@ -2,8 +2,9 @@
 
 S3's conditional writes do the locking: `PutObject If-None-Match: *` creates the lease object only
 when nobody holds it, `If-Match: <etag>` takes over an expired lease only if nobody else took it
-first, and release deletes it only if it is still ours. A holder that dies leaves a lease that
-expires after `ttl_s`, so a killed build never locks the lake for good.
+first, and release deletes it only if it is still ours. While held, a heartbeat renews the lease
+every `ttl_s / 4`, so a long commit keeps it; a holder that dies stops renewing and its lease
+expires after `ttl_s`, so a killed build holds up the next one for seconds, never for good.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ def _split(root: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: float = 300.0) -> Iterator[None]:
+def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: float = 20.0) -> Iterator[None]:
     """Hold the lease of the lake at `root` (s3://bucket/prefix) for the body of the with-block."""
     from botocore.exceptions import ClientError
 
@@ -71,11 +73,26 @@ def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: f
         if time.monotonic() > deadline:
             raise LeaseTimeout(f"lake {root} stayed leased by {holder and holder.get('owner')} for {timeout_s:.0f}s")
         time.sleep(0.1)
+    held = {"etag": etag}
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(ttl_s / 4):
+            body = json.dumps({"owner": me, "expires_at": time.time() + ttl_s}).encode()
+            try:
+                held["etag"] = s3.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=held["etag"])["ETag"]
+            except ClientError:  # lost it (we stalled past ttl_s): nothing to renew
+                return
+
+    beat = threading.Thread(target=heartbeat, daemon=True, name="gr2-lease-heartbeat")
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
+        beat.join()
         with contextlib.suppress(ClientError):  # already expired and taken over: nothing of ours to delete
-            s3.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+            s3.delete_object(Bucket=bucket, Key=key, IfMatch=held["etag"])
 
 
 def _code(e) -> str:

@@ -122,19 +122,19 @@ def test_a_build_killed_half_way_finishes_on_rerun_without_duplicates(prefect_se
     assert sum(videos["clip_count"].to_pylist()) == len(clips)
 
 
-def test_status_cli_prints_the_funnel_and_bad_input_is_one_line(prefect_server, media, lake_dir):
-    env = {"PREFECT_API_URL": prefect_server}
-    p = _cli(["status", "--lake", lake_dir], env)
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 2 and out.strip().count("\n") == 0 and "no lake" in out
-    p = _cli(["build-videos", "--lake", lake_dir, str(media["webm"]), str(media["empty"])], env)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
-    p = _cli(["status", "--lake", lake_dir], env)
-    out, _ = p.communicate(timeout=120)
+def test_status_cli_prints_the_funnel_and_bad_input_is_one_line(ray_local, prefect_server, media, lake_dir, capsys):
+    from gr2.flows.cli import main
+
+    assert main(["status", "--lake", lake_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "no lake" in err
+    assert main(["build-videos", "--lake", lake_dir, str(media["webm"]), str(media["empty"])]) == 0
+    capsys.readouterr()
+    assert main(["status", "--lake", lake_dir]) == 0
+    out = capsys.readouterr().out
     assert "| inputs | 2 |" in out and "| failed | 1 |" in out
-    p = _cli(["status", "--lake", lake_dir, "--failed"], env)
-    out, _ = p.communicate(timeout=120)
+    assert main(["status", "--lake", lake_dir, "--failed"]) == 0
+    out = capsys.readouterr().out
     assert "1 failed inputs" in out and "empty file" in out
 
 
