@@ -29,7 +29,7 @@ DATASETS = ("howto100m", "ego4d", "sthv2", "epic_kitchens", "kinetics700", "rt1"
 DATASET_SHARE = (0.35, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05)
 WORDS = "a hand opens closes picks up puts down the drawer cup knife bowl door lid towel from into on table".split()
 TOPICS = 300
-TEXT_COSINE = 0.3  # CLIP text-image cosines of matching pairs sit near 0.3
+TEXT_COSINE = 0.5
 FILTER = "dataset = 'ego4d' AND duration_s > 2"  # ~20% x ~60% of the accepted rows
 
 
@@ -99,7 +99,11 @@ def run(rows: int, queries: int, exact_queries: int, root: str) -> dict:
 
     lake = Lake(root)
     if lake.exists("clips") and lake.dataset("clips").count_rows() == rows:
-        made, built, index_s = {"write_s": None}, {"vector": "reused", "reused": True}, None  # --lake kept from a run
+        # A --lake kept from an earlier run: its build figures are that run's.
+        before = json.loads(OUT.read_text()) if OUT.exists() else {}
+        before = before if before.get("rows") == rows else {}
+        made, index_s = {"write_s": before.get("write_s")}, before.get("index_s")
+        built = {**before.get("index", {"vector": "reused"}), "reused_lake": True}
     else:
         made = make_lake(root, rows)
         t0 = time.perf_counter()
@@ -114,14 +118,16 @@ def run(rows: int, queries: int, exact_queries: int, root: str) -> dict:
         s = time.perf_counter()
         embedder.embed_text([t])
         text_encode.append(time.perf_counter() - s)
-    # Random-init CLIP text embeddings mean nothing, so text queries are searched as what a real
-    # one is: at cosine ~TEXT_COSINE to the clips of the scene it describes, most of the rest being
-    # the "modality gap" (a direction every text embedding shares) plus some text-specific noise.
+    # Random-init CLIP text embeddings mean nothing, so a text query is modelled by how a real one
+    # ranks clips: a vector at cosine TEXT_COSINE to a clip of the scene it describes. (CLIP's own
+    # text-image cosines are lower, ~0.3, by a modality gap that is near constant and so leaves
+    # rankings alone.)
     ds = lake.dataset("clips")
     anchors = ds.take(rng.choice(rows, queries, replace=False).tolist(), columns=["embedding"])["embedding"]
     anchors = np.stack(anchors.to_numpy(zero_copy_only=False)).astype(np.float32)
-    gap, noise = unit(rng.standard_normal(DIM)), unit(rng.standard_normal(anchors.shape))
-    text_vectors = unit(TEXT_COSINE * anchors + 0.85 * gap + 0.43 * noise)
+    noise = unit(rng.standard_normal(anchors.shape))
+    noise = unit(noise - (noise * anchors).sum(1, keepdims=True) * anchors)
+    text_vectors = unit(TEXT_COSINE * anchors + np.sqrt(1 - TEXT_COSINE ** 2) * noise)
 
     # --like queries: existing clips, the way a data scientist pivots from a hit.
     likes = ds.to_table(columns=["clip_id"], filter="status = 'accepted'", limit=20_000)["clip_id"].to_pylist()
@@ -164,7 +170,7 @@ def run(rows: int, queries: int, exact_queries: int, root: str) -> dict:
         "rows": rows, "dim": DIM, "filter": FILTER,
         "filter_selectivity": round(ds.count_rows(filter=f"({FILTER}) AND status = 'accepted'") / rows, 4),
         "write_s": made["write_s"] and round(made["write_s"], 1), "index_s": index_s and round(index_s, 1),
-        "index": built, "text_queries": "synthetic vectors: cosine ~0.3 to one scene's clips, plus a shared gap direction and noise",
+        "index": built, "text_queries": f"synthetic vectors at cosine {TEXT_COSINE} to one clip of the scene they describe",
         "lake_bytes": sum(f.stat().st_size for f in Path(lake.uri("clips")).rglob("*") if f.is_file()),
         "queries": results,
     }

@@ -69,6 +69,7 @@ class Deduplicator:
         if not vectors or self.lake_root is None:
             return out
         from gr2.pipelines.lake import Lake
+        from gr2.pipelines.query import NPROBES, REFINE_FACTOR
 
         lake = Lake(self.lake_root)
         if not lake.exists("clips"):
@@ -85,7 +86,7 @@ class Deduplicator:
             columns=["clip_id", "_distance"], filter=where, prefilter=True,
             # Re-ranking by full vectors (refine_factor) makes the distances exact, not PQ estimates.
             nearest={"column": "embedding", "q": np.stack(vectors), "k": 2, "metric": "cosine",
-                     "nprobes": 32, "refine_factor": 10},
+                     "nprobes": NPROBES, "refine_factor": REFINE_FACTOR},
         ).to_pylist()
         if len(vectors) == 1:
             for h in hits:

@@ -25,7 +25,7 @@ DEFAULT_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "sta
                    "video_id")
 # Searching more IVF partitions and re-ranking PQ candidates by their full vectors trades a little
 # latency for recall (measured in benchmarks/query_latency.py).
-NPROBES = 32
+NPROBES = 64
 REFINE_FACTOR = 10
 
 
