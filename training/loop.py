@@ -64,13 +64,16 @@ class TrainConfig(BaseModel):
     report_every: int = Field(10, ge=1)  # how often workers report to Ray Train (the JSONL gets every step)
     max_failures: int = Field(1, ge=0)  # worker-group restarts, each resuming from the last checkpoint
     max_minutes: float | None = None  # wall-clock budget of one attempt: checkpoint and stop when spent
+    # the same in CPU time of rank 0's process (all its threads): a budget that means the same on a
+    # machine shared with other work, where wall time does not
+    max_cpu_minutes: float | None = None
     init: str | None = None  # checkpoint (id or directory) to start from: fine-tuning from pre-training
     tokenizer: str | None = None  # tokenizer checkpoint directory, when not under <lake>/models
 
     def shaping(self) -> dict:
         """The settings that change what a run computes (not how long, nor on how many workers)."""
         skip = {"steps", "workers", "cpus_per_worker", "use_gpu", "checkpoint_every", "keep_checkpoints",
-                "report_every", "max_failures", "max_minutes", "tokenizer"}
+                "report_every", "max_failures", "max_minutes", "max_cpu_minutes", "tokenizer"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
@@ -360,8 +363,9 @@ def _worker(args: dict) -> None:
             record["grad_norm"] = float(grad_norm)
         if log:
             log.write(record)
-        out_of_time = torch.tensor(float(config.max_minutes is not None and
-                                         record["elapsed_s"] > 60 * config.max_minutes))
+        out_of_time = torch.tensor(float(
+            (config.max_minutes is not None and record["elapsed_s"] > 60 * config.max_minutes)
+            or (config.max_cpu_minutes is not None and record["cpu_s"] > 60 * config.max_cpu_minutes)))
         if world > 1:
             dist.broadcast(out_of_time, 0)  # rank 0's clock decides, so every rank stops at one step
         last = step == config.steps or bool(out_of_time)
