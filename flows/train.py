@@ -97,18 +97,20 @@ def evaluate(lake: str, checkpoint: str | None = None, config: EvalConfig = Eval
 def demo(lake: str, steps: int = 30, episodes: int = 2) -> str:
     """`make demo`'s last act: a short pre-training (when the clips carry tokens), a fine-tuning
     started from it, and the evaluation; returns what to print."""
-    from gr2.training.data import TrainingDataError
+    from gr2.pipelines.lake import Lake
+    from gr2.training.data import TrainingDataError, plan_data
 
     small = {"history": 2, "n_layer": 2}
-    parts = []
-    init = None
+    parts, init = [], None
     try:
+        plan_data(Lake(lake), "pretrain", 2, 0)
+    except TrainingDataError as e:
+        parts.append(f"pre-training skipped: {e}\n")
+    else:
         pre = train(lake=lake, stage="pretrain", config=TrainConfig(model=small, steps=steps, batch_size=8,
                                                                      checkpoint_every=steps, warmup_steps=5))
         parts.append(train_markdown(pre))
         init = pre["checkpoint"]
-    except TrainingDataError as e:
-        parts.append(f"pre-training skipped: {e}\n")
     fine = train(lake=lake, stage="finetune", config=TrainConfig(model=small, steps=steps, batch_size=8, init=init,
                                                                   checkpoint_every=steps, warmup_steps=5))
     parts.append(train_markdown(fine))
