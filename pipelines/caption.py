@@ -2,6 +2,7 @@
 
 `caption_source` says which: source | coca | none. Only accepted clips are sent to CoCa (the most
 expensive stage of the build); a clip a cheap gate rejected keeps what its source gave, or none.
+Inside the pipeline a missing text is "" (build.TEXT_COLUMNS: Ray cannot type a column of only None).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Captioner:
         status = [str(s) for s in batch["status"]] if "status" in batch else ["accepted"] * n
         captions = [text_of(c) for c in batch["caption"]] if "caption" in batch else [None] * n
         sources = ["source" if c else "none" for c in captions]
-        models: list[str | None] = [None] * n
+        models = [""] * n
         todo = [i for i in range(n) if not captions[i] and status[i] == "accepted"]
         if self.model is not None and todo:
             middle = np.stack([np.asarray(batch["frames"][i])[len(batch["frames"][i]) // 2] for i in todo])
@@ -100,7 +101,8 @@ class Captioner:
                 if text:
                     captions[i], sources[i], models[i] = text, "coca", self.recorded
         return {
-            **batch, "caption": np.array(captions, dtype=object), "caption_source": np.array(sources, dtype=object),
+            **batch, "caption": np.array([c or "" for c in captions], dtype=object),
+            "caption_source": np.array(sources, dtype=object),
             "caption_model": np.array(models, dtype=object),
         }
 

@@ -3,7 +3,8 @@
 "Earlier" means already accepted in the lake (any earlier build, searched through Lance's vector
 index when there is one) or seen earlier in this build. The stage remembers this build's clips, so
 it runs as a single actor (`concurrency=1`): Ray feeds a one-actor pool one batch at a time.
-A gate never drops a row: a duplicate gets status "rejected", its reason, and `duplicate_of`.
+A gate never drops a row: a duplicate gets status "rejected", its reason, and `duplicate_of`
+("" for the rest: Ray cannot type a column of only None, see build.TEXT_COLUMNS).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Deduplicator:
         status, reason = [str(s) for s in batch["status"]], list(batch["reason"])
         emb = np.asarray(np.stack(list(batch["embedding"])) if batch["embedding"].dtype == object else batch["embedding"],
                          dtype=np.float32)
-        dup_of: list[str | None] = [None] * n
+        dup_of = [""] * n
         dist = np.full(n, np.nan, np.float32)
         todo = [i for i in range(n) if status[i] == "accepted" and np.isfinite(emb[i]).all()]
         earlier = self._lake_matches(batch, [emb[i] for i in todo], [ids[i] for i in todo])

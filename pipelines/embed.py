@@ -187,7 +187,7 @@ class ClipEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["clip_id"])
         status = [str(s) for s in batch["status"]] if "status" in batch else ["accepted"] * n
-        reason = list(batch["reason"]) if "reason" in batch else [None] * n
+        reason = list(batch["reason"]) if "reason" in batch else [""] * n
         live = [i for i in range(n) if status[i] != "failed"]
         emb = np.full((n, self.dim), np.nan, np.float32)
         if live:

@@ -34,14 +34,14 @@ def preview(frames: np.ndarray, duration_s: float | None = None, size: int = PRE
 
 
 def previews(batch: dict[str, np.ndarray], size: int = PREVIEW_SIZE) -> dict[str, np.ndarray]:
-    """Stage: `preview` (animated WebP bytes) for every clip that has frames (none for failed clips)."""
+    """Stage: `preview` (animated WebP bytes) for every clip that has frames (b"" for failed clips)."""
     n = len(batch["clip_id"])
     status = batch.get("status", np.array(["accepted"] * n, dtype=object))
     durations = batch.get("duration_s", np.full(n, np.nan))
     out = np.empty(n, dtype=object)
     for i in range(n):
         d = float(durations[i]) if durations[i] is not None else None
-        out[i] = None if status[i] == "failed" else preview(batch["frames"][i], d if d == d else None, size)
+        out[i] = b"" if status[i] == "failed" else preview(batch["frames"][i], d if d == d else None, size)
     return {**batch, "preview": out}
 
 

@@ -104,17 +104,17 @@ def test_source_caption_wins_over_generation_and_coca_captions_the_rest(videos):
                           captions=["pushing box from left to right", None, None],
                           status=["accepted", "accepted", "rejected"]))
     assert out["caption"][0] == "pushing box from left to right" and out["caption_source"][0] == "source"
-    assert out["caption_model"][0] is None
+    assert out["caption_model"][0] == ""
     # Random-init CoCa writes nonsense, but it is real generation through open_clip's model.
     assert isinstance(out["caption"][1], str) and out["caption"][1] and out["caption_source"][1] == "coca"
     assert out["caption_model"][1] == "coca_ViT-B-32/none"
     # A clip a cheap gate rejected is not worth CoCa's time: flagged uncaptioned.
-    assert out["caption"][2] is None and out["caption_source"][2] == "none"
+    assert out["caption"][2] == "" and out["caption_source"][2] == "none"
 
 
 def test_without_a_caption_model_uncaptioned_clips_are_flagged(videos):
     out = Captioner(None)(batch([("poke", videos["poke"]), ("push", videos["push"])], captions=[None, "pushing"]))
-    assert list(out["caption_source"]) == ["none", "source"] and out["caption"][0] is None
+    assert list(out["caption_source"]) == ["none", "source"] and out["caption"][0] == ""
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_duplicates_of_clips_from_an_earlier_build_are_caught(embedded, tmp_path
     assert out["duplicate_of"][0] == "push" and out["status"][0] == "rejected"
     assert out["status"][1] == "accepted"
     # A clip the lake already holds (an interrupted run, redone) is not a duplicate of itself.
-    assert out["status"][2] == "accepted" and out["duplicate_of"][2] is None
+    assert out["status"][2] == "accepted" and not out["duplicate_of"][2]
 
 
 def test_weights_that_are_not_here_stop_at_start_naming_what_was_looked_for(tmp_path):
