@@ -11,7 +11,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from gr2.flows.runtime import ensure_ray
 from gr2.pipelines import sources as sources_mod
-from gr2.pipelines.build import BuildResult, new_build_id, run_build
+from gr2.pipelines import caption, dedup
+from gr2.pipelines.build import BuildResult, check_models, model_stages, new_build_id, run_build
+from gr2.pipelines.index import build_indexes
+from gr2.pipelines.tokenize import build_stages, tokenize_after_build
 from gr2.pipelines.config import BuildConfig
 from gr2.pipelines.lake import Lake
 
@@ -32,6 +35,19 @@ class BuildParams(BaseModel):
         return v
 
 
+def fractional(stages, cpus: float = 0.25) -> list:
+    """Actor stages holding a fraction of a CPU (see build.model_stages for why)."""
+    return [(stage, {**kwargs, "num_cpus": kwargs.get("num_cpus", cpus)}) for stage, kwargs in stages]
+
+
+def model_counts(lake: Lake, build_id: str) -> dict:
+    """Caption sources and near-duplicates among this build's clips, for the funnel."""
+    if not lake.exists("clips"):
+        return {}
+    rows = lake.read("clips", columns=["caption_source", "duplicate_of"], filter=f"build_id = '{build_id}'").to_pylist()
+    return {**caption.counts(rows), **dedup.counts(rows)}
+
+
 def funnel_markdown(build_id: str, funnel: dict) -> str:
     """The funnel as a markdown table: what people read in Prefect's UI and in `gr2 status`."""
     rows = [("inputs", funnel["inputs"]), ("accepted", funnel["accepted"]),
@@ -48,6 +64,8 @@ def funnel_markdown(build_id: str, funnel: dict) -> str:
     rows += [(k, funnel[k]) for k in ("video_seconds", "frames_decoded", "elapsed_s", "videos_per_s", "frames_per_s")
              if k in funnel]
     rows += [(k, v) for k, v in funnel.items() if k.startswith(("caption", "dedup", "tokeniz", "embed"))]
+    if "indexes" in funnel:
+        rows += [("indexes", str(funnel["indexes"]).replace("|", "/"))]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"### Build `{build_id}`\n\n| stage | count |\n|---|---|\n{body}\n"
 
@@ -75,9 +93,16 @@ def build_video_dataset(sources: list[str], lake: str, config: BuildConfig = Bui
     ensure_ray()
     started = datetime.now(timezone.utc)
     the_lake = Lake(params.lake, lease_timeout_s=params.config.lease_timeout_s)
+    check_models(params.config, the_lake)
+    tokenize = build_stages(the_lake, params.config.tokenizer)  # loads and checks the checkpoint now
     inputs = sources_mod.list_inputs(params.sources)
-    result = run_build(inputs, the_lake, params.config, build_id=new_build_id(), retry_failed=params.retry_failed,
-                       log=logger.info)
+    build_id = new_build_id()
+    result = run_build(inputs, the_lake, params.config, build_id=build_id, retry_failed=params.retry_failed,
+                       extra_stages=model_stages(the_lake, params.config) + fractional(tokenize), log=logger.info)
+    result.funnel.update(model_counts(the_lake, build_id))
+    result.funnel.update(tokenize_after_build(the_lake, tokenize, build_id, log=logger.info))
+    if the_lake.exists("clips"):
+        result.funnel["indexes"] = build_indexes(the_lake)
     record_build(the_lake, result, "build-videos", params.sources, params.config.model_dump_json(),
                  params.config.hash(), started, ("videos", "clips"))
     create_markdown_artifact(key="video-build-funnel", markdown=funnel_markdown(result.build_id, result.funnel),

@@ -30,7 +30,12 @@ def load_config(path: str | None, overrides: dict | None = None) -> BuildConfig:
 def build_videos(args) -> str:
     from gr2.flows.build import build_video_dataset, funnel_markdown
 
-    config = load_config(args.config, {"workers": args.workers})
+    config = load_config(args.config, {
+        "workers": args.workers, "clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained,
+        "caption_model": args.caption_model, "caption_pretrained": args.caption_pretrained, "tokenizer": args.tokenizer})
+    for key, flag in (("clip_model", args.no_embed), ("caption_model", args.no_caption)):
+        if flag:
+            config = config.model_copy(update={key: None})
     result = build_video_dataset(sources=args.sources, lake=args.lake, config=config, retry_failed=args.retry_failed)
     return funnel_markdown(result["build_id"], result["funnel"]) + f"\nlake: {result['lake']}"
 
@@ -110,6 +115,13 @@ def register(sub) -> None:
     p.add_argument("--config", help="YAML/JSON file of BuildConfig settings")
     p.add_argument("--workers", type=int, help="parallel decode tasks (default: all CPUs)")
     p.add_argument("--retry-failed", action="store_true", help="retry inputs whose last outcome was failed")
+    p.add_argument("--clip-model", help="open_clip model for embeddings (default ViT-B-32)")
+    p.add_argument("--clip-pretrained", help="open_clip tag in the local cache, a checkpoint file, or none (random init)")
+    p.add_argument("--caption-model", help="CoCa model for clips without a caption (default coca_ViT-B-32)")
+    p.add_argument("--caption-pretrained", help="as --clip-pretrained, for the captioner")
+    p.add_argument("--no-embed", action="store_true", help="no embeddings (and so no dedup, no text search)")
+    p.add_argument("--no-caption", action="store_true", help="no generated captions (uncaptioned clips are flagged)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint id (default: the lake's latest)")
     p.set_defaults(run=build_videos)
 
     p = sub.add_parser("status", help="the funnel of the lake's latest build (videos or robot)")

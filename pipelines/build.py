@@ -183,6 +183,11 @@ def lake_rows(batch: dict[str, np.ndarray], table: str = "clips") -> pa.Table:
         for k in TEXT_COLUMNS:
             if row.get(k) == "":
                 row[k] = None
+        if row.get("preview") == b"":
+            row["preview"] = None
+        emb = row.get("embedding")
+        if emb is not None and all(x != x for x in emb):  # a failed clip's NaN vector: no embedding
+            row["embedding"] = None
     return schema.conform(table, rows)
 
 
@@ -232,10 +237,48 @@ def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
 
 CLIP_STAGES = (read_clip_frames, gate_clips)
 
+
+def model_stages(lake: Lake, config: BuildConfig) -> list:
+    """The model stages after the gates, as (stage, map_batches kwargs): caption, embed (+ text
+    gate), animated preview, near-duplicates. Each model is loaded once per Ray actor; the dedup
+    actor is one, so it sees every clip of the build in turn."""
+    from gr2.pipelines import gallery
+    from gr2.pipelines.caption import Captioner
+    from gr2.pipelines.dedup import Deduplicator
+    from gr2.pipelines.embed import ClipEmbedder
+
+    # Actors hold a fraction of a CPU each: whole-CPU actors on a 2-CPU machine would leave no CPU
+    # for the decode tasks feeding them, and the graph would stall.
+    actor = {"concurrency": 1, "num_cpus": 0.25, "batch_size": 8}
+    stages = [(Captioner, {**actor, "fn_constructor_kwargs": {
+        "model_name": config.caption_model, "pretrained": config.caption_pretrained,
+        "max_tokens": config.caption_max_tokens}})]
+    if config.clip_model:
+        stages.append((ClipEmbedder, {**actor, "fn_constructor_kwargs": {
+            "model_name": config.clip_model, "pretrained": config.clip_pretrained,
+            "min_text_score": config.min_text_score}}))
+    stages.append((gallery.previews, {"batch_size": 8}))
+    if config.clip_model and config.dedup_max_distance is not None:
+        stages.append((Deduplicator, {**actor, "num_cpus": 0.05, "fn_constructor_kwargs": {
+            "lake_root": lake.root, "max_distance": config.dedup_max_distance}}))
+    return stages
+
+
+def check_models(config: BuildConfig, lake: Lake | None = None) -> None:
+    """Stop before any work when the weights asked for are not on this machine (ModelWeightsError)."""
+    from gr2.pipelines.embed import check_lake_model, resolve_weights
+
+    for model, pretrained in ((config.clip_model, config.clip_pretrained),
+                              (config.caption_model, config.caption_pretrained)):
+        if model:
+            resolve_weights(model, pretrained)
+    if lake is not None and config.clip_model:
+        check_lake_model(lake, config.clip_model, config.clip_pretrained)  # one embedding space per lake
+
 # Inside the clip pipeline these text columns hold "" for "none", never None: Ray turns a column of
 # only None into float, and a float block cannot be concatenated with a text block. lake_rows
 # turns "" back into null. Stages added later keep to the same rule.
-TEXT_COLUMNS = ("reason", "caption", "dataset")
+TEXT_COLUMNS = ("reason", "caption", "dataset", "caption_model", "duplicate_of")
 
 
 def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str | None = None,

@@ -141,7 +141,7 @@ def empty(table: str) -> pa.Table:
 
 def conform(table: str, rows: list[dict] | pa.Table) -> pa.Table:
     """Rows as an Arrow table with exactly `table`'s schema (missing columns null, extras an error)."""
-    schema = SCHEMAS[table]
+    schema = clips_schema_for(rows) if table == "clips" else SCHEMAS[table]
     if isinstance(rows, pa.Table):
         extra = set(rows.column_names) - set(schema.names)
         if extra:

