@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lake", default=str(REPO / ".demo-lake"))
     p.add_argument("--episodes", type=int, default=2, help="Meta-World expert episodes to record")
+    p.add_argument("--tokenizer-steps", type=int, default=150)
+    p.add_argument("--train-steps", type=int, default=30)
     args = p.parse_args(argv)
     lake = os.path.abspath(args.lake)
 
@@ -36,21 +38,52 @@ def main(argv: list[str] | None = None) -> None:
     result = build_video_dataset(sources=demo_sources(), lake=lake)
     print(funnel_markdown(result["build_id"], result["funnel"]))
 
+    from gr2.flows.tokenizer import tokenize, tokenize_markdown, train_tokenizer, training_markdown
+    from gr2.pipelines.lake import Lake
+    from gr2.pipelines.tokenize import current_tokenizer
+
+    step(2, "train a small VQ tokenizer on the lake's frames, then tokenize every accepted clip")
+    trained = train_tokenizer(lake=lake, resolution=64, codebook=256, steps=args.tokenizer_steps)
+    print(training_markdown(trained))
+    print(tokenize_markdown(tokenize(lake=lake)))
+
+    from dataclasses import replace
+
     from gr2.flows.robot import funnel_markdown as robot_funnel
     from gr2.flows.robot import ingest_robot_trajectories
+    from gr2.pipelines.robot.ingest import IngestConfig
     from gr2.pipelines.robot.record_metaworld import RecordConfig, record
 
     robot_dir = str(REPO / ".demo-robot" / "metaworld-drawer-open")
-    step(2, f"record {args.episodes} Meta-World expert episodes (two cameras, own rates and latency) to {robot_dir}")
+    step(3, f"record {args.episodes} Meta-World expert episodes (two cameras, own rates and latency) to {robot_dir}")
     if not os.path.exists(os.path.join(robot_dir, "meta", "info.json")):
         record(robot_dir, RecordConfig(tasks=("drawer-open-v3",), episodes=args.episodes))
-    step(3, "align and ingest them into the lake")
-    robot = ingest_robot_trajectories(sources=[robot_dir], lake=lake)
+    step(4, "align and ingest them into the lake, with per-view token grids")
+    config = replace(IngestConfig(), tokenizer=current_tokenizer(Lake(lake)))
+    robot = ingest_robot_trajectories(sources=[robot_dir], lake=lake, config=config)
     print(robot_funnel(robot["build_id"], robot["funnel"]))
 
-    step(4, "look around")
+    from gr2.flows.query import as_text
+    from gr2.pipelines import gallery
+    from gr2.pipelines.query import query
+
+    step(5, "query the clips: text search (random-init CLIP: the ranking is arbitrary), and a gallery page")
+    hits = query(lake, text="a hand pushes a box", k=5, columns=["caption", "duration_s", "uri"])
+    print(as_text(hits))
+    page = os.path.join(lake, "gallery.html")
+    gallery.write(query(lake, like=hits["clip_id"][0].as_py(), k=8, columns=list(gallery.GALLERY_COLUMNS)), page,
+                  title="clips like the top hit")
+    print(f"gallery: {page}")
+
+    from gr2.flows.train import demo as train_demo
+
+    step(6, "pre-train and fine-tune a tiny GR-2 style model from the lake, then evaluate it")
+    print(train_demo(lake, steps=args.train_steps, episodes=2))
+
+    step(7, "look around")
     print(f"lake: {lake}")
     print(f"  .venv/bin/gr2 status --lake {lake}")
+    print(f"  .venv/bin/gr2 query --lake {lake} --text \"a hand opens a drawer\" --format html --out hits.html")
     print(f"  .venv/bin/gr2 sql --lake {lake} \"select status, count(*) from clips group by status\"")
 
 
