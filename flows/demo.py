@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lake", default=str(REPO / ".demo-lake"))
     p.add_argument("--episodes", type=int, default=2, help="Meta-World expert episodes to record")
-    p.add_argument("--tokenizer-steps", type=int, default=150)
+    p.add_argument("--tokenizer-steps", type=int, default=100)
     p.add_argument("--train-steps", type=int, default=30)
     args = p.parse_args(argv)
     lake = os.path.abspath(args.lake)
@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     from gr2.pipelines.tokenize import current_tokenizer
 
     step(2, "train a small VQ tokenizer on the lake's frames, then tokenize every accepted clip")
-    trained = train_tokenizer(lake=lake, resolution=64, codebook=256, steps=args.tokenizer_steps)
+    # A small layout (space-to-depth stem, narrow levels) so the demo trains in a minute or two on CPU.
+    small = {"patch_size": 4, "channels": 32, "channel_mult": [1, 2], "z_channels": 64, "code_dim": 8}
+    trained = train_tokenizer(lake=lake, resolution=64, codebook=256, steps=args.tokenizer_steps, batch_size=16,
+                              model=small)
     print(training_markdown(trained))
     print(tokenize_markdown(tokenize(lake=lake)))
 
