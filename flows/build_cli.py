@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import json
 
-import yaml
-
-from gr2.flows.cli import CommandError
+from gr2.flows.cli import CommandError, read_settings
 from gr2.pipelines.config import BuildConfig
 
 
 def load_config(path: str | None, overrides: dict | None = None) -> BuildConfig:
     """A BuildConfig from a YAML/JSON file (unknown keys are an error), with overrides applied."""
-    data = {}
-    if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise CommandError(f"config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise CommandError(f"config {path}: does not parse ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise CommandError(f"config {path}: expected a mapping of settings")
+    data = read_settings(path)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return BuildConfig(**data)
 

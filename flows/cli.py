@@ -15,6 +15,24 @@ class CommandError(Exception):
     """A problem with what the user asked for; printed as one line."""
 
 
+def read_settings(path: str | None) -> dict:
+    """The mapping of settings in a YAML/JSON file (a flow's config); {} without a path."""
+    import yaml
+
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise CommandError(f"config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise CommandError(f"config {path}: does not parse ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"config {path}: expected a mapping of settings")
+    return data
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gr2", description="The data engine behind a GR-2 style model.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -100,19 +100,9 @@ def _csv(value: str | None) -> tuple[str, ...]:
 
 
 def ingest_robot(args) -> str:
-    import yaml
+    from gr2.flows.cli import read_settings
 
-    from gr2.flows.cli import CommandError
-
-    data = {}
-    if args.config:
-        try:
-            with open(args.config) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise CommandError(f"config {args.config}: {e.strerror}") from None
-        if not isinstance(data, dict):
-            raise CommandError(f"config {args.config}: expected a mapping of settings")
+    data = read_settings(args.config)
     overrides = {
         "cameras": _csv(args.cameras) or None,
         "offsets_s": {**data.get("offsets_s", {}), **_offsets(args.offset)} or None,
