@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -119,12 +120,17 @@ class Lake:
             return
         os.makedirs(self.root, exist_ok=True)
         with open(os.path.join(self.root, ".lease"), "a+") as f:
-            deadline = time.monotonic() + self.lease_timeout_s
+            deadline, waited = time.monotonic() + self.lease_timeout_s, False
             while True:
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if not waited:
+                        logging.getLogger("gr2.lake").warning(
+                            "lake %s is being written by another build; waiting for its lease (up to %.0f s)",
+                            self.root, self.lease_timeout_s)
+                        waited = True
                     if time.monotonic() > deadline:
                         raise LakeError(f"lake {self.root} stayed leased for {self.lease_timeout_s:.0f}s") from None
                     time.sleep(0.05)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+
+
+log = logging.getLogger("gr2.lake")
 
 
 class LeaseTimeout(Exception):
@@ -52,7 +56,7 @@ def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: f
     bucket, key = _split(root)
     me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + timeout_s
-    etag, holder = None, None
+    etag, holder, waited = None, None, False
     while etag is None:
         body = json.dumps({"owner": me, "expires_at": time.time() + ttl_s}).encode()
         try:
@@ -70,6 +74,10 @@ def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: f
         except ClientError as e:
             if _code(e) not in ("NoSuchKey", "PreconditionFailed", "ConditionalRequestConflict", "404"):
                 raise
+        if not waited:
+            log.warning("lake %s is being written by %s; waiting for its lease (up to %.0f s)",
+                        root, holder and holder.get("owner"), timeout_s)
+            waited = True
         if time.monotonic() > deadline:
             raise LeaseTimeout(f"lake {root} stayed leased by {holder and holder.get('owner')} for {timeout_s:.0f}s")
         time.sleep(0.1)

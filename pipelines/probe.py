@@ -32,7 +32,15 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
         return uri[len("file://"):] if uri.startswith("file://") else uri
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "gr2-cache")
     os.makedirs(cache_dir, exist_ok=True)
-    name = hashlib.sha256(uri.encode()).hexdigest()[:24] + os.path.splitext(uri)[1]
+    # Keyed by the object's version too (ETag, size, mtime): an object overwritten in place is new
+    # content and must be fetched again, or its new bytes would never reach the lake.
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"cannot read {uri}: {e}") from None
+    version = f"{info.get('ETag') or info.get('etag')}:{info.get('size')}:{info.get('LastModified') or info.get('mtime')}"
+    name = hashlib.sha256(f"{uri}#{version}".encode()).hexdigest()[:24] + os.path.splitext(uri)[1]
     path = os.path.join(cache_dir, name)
     if not os.path.exists(path):
         try:
