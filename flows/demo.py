@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     robot_dir = str(REPO / ".demo-robot" / "metaworld-drawer-open")
     step(3, f"record {args.episodes} Meta-World expert episodes (two cameras, own rates and latency) to {robot_dir}")
     if not os.path.exists(os.path.join(robot_dir, "meta", "info.json")):
-        record(robot_dir, RecordConfig(tasks=("drawer-open-v3",), episodes=args.episodes))
+        # 64x64 frames: the same 8x8 token grid as the clips, so fine-tuning starts from pre-training.
+        record(robot_dir, RecordConfig(tasks=("drawer-open-v3",), episodes=args.episodes, width=64, height=64))
     step(4, "align and ingest them into the lake, with per-view token grids")
     config = replace(IngestConfig(), tokenizer=current_tokenizer(Lake(lake)))
     robot = ingest_robot_trajectories(sources=[robot_dir], lake=lake, config=config)
