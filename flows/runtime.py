@@ -15,6 +15,9 @@ def offline_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # MuJoCo renders offscreen through OSMesa (no display here); set before Ray starts its workers.
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
     # Lance warns on every fork; our Lance handles never cross one (workers open their own).
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
 
