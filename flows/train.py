@@ -133,21 +133,9 @@ def _user_errors():
 
 def load_train_config(path: str | None, overrides: dict) -> TrainConfig:
     """A TrainConfig from a YAML/JSON file of its fields, with the command line's settings on top."""
-    import yaml
+    from gr2.flows.cli import read_settings
 
-    from gr2.flows.cli import CommandError
-
-    data = {}
-    if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise CommandError(f"config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise CommandError(f"config {path}: does not parse ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise CommandError(f"config {path}: expected a mapping of settings")
+    data = read_settings(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**data)
 
