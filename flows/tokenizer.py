@@ -23,7 +23,7 @@ class TrainTokenizerParams(BaseModel):
     workers: int = Field(1, ge=1, description=">1: torch DDP through Ray Train")
     batch_size: int = Field(32, ge=1, description="frames per step per worker")
     model: dict = Field(default_factory=dict, description="further TokenizerConfig settings, e.g. channels")
-    frames_per_clip: int = Field(16, ge=1)
+    frames_per_clip: int = Field(32, ge=1, description="frames spread over each sampled clip")
     max_frames: int = Field(20_000, ge=1, description="clip frames sampled at most")
     seed: int = 0
 
@@ -65,12 +65,12 @@ def training_markdown(result: dict) -> str:
 
 @flow(name="train-tokenizer", log_prints=True)
 def train_tokenizer(lake: str, resolution: int = 64, codebook: int = 1024, steps: int = 1000, workers: int = 1,
-                    downsample: int = 8, batch_size: int = 32, model: dict | None = None, frames_per_clip: int = 16,
+                    downsample: int = 8, batch_size: int = 32, model: dict | None = None, frames_per_clip: int = 32,
                     max_frames: int = 20_000, seed: int = 0) -> dict:
     """Train a VQ tokenizer on frames of `lake` and save it under <lake>/models/tokenizers/."""
     from gr2.flows.runtime import ensure_ray
     from gr2.pipelines.lake import Lake
-    from gr2.pipelines.tokenizer_training import SampleConfig
+    from gr2.pipelines.tokenizer_training import SampleConfig, TokenizerTrainingError
     from gr2.pipelines.tokenizer_training import train_tokenizer as run_training
     from gr2.tokenizers import TrainConfig
 
@@ -87,8 +87,11 @@ def train_tokenizer(lake: str, resolution: int = 64, codebook: int = 1024, steps
     train_config = TrainConfig(batch_size=p.batch_size, seed=p.seed, warmup_steps=min(100, max(1, p.steps // 10)),
                                reencode_start=min(200, p.steps // 5))
     sample = SampleConfig(frames_per_clip=p.frames_per_clip, max_clip_frames=p.max_frames, seed=p.seed)
-    result = run_training(the_lake, config, p.steps, train_config, workers=p.workers, sample=sample,
-                          log=logger.info).to_dict()
+    try:
+        result = run_training(the_lake, config, p.steps, train_config, workers=p.workers, sample=sample,
+                              log=logger.info).to_dict()
+    except TokenizerTrainingError as e:  # a lake with nothing to train on, more workers than CPUs
+        raise CommandError(str(e)) from None
     create_markdown_artifact(key="tokenizer-training", markdown=training_markdown(result),
                              description=f"tokenizer {result['checkpoint_id']}")
     return {k: result[k] for k in ("checkpoint_id", "checkpoint", "eval", "steps", "workers", "seconds", "frames")}
@@ -128,9 +131,26 @@ def tokenize(lake: str, tokenizer: str | None = None) -> dict:
 # -- the command line ---------------------------------------------------------------------------------
 
 
+def _settings(pairs: list[str] | None) -> dict:
+    """--set KEY=VALUE pairs as TokenizerConfig settings; values parse as JSON, else stay text."""
+    import json
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--set {pair!r}: expected KEY=VALUE, e.g. patch_size=4 or channel_mult=[1,2]")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def train_tokenizer_cmd(args) -> str:
     r = train_tokenizer(lake=args.lake, resolution=args.resolution, codebook=args.codebook, steps=args.steps,
-                        workers=args.workers, downsample=args.downsample, batch_size=args.batch_size)
+                        workers=args.workers, downsample=args.downsample, batch_size=args.batch_size,
+                        model=_settings(args.set))
     e = r["eval"]
     return (f"tokenizer {r['checkpoint_id']} saved to {r['checkpoint']}\n"
             f"held-out: PSNR {e.get('psnr_db', float('nan')):.2f} dB, codebook usage {e.get('codebook_usage', 0):.1%}, "
@@ -174,6 +194,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1, help=">1: torch DDP over Ray Train workers")
     p.add_argument("--batch-size", type=int, default=32, help="frames per step per worker")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other TokenizerConfig setting, e.g. --set patch_size=4 --set channel_mult=[1,2]")
     p.set_defaults(run=train_tokenizer_cmd)
 
     p = sub.add_parser("tokenize", help="give accepted clips VQ tokens (re-tokenize with --tokenizer ID)")

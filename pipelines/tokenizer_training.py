@@ -34,7 +34,7 @@ class TokenizerTrainingError(Exception):
 class SampleConfig:
     """Which frames the tokenizer trains and is measured on."""
 
-    frames_per_clip: int = 16  # spread evenly over each clip's span (more than the clip's stored frames)
+    frames_per_clip: int = 32  # spread evenly over each clip's span (more than the clip's stored frames)
     max_clip_frames: int = 20_000  # clips are drawn at random until this many frames
     max_robot_frames: int = 5_000  # camera frames drawn at random from steps.lance
     held_out: float = 0.1  # fraction of clips (and of episodes) kept for measurement
@@ -234,7 +234,11 @@ def train_tokenizer(lake: Lake, config, steps: int, train_config=None, workers: 
             "models": tokenizers_dir(lake), "lake": lake.root, "counts": frames.counts, "workers": workers,
             "cpus_per_worker": cpus_per_worker, "run": run}
     if workers == 1:
-        report = _train_and_save(args, frames.train, frames.held_out)
+        def progress(step: int, record: dict) -> None:
+            log(f"step {step}/{steps}: " + " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                     if k != "step" and isinstance(v, float)))
+
+        report = _train_and_save(args, frames.train, frames.held_out, progress)
     else:
         _fit(args, frames, workers, cpus_per_worker)
         report = _saved_by(lake, run)
@@ -244,7 +248,7 @@ def train_tokenizer(lake: Lake, config, steps: int, train_config=None, workers: 
                             workers=workers, frames=frames.counts, final_loss=report["final_loss"])
 
 
-def _train_and_save(args: dict, train_frames: np.ndarray, held_out: np.ndarray) -> dict:
+def _train_and_save(args: dict, train_frames: np.ndarray, held_out: np.ndarray, callback=None) -> dict:
     """Train (under DDP when torch.distributed is up) and, on rank 0, save; returns what to report."""
     import torch.distributed as dist
 
@@ -255,7 +259,7 @@ def _train_and_save(args: dict, train_frames: np.ndarray, held_out: np.ndarray) 
     train_config = TrainConfig(**args["train_config"])
     # Each rank draws its batches from its own shard; held-out frames are sharded inside `evaluate`.
     tokenizer, metrics = train(train_frames[rank::world], config, args["steps"], train_config=train_config,
-                               eval_frames=held_out if len(held_out) else None)
+                               eval_frames=held_out if len(held_out) else None, callback=callback)
     cid = checkpoint_id(tokenizer)
     path = f"{args['models']}/{cid}"
     if rank == 0:
