@@ -159,6 +159,12 @@ class Decoder(nn.Module):
         return self.unstem(self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z))))))
 
 
+def _frozen(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) with gradients to x only, none to the module's weights."""
+    weights = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, weights, (x,), strict=False)
+
+
 class TokenizerOutput(NamedTuple):
     reconstruction: torch.Tensor  # [B, 3, H, W] in [-1, 1], unclamped (the loss wants it so)
     indices: torch.Tensor  # [B, h, w]
@@ -223,7 +229,7 @@ class Tokenizer(nn.Module):
 
         reencode: also return how far the reconstruction's own features land from the codes
         chosen for x. Training on it makes encode -> decode -> encode give the same tokens,
-        which a plain reconstruction loss leaves to chance.
+        which a reconstruction loss alone leaves to chance (~50-75% agreement here).
         """
         self.grid_shape(*x.shape[-2:])
         with self._autocast():
@@ -233,8 +239,11 @@ class Tokenizer(nn.Module):
             recon = self.decoder(self.post_quant_conv(q.z_q)).float()
         reencode_loss = recon.new_zeros(())
         if reencode:
+            # Only the decoder learns from it: the encoder and quant_conv run with detached
+            # weights. Let the encoder learn too and it finds the cheap way to agree with
+            # itself, fewer codes (usage fell from 63% to 28% in 50 steps).
             with self._autocast():
-                z_re = self.quant_conv(self.encoder(recon.clamp(-1, 1)))
+                z_re = _frozen(self.quant_conv, _frozen(self.encoder, recon.clamp(-1, 1)))
             reencode_loss = self.quantizer.reencode_loss(z_re, q.indices)
         return TokenizerOutput(recon, q.indices, q.loss, reencode_loss)
 

@@ -39,9 +39,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     l1_weight: float = 1.0
     l2_weight: float = 1.0
-    reencode_weight: float = 0.1  # pulls encode(decode(tokens)) back onto the same tokens
-    # ... from this step on: earlier, while codes are still spreading out, it would collapse them.
+    reencode_weight: float = 0.5  # pulls encode(decode(tokens)) back onto the same tokens
+    # ... from this step on, its weight ramped up linearly over `reencode_ramp` steps: switched on
+    # early or at once, it collapses the codebook or knocks Adam off course (-2 dB in one step).
     reencode_start: int = 200
+    reencode_ramp: int = 100
     disc_start: int | None = None  # step at which the patch discriminator switches on; None: off
     disc_weight: float = 0.1
     disc_lr: float = 2e-4
@@ -209,9 +211,10 @@ def train(
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         seen += x.shape[0]
 
-        out = net(x, reencode=cfg.reencode_weight > 0 and step >= cfg.reencode_start)
+        reencode_weight = cfg.reencode_weight * min(1.0, max(0, step - cfg.reencode_start + 1) / max(cfg.reencode_ramp, 1))
+        out = net(x, reencode=reencode_weight > 0)
         rec = reconstruction_loss(x, out.reconstruction, cfg.l1_weight, cfg.l2_weight)
-        loss = rec + out.quantizer_loss + cfg.reencode_weight * out.reencode_loss
+        loss = rec + out.quantizer_loss + reencode_weight * out.reencode_loss
         adv_on = disc is not None and step >= cfg.disc_start
         if adv_on:
             disc.requires_grad_(False)  # the generator's step must not touch the discriminator
@@ -239,6 +242,7 @@ def train(
 
         if step % cfg.log_every == 0 or step == steps:
             record.update({f"batch_{k}": v for k, v in codebook_stats(torch.bincount(out.indices.flatten(), minlength=tokenizer.num_codes)).items()})
+            record["restarts"] = getattr(tokenizer.quantizer, "restarts", 0)
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if callback:
