@@ -47,6 +47,23 @@ def storage_options(uri: str) -> dict[str, str]:
     return opts
 
 
+# The settings a Ray worker needs to reach the same object store as the driver.
+_WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+               "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
+
+
+def worker_env() -> dict:
+    """Ray remote args that carry the driver's AWS settings to the workers of a stage.
+
+    Workers are started with the environment Ray had when it started, and a cluster's workers never
+    saw this driver's shell. A stage that reads s3:// sources or an s3:// lake runs with these
+    settings, so credentials set after `ray.init` (a notebook, a test) reach it too. Empty when none
+    are set, so local-only runs keep Ray's default worker pool.
+    """
+    env = {k: os.environ[k] for k in _WORKER_ENV if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 @dataclass
 class Lake:
     """A lake rooted at `root` (a local directory or an object-store URI)."""

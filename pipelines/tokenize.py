@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from gr2.pipelines import decode, probe
-from gr2.pipelines.lake import Lake, LakeError
+from gr2.pipelines.lake import Lake, LakeError, worker_env
 
 MODELS_DIR = "models/tokenizers"
 DEFAULT_FRAME_SIZE = 128  # BuildConfig's default, for a clip whose frame size nothing records
@@ -343,7 +343,8 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
     ds = (
         ray.data.from_items([{k: r[k] for k in ("clip_id", "uri", "width", "height", "frame_size", "indices")}
                              for r in items], override_num_blocks=max(1, min(len(items), workers * 4)))
-        .map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4, concurrency=workers)
+        .map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4, concurrency=workers,
+                     **worker_env())
         .map_batches(TokenizeClips, fn_constructor_args=(checkpoint_dir,), batch_size=8, compute=_actor_pool(actors))
         .map_batches(_token_columns, batch_size=None)
     )

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from gr2.pipelines import shots
-from gr2.pipelines.lake import Lake
+from gr2.pipelines.lake import Lake, worker_env
 from gr2.pipelines.tokenize import clip_items, decode_clip_frames, to_resolution, tokenizers_dir
 
 
@@ -108,7 +108,8 @@ def sample_clip_frames(lake: Lake, resolution: int, config: SampleConfig,
     keep = ("clip_id", "uri", "width", "height", "frame_size", "indices")
     ds = ray.data.from_items([{k: it[k] for k in keep} for it in items],
                              override_num_blocks=max(1, min(len(items), workers * 4)))
-    ds = ds.map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4, concurrency=workers)
+    ds = ds.map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4, concurrency=workers,
+                        **worker_env())
     out, failed = {}, 0
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
         for clip_id, status, frames in zip(batch["clip_id"], batch["status"], batch["frames"]):
