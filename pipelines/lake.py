@@ -47,6 +47,27 @@ def storage_options(uri: str) -> dict[str, str]:
     return opts
 
 
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem, path) for `uri`, with the object store's settings spelled out.
+
+    Such a filesystem pickles with its settings, so a Ray actor that never saw this process's AWS
+    variables (Ray Train's controller, which resolves a run's storage itself) reaches the same store.
+    """
+    import pyarrow.fs as pafs
+
+    if not uri.startswith("s3://"):
+        return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{os.path.abspath(uri)}")
+    opts = storage_options(uri)
+    kwargs = {"region": opts.get("aws_region")}
+    if opts.get("aws_access_key_id") and opts.get("aws_secret_access_key"):
+        kwargs.update(access_key=opts["aws_access_key_id"], secret_key=opts["aws_secret_access_key"],
+                      session_token=opts.get("aws_session_token"))
+    if opts.get("aws_endpoint"):
+        scheme, _, host = opts["aws_endpoint"].partition("://")
+        kwargs.update(scheme=scheme, endpoint_override=host.rstrip("/"))
+    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), uri[len("s3://"):].rstrip("/")
+
 # The settings a Ray worker needs to reach the same object store as the driver.
 _WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from gr2.pipelines.lake import Lake
+from gr2.pipelines.lake import Lake, arrow_filesystem, worker_env
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
 from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
@@ -207,7 +207,8 @@ def _fit(p: dict, config: TrainConfig, last: str | None) -> None:
             scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                          resources_per_worker={"CPU": config.cpus_per_worker,
                                                                **({"GPU": 1} if config.use_gpu else {})}),
-            run_config=RunConfig(name=p["run_id"], storage_path=_ray_storage(run_dir),
+            run_config=RunConfig(name=p["run_id"], **_ray_storage(run_dir),
+                                 worker_runtime_env=worker_env().get("runtime_env"),
                                  failure_config=FailureConfig(max_failures=config.max_failures)),
         )
         trainer.fit()
@@ -226,8 +227,13 @@ def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResu
                        seconds=seconds, workers=workers)
 
 
-def _ray_storage(run_dir: str) -> str:
-    return f"{run_dir}/ray" if "://" in run_dir else os.path.abspath(os.path.join(run_dir, "ray"))
+def _ray_storage(run_dir: str) -> dict:
+    if "://" not in run_dir:
+        return {"storage_path": os.path.abspath(os.path.join(run_dir, "ray"))}
+    # An explicit filesystem: Ray Train's controller actor resolves a bare URI with its own
+    # environment, which never saw this driver's AWS settings (endpoint, credentials).
+    fs, path = arrow_filesystem(f"{run_dir}/ray")
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _write_run(p: dict) -> None:
