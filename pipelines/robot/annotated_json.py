@@ -51,6 +51,22 @@ def list_episodes(root: str, dataset: str | None = None) -> list[EpisodeRef]:
     return [EpisodeRef(FORMAT, root, key, tuple(sorted(views)), name) for key in refs]
 
 
+
+def index_files(files: list[str]) -> list[str]:
+    """Of a source's files (relative to its root), those `list_episodes` reads: the annotations."""
+    return [f for f in files if f.startswith("annotation/") and f.endswith(".json")]
+
+
+def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
+    """Of a source's files, those `load_episode(ref)` reads: its annotation and its views' videos."""
+    annotation = f"annotation/{ref.key}.json"
+    ann = _read(os.path.join(ref.source, annotation), ref.uri)
+    listed = [os.path.normpath(v["video_path"]) for v in ann.get("videos", []) if v.get("video_path")]
+    folders = {os.path.dirname(p) for p in listed}
+    views = [f for f in files if f in listed or (os.path.dirname(f) in folders and f.lower().endswith(VIDEO_EXTENSIONS))]
+    return [annotation, *views]
+
+
 def _read(path: str, uri: str) -> dict:
     try:
         with open(path) as f:

@@ -28,6 +28,7 @@ from gr2.pipelines.robot.episode import ArrayFrames, Camera, EndEffector, Episod
 FORMAT = "calvin"
 FPS = 30.0
 CAMERAS = {"rgb_static": "static", "rgb_gripper": "gripper"}
+ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
 
 
 def is_dataset(path: str) -> bool:
@@ -67,7 +68,7 @@ def load_object_npy(path: str):
 
 
 def _annotations(root: str) -> list[tuple[int, int, str]] | None:
-    path = os.path.join(root, "lang_annotations", "auto_lang_ann.npy")
+    path = os.path.join(root, ANNOTATIONS)
     if not os.path.exists(path):
         return None
     ann = load_object_npy(path)
@@ -82,6 +83,19 @@ def list_episodes(root: str, dataset: str | None = None) -> list[EpisodeRef]:
         spans = [(int(a), int(b), "") for a, b in ranges]
     cams = tuple(sorted(CAMERAS.values()))
     return [EpisodeRef(FORMAT, root, f"{a:07d}-{b:07d}", cams, name) for a, b, _ in spans]
+
+
+
+def index_files(files: list[str]) -> list[str]:
+    """Of a source's files (relative to its root), those `list_episodes` reads."""
+    return [f for f in files if f in ("ep_start_end_ids.npy", ANNOTATIONS)]
+
+
+def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
+    """Of a source's files, those `load_episode(ref)` reads: the annotations and one npz per step."""
+    first, last = (int(v) for v in ref.key.split("-"))
+    steps = {f"episode_{i:07d}.npz" for i in range(first, last + 1)}
+    return [f for f in files if f == ANNOTATIONS or f in steps]
 
 
 def load_episode(ref: EpisodeRef) -> Episode:

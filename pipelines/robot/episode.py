@@ -29,6 +29,9 @@ class EpisodeRef:
     key: str  # the episode within the source
     cameras: tuple[str, ...] = ()  # cameras the source promises for every episode
     dataset: str = ""  # name the normalisation statistics are grouped by
+    # An object-store source only: the files this episode reads, relative to the source's parent
+    # (pipelines/robot/remote.py fetches them for the worker that loads it).
+    files: tuple[str, ...] = ()
 
     @property
     def uri(self) -> str:

@@ -87,6 +87,17 @@ def list_episodes(source: str, dataset: str | None = None) -> list[EpisodeRef]:
     return [EpisodeRef(kind, source, key, tuple(sorted(cams_by_format[kind])), name) for kind, key in refs]
 
 
+
+def index_files(files: list[str]) -> list[str]:
+    """Of a directory source's files, those `list_episodes` reads: every HDF5 file (it opens them all)."""
+    return [f for f in files if f.endswith((".hdf5", ".h5"))]
+
+
+def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
+    """Of a directory source's files, the one `load_episode(ref)` reads."""
+    return [ref.key.partition(":")[0]]
+
+
 def _robomimic_cameras(demo) -> list[str]:
     return [k[: -len("_image")] for k in demo["obs"].keys() if k.endswith("_image")] if "obs" in demo else []
 

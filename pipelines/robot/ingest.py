@@ -27,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 
 from gr2.pipelines import schema
+from gr2.pipelines.lake import worker_env
 from gr2.pipelines.robot import actions as act
-from gr2.pipelines.robot import annotated_json, calvin, hdf5, lerobot
+from gr2.pipelines.robot import annotated_json, calvin, hdf5, lerobot, remote
 from gr2.pipelines.robot.align import AlignConfig, AlignmentError, accept_offset, align, estimation_grid, offset_curve, pick_offset
 from gr2.pipelines.robot.episode import Episode, EpisodeError, EpisodeRef, encode_jpeg, ref_id
 
@@ -108,9 +109,12 @@ def list_sources(sources: Iterable[str]) -> tuple[list[EpisodeRef], list[dict]]:
     for source in sources:
         source = os.path.abspath(source) if "://" not in source else source
         try:
-            if not os.path.exists(source):
+            if remote.is_remote(source):
+                found = remote.list_episodes(source, DETECT)
+            elif not os.path.exists(source):
                 raise EpisodeError(f"{source}: no such file or directory")
-            found = reader_for(source).list_episodes(source)
+            else:
+                found = reader_for(source).list_episodes(source)
             if not found:
                 raise EpisodeError(f"{source}: no episodes")
             refs.extend(found)
@@ -121,6 +125,7 @@ def list_sources(sources: Iterable[str]) -> tuple[list[EpisodeRef], list[dict]]:
 
 
 def load(ref: EpisodeRef) -> Episode:
+    """The episode `ref` names; its source must be local (see remote.local_ref)."""
     if ref.format not in READERS:
         raise EpisodeError(f"{ref.uri}: unknown format {ref.format!r}")
     return READERS[ref.format].load_episode(ref)
@@ -175,17 +180,20 @@ def process_episode(
     `offset_error`: the estimate for this source failed, so its episodes fail with that reason.
     """
     episode_id = ref_id(ref)
+    local = ref
     try:
-        episode = load(ref)
-        episode_id = episode.content_id()
-        if done and episode_id in done:
-            return {"episode_id": episode_id, "status": "skipped", "lake_status": done[episode_id]}, None
-        episode.validate()
-        if offset_error:
-            raise AlignmentError(offset_error)
-        return _rows(episode, episode_id, config, build_id, tokenizer, offsets or {})
+        with remote.local_ref(ref) as local:
+            episode = load(local)
+            episode.ref = ref  # messages and rows name where the episode lives, not its local mirror
+            episode_id = episode.content_id()
+            if done and episode_id in done:
+                return {"episode_id": episode_id, "status": "skipped", "lake_status": done[episode_id]}, None
+            episode.validate()
+            if offset_error:
+                raise AlignmentError(offset_error)
+            return _rows(episode, episode_id, config, build_id, tokenizer, offsets or {})
     except Exception as e:  # the per-episode boundary: the failure becomes the episode's row
-        reason = _describe(e)
+        reason = remote.remote_reason(_describe(e), local, ref)
         if ref.uri not in reason:
             reason = f"{ref.uri}: {reason}"
         return _failed_row(ref, episode_id, reason, config, build_id), None
@@ -339,11 +347,13 @@ def _resize(frames: np.ndarray, width: int | None, height: int | None) -> np.nda
 
 def _refs_from_batch(batch: pa.Table | dict) -> list[EpisodeRef]:
     rows = batch.to_pylist() if isinstance(batch, pa.Table) else [dict(zip(batch, v)) for v in zip(*batch.values())]
-    return [EpisodeRef(r["format"], r["source"], r["key"], tuple(r["cameras"] or ()), r["dataset"]) for r in rows]
+    return [EpisodeRef(r["format"], r["source"], r["key"], tuple(r["cameras"] or ()), r["dataset"], tuple(r["files"] or ()))
+            for r in rows]
 
 
 def _ref_item(ref: EpisodeRef) -> dict:
-    return {"format": ref.format, "source": ref.source, "key": ref.key, "cameras": list(ref.cameras), "dataset": ref.dataset}
+    return {"format": ref.format, "source": ref.source, "key": ref.key, "cameras": list(ref.cameras), "dataset": ref.dataset,
+            "files": list(ref.files)}
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -394,15 +404,16 @@ def offset_curves(batch: pa.Table, config: IngestConfig) -> pa.Table:
     sources, cams, curves, errors = [], [], [], []
     for ref in _refs_from_batch(batch):
         try:
-            episode = load(ref)
-            episode.validate()
-            names = [c for c in episode.cameras if c not in config.offsets_s
-                     and ("*" in config.estimate_cameras or c in config.estimate_cameras)]
-            for name in names:
-                sources.append(ref.source)
-                cams.append(name)
-                curves.append(offset_curve(episode, name, lags).tolist())
-                errors.append(None)
+            with remote.local_ref(ref) as local:
+                episode = load(local)
+                episode.validate()
+                names = [c for c in episode.cameras if c not in config.offsets_s
+                         and ("*" in config.estimate_cameras or c in config.estimate_cameras)]
+                for name in names:
+                    sources.append(ref.source)
+                    cams.append(name)
+                    curves.append(offset_curve(episode, name, lags).tolist())
+                    errors.append(None)
         except Exception as e:  # a bad episode just does not contribute; ingest reports it later
             sources.append(ref.source)
             cams.append("")
@@ -428,7 +439,7 @@ def estimate_source_offsets(refs: list[EpisodeRef], config: IngestConfig) -> tup
     items = [_ref_item(r) for rs in sample.values() for r in rs]
     out = ray.data.from_items(items).map_batches(
         offset_curves, fn_kwargs={"config": config}, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=config.concurrency), num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=config.concurrency), num_cpus=1, **worker_env(),
     ).take_all()
     lags = estimation_grid(config.align_config())
     curves: dict[tuple[str, str], list] = {}
@@ -483,7 +494,7 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
             EpisodeRows,
             fn_constructor_kwargs={"config": config, "build_id": build_id, "done": done,
                                    "offsets": offsets, "offset_errors": offset_errors},
-            batch_size=1, batch_format="pyarrow", num_cpus=1,
+            batch_size=1, batch_format="pyarrow", num_cpus=1, **worker_env(),
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(config.concurrency, len(refs)))),
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -82,17 +82,15 @@ def load_episode(ref: EpisodeRef) -> Episode:
     root, info = ref.source, read_info(ref.source)
     index = int(ref.key.rsplit("_", 1)[-1])
     version = _version(info)
+    meta = _v3_episode_row(root, index) if version == 3 else None
+    path = os.path.join(root, _data_path(info, index, meta))
     if version == 3:
-        meta = _v3_episode_row(root, index)
-        path = os.path.join(root, info["data_path"].format(
-            chunk_index=int(meta["data/chunk_index"]), file_index=int(meta["data/file_index"])))
         table = _read_parquet(pq, path, ref)
         import pyarrow.compute as pc
 
         table = table.filter(pc.equal(table["episode_index"], index))
         instruction = _first(meta.get("tasks"))
     else:
-        path = os.path.join(root, info["data_path"].format(episode_chunk=index // info.get("chunks_size", 1000), episode_index=index))
         table = _read_parquet(pq, path, ref)
         instruction = _v2_task(root, table)
     if len(table) == 0:
@@ -110,7 +108,7 @@ def load_episode(ref: EpisodeRef) -> Episode:
 
     cameras = {}
     for key in camera_keys(info):
-        cam = _camera(ref, root, info, key, index, version, meta if version == 3 else None, table)
+        cam = _camera(ref, root, info, key, index, version, meta, table)
         if cam is not None:
             cameras[cam.name] = cam
     return Episode(
@@ -136,12 +134,7 @@ def _camera(ref, root, info, key, index, version, meta, table) -> Camera | None:
         encoded = [row["bytes"] if isinstance(row, dict) else row for row in table.column(key).to_pylist()]
         frames = EncodedFrames(encoded)
         return Camera(name, np.asarray(table.column("timestamp").to_numpy(zero_copy_only=False), np.float64), frames, fps)
-    if version == 3:
-        path = os.path.join(root, info["video_path"].format(
-            video_key=key, chunk_index=int(meta[f"videos/{key}/chunk_index"]), file_index=int(meta[f"videos/{key}/file_index"])))
-    else:
-        path = os.path.join(root, info["video_path"].format(
-            video_key=key, episode_chunk=index // info.get("chunks_size", 1000), episode_index=index))
+    path = os.path.join(root, _video_path(info, key, index, meta))
     if not os.path.exists(path):
         return None  # Episode.validate names the missing camera
     try:
@@ -171,14 +164,56 @@ def _v2_camera_times(root, info, key, index, video_path, count, fps) -> np.ndarr
     if template:
         import pyarrow.parquet as pq
 
-        path = os.path.join(root, template.format(episode_chunk=index // info.get("chunks_size", 1000),
-                                                  episode_index=index, video_key=key))
+        path = os.path.join(root, _times_path(info, key, index))
         t = pq.read_table(path).sort_by("frame_index")
         return np.asarray(t.column("timestamp").to_numpy(), np.float64)
     pts = video_timestamps(video_path)
     if len(pts) == count:
         return pts
     return np.arange(count) / fps  # a container whose packets carry no usable times
+
+
+def _chunk(info: dict, index: int) -> int:
+    return index // info.get("chunks_size", 1000)
+
+
+def _data_path(info: dict, index: int, meta: dict | None) -> str:
+    """The episode's parquet, relative to the root (`meta`: its v3 meta/episodes row)."""
+    if meta is not None:
+        return info["data_path"].format(chunk_index=int(meta["data/chunk_index"]), file_index=int(meta["data/file_index"]))
+    return info["data_path"].format(episode_chunk=_chunk(info, index), episode_index=index)
+
+
+def _video_path(info: dict, key: str, index: int, meta: dict | None) -> str:
+    if meta is not None:
+        return info["video_path"].format(video_key=key, chunk_index=int(meta[f"videos/{key}/chunk_index"]),
+                                         file_index=int(meta[f"videos/{key}/file_index"]))
+    return info["video_path"].format(video_key=key, episode_chunk=_chunk(info, index), episode_index=index)
+
+
+def _times_path(info: dict, key: str, index: int) -> str:
+    return info["camera_timestamps_path"].format(episode_chunk=_chunk(info, index), episode_index=index, video_key=key)
+
+
+def index_files(files: list[str]) -> list[str]:
+    """Of a source's files (relative to its root), those `list_episodes` reads: meta/."""
+    return [f for f in files if f.startswith("meta/")]
+
+
+def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
+    """Of a source's files, those `load_episode(ref)` reads; meta/ must be readable under ref.source."""
+    info = read_info(ref.source)
+    index = int(ref.key.rsplit("_", 1)[-1])
+    meta = _v3_episode_row(ref.source, index) if _version(info) == 3 else None
+    wanted = {_data_path(info, index, meta)}
+    for key in camera_keys(info):
+        if info["features"][key].get("dtype") == "video":
+            wanted.add(_video_path(info, key, index, meta))
+            if info.get("camera_timestamps_path") and meta is None:
+                wanted.add(_times_path(info, key, index))
+    # a file the listing lacks is left for load_episode to report, as it would locally
+    listed = set(files)
+    return index_files(files) + sorted(f for f in wanted if f in listed)
 
 
 def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffector | None:

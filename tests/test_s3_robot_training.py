@@ -1,0 +1,168 @@
+"""Robot episodes read from object storage into a lake on object storage, and training read back
+from it, against moto's S3 server on loopback: the driver, the Ray Data workers and the Ray Train
+workers all reach the same store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from gr2.pipelines.lake import Lake
+
+SAMPLES = Path(__file__).parent / "data" / "robot"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """Two short Meta-World expert episodes at 64x64, as `gr2 record-metaworld` writes them (LeRobot v2)."""
+    from gr2.pipelines.robot.record_metaworld import RecordConfig, record
+
+    out = tmp_path_factory.mktemp("s3robot") / "metaworld"
+    record(str(out), RecordConfig(episodes=2, width=64, height=64, max_steps=30, tail_steps=2))
+    return out
+
+
+def upload(directory: Path, bucket: str, prefix: str) -> str:
+    """Every file under `directory` to s3://bucket/prefix/...; returns that URI."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(directory).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def local_ids(root: Path) -> set[str]:
+    """Content ids of a local LeRobot dataset's episodes: what the same bytes on S3 must get."""
+    from gr2.pipelines.robot import lerobot
+
+    return {lerobot.load_episode(r).content_id() for r in lerobot.list_episodes(str(root))}
+
+
+def _commands():
+    import argparse
+
+    from gr2.flows.robot import register
+
+    p = argparse.ArgumentParser(prog="gr2")
+    register(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_robot_sources_on_s3_ingest_into_an_s3_lake_once_and_a_rerun_adds_nothing(
+        ray_local, prefect_server, s3_bucket, recorded):
+    metaworld = upload(recorded, s3_bucket, "robot/metaworld")
+    rt1 = upload(SAMPLES / "rt1", s3_bucket, "robot/rt1")
+    missing = f"s3://{s3_bucket}/robot/nothing-here"
+    lake_uri = f"s3://{s3_bucket}/lake"
+    argv = ["ingest-robot", "--lake", lake_uri, metaworld, rt1, missing, "--workers", "2"]
+    args = _commands().parse_args(argv)
+    args.run(args)
+
+    lake = Lake(lake_uri)
+    episodes = lake.read("episodes")
+    status = dict(zip(episodes["source"].to_pylist(), episodes["status"].to_pylist()))
+    accepted = episodes.filter(pc.equal(episodes["status"], "accepted"))
+    assert sorted(accepted["source"].to_pylist()) == [metaworld, metaworld, rt1]
+    assert set(accepted.filter(pc.equal(accepted["source"], metaworld))["episode_id"].to_pylist()) == local_ids(recorded)
+    assert status[missing] == "failed"
+    reason = episodes.filter(pc.equal(episodes["source"], missing))["reason"][0].as_py()
+    assert f"{missing}: cannot list episodes" in reason and "no such object or prefix" in reason
+
+    steps = lake.read("steps", columns=["step_id", "episode_id", "views"])
+    lengths = dict(zip(accepted["episode_id"].to_pylist(), accepted["length"].to_pylist()))
+    assert len(steps) == sum(lengths.values()) and len(set(steps["step_id"].to_pylist())) == len(steps)
+    assert set(steps["episode_id"].to_pylist()) == set(lengths)
+    corner = [v for vs in steps["views"].to_pylist() for v in vs if v["camera"] == "corner" and v["ok"]]
+    assert corner and corner[0]["jpeg"][:2] == b"\xff\xd8"
+    assert lake.latest_build("ingest-robot")["funnel"]["accepted"] == 3
+
+    versions = {t: lake.dataset(t).version for t in ("episodes", "steps")}
+    args = _commands().parse_args(argv)
+    args.run(args)
+    funnel = lake.latest_build("ingest-robot")["funnel"]
+    assert (funnel["accepted"], funnel["already_in_lake"], funnel["steps_added"]) == (3, 3, 0)
+    assert len(lake.read("episodes")) == len(episodes) and len(lake.read("steps", columns=["step_id"])) == len(steps)
+    assert lake.dataset("steps").version == versions["steps"]  # nothing to add: no new version
+
+
+def test_an_s3_episode_whose_video_vanishes_after_listing_fails_with_the_reason(s3_bucket, recorded):
+    import boto3
+
+    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
+
+    source = upload(recorded, s3_bucket, "robot/metaworld")
+    refs, failures = list_sources([source])
+    assert not failures and [r.key for r in refs] == ["episode_000000", "episode_000001"]
+    assert all(r.source == source and any(f.endswith(".mp4") for f in r.files) for r in refs)
+    video = "robot/metaworld/videos/chunk-000/observation.images.corner/episode_000001.mp4"
+    boto3.client("s3").delete_object(Bucket=s3_bucket, Key=video)
+
+    kept, _ = process_episode(refs[0], IngestConfig(), "test")
+    row, steps = process_episode(refs[1], IngestConfig(), "test")
+    assert kept["status"] == "accepted" and kept["source"] == source
+    assert row["status"] == "failed" and steps is None
+    assert row["reason"].startswith(f"{source}#episode_000001: cannot read {source}/videos/chunk-000/"
+                                    "observation.images.corner/episode_000001.mp4: ")
+    assert "gr2-robot-" not in row["reason"]  # names the object, not the local mirror
+
+
+def test_an_hdf5_file_on_s3_is_listed_and_its_demos_loaded(s3_bucket, tmp_path):
+    import boto3
+    import h5py
+
+    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
+
+    path = tmp_path / "lift.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_kwargs": {"control_freq": 20}})
+        for d, n in enumerate((6, 4)):
+            g = data.create_group(f"demo_{d}")
+            g["actions"] = rng.normal(size=(n, 7))
+            g["obs/agentview_image"] = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+            g["obs/robot0_eef_pos"] = np.cumsum(np.full((n, 3), 0.01), axis=0)
+            g["obs/robot0_eef_quat"] = np.tile([0, 0, 0, 1.0], (n, 1))
+    boto3.client("s3").upload_file(str(path), s3_bucket, "robot/lift.hdf5")
+    source = f"s3://{s3_bucket}/robot/lift.hdf5"
+
+    refs, failures = list_sources([source])
+    assert not failures and [r.key for r in refs] == ["lift.hdf5:demo_0", "lift.hdf5:demo_1"]
+    rows = [process_episode(r, IngestConfig(), "test") for r in refs]
+    assert [(row["status"], row["length"], row["dataset"]) for row, _ in rows] == [("accepted", 6, "lift"), ("accepted", 4, "lift")]
+    assert [len(steps) for _, steps in rows] == [6, 4]
+
+
+def test_fine_tuning_reads_an_s3_lake_in_the_driver_and_in_ray_train_workers(ray_local, s3_bucket, tmp_path):
+    import fsspec
+    from test_training_lakes import robot_lake, save_tokenizer
+    from test_training_loop import SMALL
+
+    from gr2.training import checkpoint as ckpt
+    from gr2.training.data import DataConfig, iter_batches, plan_data
+    from gr2.training.loop import TrainConfig, train
+    from gr2.training.metrics import read_metrics
+
+    root = f"s3://{s3_bucket}/lake"
+    tokenizer, tokenizer_id = save_tokenizer(str(tmp_path))
+    fsspec.filesystem("s3").put(tokenizer, f"{s3_bucket}/lake/models/tokenizers/{tokenizer_id}", recursive=True)
+    lake = robot_lake(root, episodes=4, length=10, tokenizer_id=tokenizer_id)
+
+    spec = plan_data(lake, "finetune", history=2, chunk=2, config=DataConfig(shuffle_buffer=8))
+    assert spec.tokenizer_path == f"{root}/models/tokenizers/{tokenizer_id}" and len(spec.train_ids) == 3
+    batch = next(iter_batches(spec, 4))
+    assert tuple(batch["frames"].shape) == (4, 2, 2, 4)
+
+    result = train(lake, TrainConfig(stage="finetune", model=SMALL, data=DataConfig(shuffle_buffer=8), steps=2,
+                                     batch_size=4, checkpoint_every=2, report_every=2, warmup_steps=1))
+    assert result.steps == 2 and result.checkpoint == f"{root}/models/gr2/{result.run_id}/step-000002"
+    assert [r["step"] for r in read_metrics(result.run_dir)] == [1, 2]
+    meta = ckpt.read_meta(result.checkpoint)
+    assert meta["lake"] == root and meta["table_version"] == spec.table_version
+    assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1")  # the loopback server, never a real store
