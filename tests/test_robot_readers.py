@@ -92,8 +92,8 @@ def test_lerobot_v2_reads_states_actions_cameras_and_the_end_effector(v2):
     np.testing.assert_array_equal(ep.end_effector.effector[:, 0], ep.action[:, 6])
 
 
-def test_lerobot_v3_finds_each_episode_inside_shared_files(tmp_path):
-    root, fps, lengths = tmp_path / "v3", 10.0, (9, 6)
+def write_lerobot_v3(root: Path, fps: float = 10.0, lengths=(9, 6)) -> tuple[list, list]:
+    """A LeRobot v3.0 dataset: both episodes in one parquet and one mp4; returns (states, frames) per episode."""
     (root / "meta/episodes/chunk-000").mkdir(parents=True)
     states = [trajectory(n, e) for e, n in enumerate(lengths)]
     allframes = [frames(n, 20 + e) for e, n in enumerate(lengths)]
@@ -120,7 +120,12 @@ def test_lerobot_v3_finds_each_episode_inside_shared_files(tmp_path):
         "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
         "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"}
     (root / "meta/info.json").write_text(json.dumps(info))
+    return states, allframes
 
+
+def test_lerobot_v3_finds_each_episode_inside_shared_files(tmp_path):
+    root, fps = tmp_path / "v3", 10.0
+    states, allframes = write_lerobot_v3(root, fps)
     refs = lerobot.list_episodes(str(root))
     second = lerobot.load_episode(refs[1])
     second.validate()
@@ -192,8 +197,8 @@ def test_aloha_hdf5_reads_raw_and_jpeg_compressed_images(tmp_path):
         np.testing.assert_array_equal(got, want)  # the padding after each JPEG is ignored
 
 
-def test_calvin_reads_annotated_windows_with_their_instructions(tmp_path):
-    root = tmp_path / "calvin" / "validation"
+def write_calvin(root: Path) -> Path:
+    """A CALVIN split: 30 steps of npz, one recorded run, two annotated windows."""
     (root / "lang_annotations").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(100, 130):
@@ -203,6 +208,11 @@ def test_calvin_reads_annotated_windows_with_their_instructions(tmp_path):
     np.save(root / "ep_start_end_ids.npy", np.array([[100, 129]]))
     ann = {"info": {"indx": [(100, 111), (115, 129)]}, "language": {"ann": ["push the blue block", "open the drawer"], "task": ["push", "open"]}}
     np.save(root / "lang_annotations" / "auto_lang_ann.npy", ann)  # np.save pickles the dict, as CALVIN does
+    return root
+
+
+def test_calvin_reads_annotated_windows_with_their_instructions(tmp_path):
+    root = write_calvin(tmp_path / "calvin" / "validation")
     refs = calvin.list_episodes(str(root))
     assert [r.key for r in refs] == ["0000100-0000111", "0000115-0000129"] and reader_for(str(root)) is calvin
     ep = calvin.load_episode(refs[1])

@@ -100,6 +100,8 @@ def test_an_s3_episode_whose_video_vanishes_after_listing_fails_with_the_reason(
     refs, failures = list_sources([source])
     assert not failures and [r.key for r in refs] == ["episode_000000", "episode_000001"]
     assert all(r.source == source and any(f.endswith(".mp4") for f in r.files) for r in refs)
+    # a worker fetches the dataset's meta/ and its own episode's files, not the other episode's
+    assert not any("episode_000001" in f for f in refs[0].files) and sum("episode_000001" in f for f in refs[1].files) == 5
     video = "robot/metaworld/videos/chunk-000/observation.images.corner/episode_000001.mp4"
     boto3.client("s3").delete_object(Bucket=s3_bucket, Key=video)
 
@@ -112,14 +114,11 @@ def test_an_s3_episode_whose_video_vanishes_after_listing_fails_with_the_reason(
     assert "gr2-robot-" not in row["reason"]  # names the object, not the local mirror
 
 
-def test_an_hdf5_file_on_s3_is_listed_and_its_demos_loaded(s3_bucket, tmp_path):
-    import boto3
+def write_robomimic(path: Path) -> Path:
     import h5py
 
-    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
-
-    path = tmp_path / "lift.hdf5"
     rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
         data.attrs["env_args"] = json.dumps({"env_kwargs": {"control_freq": 20}})
@@ -129,14 +128,54 @@ def test_an_hdf5_file_on_s3_is_listed_and_its_demos_loaded(s3_bucket, tmp_path):
             g["obs/agentview_image"] = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
             g["obs/robot0_eef_pos"] = np.cumsum(np.full((n, 3), 0.01), axis=0)
             g["obs/robot0_eef_quat"] = np.tile([0, 0, 0, 1.0], (n, 1))
-    boto3.client("s3").upload_file(str(path), s3_bucket, "robot/lift.hdf5")
-    source = f"s3://{s3_bucket}/robot/lift.hdf5"
+    return path
 
+
+def write_layout(layout: str, root: Path) -> Path:
+    """A small dataset of `layout` under `root`; returns the source (a directory, or one HDF5 file)."""
+    import shutil
+
+    from test_robot_readers import write_calvin, write_lerobot_v2, write_lerobot_v3
+
+    if layout == "lerobot-v2":
+        return write_lerobot_v2(root / "v2")
+    if layout == "lerobot-v3":
+        write_lerobot_v3(root / "v3")
+        return root / "v3"
+    if layout == "calvin":
+        return write_calvin(root / "validation")
+    if layout == "annotated-json":
+        return shutil.copytree(SAMPLES / "rt1", root / "rt1")
+    if layout == "hdf5-file":
+        return write_robomimic(root / "lift.hdf5")
+    write_robomimic(root / "demos" / "lift.hdf5")
+    return root / "demos"
+
+
+@pytest.mark.parametrize("layout", ["lerobot-v2", "lerobot-v3", "calvin", "annotated-json", "hdf5-file", "hdf5-dir"])
+def test_an_s3_source_yields_the_episodes_and_steps_the_same_files_on_disk_do(s3_bucket, tmp_path, layout):
+    import boto3
+
+    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
+
+    local = write_layout(layout, tmp_path)
+    if local.is_file():
+        boto3.client("s3").upload_file(str(local), s3_bucket, f"robot/{local.name}")
+        source = f"s3://{s3_bucket}/robot/{local.name}"
+    else:
+        source = upload(local, s3_bucket, f"robot/{local.name}")
+    local_refs, local_failures = list_sources([str(local)])
     refs, failures = list_sources([source])
-    assert not failures and [r.key for r in refs] == ["lift.hdf5:demo_0", "lift.hdf5:demo_1"]
-    rows = [process_episode(r, IngestConfig(), "test") for r in refs]
-    assert [(row["status"], row["length"], row["dataset"]) for row, _ in rows] == [("accepted", 6, "lift"), ("accepted", 4, "lift")]
-    assert [len(steps) for _, steps in rows] == [6, 4]
+    assert not local_failures and not failures
+    assert [(r.key, r.format, r.cameras, r.dataset) for r in refs] == [(r.key, r.format, r.cameras, r.dataset) for r in local_refs]
+
+    config = IngestConfig(frame_width=32, frame_height=32)
+    for here, there in zip(local_refs, refs):
+        expected, expected_steps = process_episode(here, config, "test")
+        row, steps = process_episode(there, config, "test")
+        assert expected["status"] == "accepted", expected["reason"]
+        assert (row["status"], row["episode_id"], row["source"]) == ("accepted", expected["episode_id"], source)
+        assert steps.equals(expected_steps)
 
 
 def test_fine_tuning_reads_an_s3_lake_in_the_driver_and_in_ray_train_workers(ray_local, s3_bucket, tmp_path):
