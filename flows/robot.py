@@ -143,7 +143,7 @@ def record_metaworld(args) -> str:
 def register(sub) -> None:
     p = sub.add_parser("ingest-robot", help="ingest robot episodes (LeRobot, HDF5, CALVIN, annotated JSON) into a lake")
     p.add_argument("--lake", required=True, help="lake root: a directory or s3://bucket/prefix")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="dataset directories or HDF5 files")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="dataset directories or HDF5 files, local or s3://bucket/prefix")
     p.add_argument("--config", help="YAML/JSON file of IngestConfig settings")
     p.add_argument("--cameras", help="views to keep, in order, comma-separated (default: all)")
     p.add_argument("--offset", action="append", metavar="CAMERA=SECONDS", help="a camera's latency (repeatable)")

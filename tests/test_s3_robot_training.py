@@ -178,13 +178,13 @@ def test_an_s3_source_yields_the_episodes_and_steps_the_same_files_on_disk_do(s3
         assert steps.equals(expected_steps)
 
 
-def test_fine_tuning_reads_an_s3_lake_in_the_driver_and_in_ray_train_workers(ray_local, s3_bucket, tmp_path):
+def test_training_reads_an_s3_lake_in_the_driver_and_in_ray_train_workers(ray_local, s3_bucket, tmp_path):
     import fsspec
-    from test_training_lakes import robot_lake, save_tokenizer
+    from test_training_lakes import clips_lake, robot_lake, save_tokenizer
     from test_training_loop import SMALL
 
     from gr2.training import checkpoint as ckpt
-    from gr2.training.data import DataConfig, iter_batches, plan_data
+    from gr2.training.data import DataConfig, iter_batches, iter_samples, plan_data
     from gr2.training.loop import TrainConfig, train
     from gr2.training.metrics import read_metrics
 
@@ -197,6 +197,10 @@ def test_fine_tuning_reads_an_s3_lake_in_the_driver_and_in_ray_train_workers(ray
     assert spec.tokenizer_path == f"{root}/models/tokenizers/{tokenizer_id}" and len(spec.train_ids) == 3
     batch = next(iter_batches(spec, 4))
     assert tuple(batch["frames"].shape) == (4, 2, 2, 4)
+    clips_lake(root, clips=6, frames=4, tokenizer_id=tokenizer_id)
+    pre = plan_data(lake, "pretrain", history=2, chunk=0)
+    windows = [s["id"] for s in iter_samples(pre, epochs=1, shuffle=False)]
+    assert sorted(windows) == sorted(f"{c}@{t}" for c in pre.train_ids for t in range(3))
 
     result = train(lake, TrainConfig(stage="finetune", model=SMALL, data=DataConfig(shuffle_buffer=8), steps=2,
                                      batch_size=4, checkpoint_every=2, report_every=2, warmup_steps=1))

@@ -107,7 +107,7 @@ def list_sources(sources: Iterable[str]) -> tuple[list[EpisodeRef], list[dict]]:
     """Every episode of every source, and a failed-episode row for each source that cannot be listed."""
     refs, failed = [], []
     for source in sources:
-        source = os.path.abspath(source) if "://" not in source else source
+        source = os.path.abspath(source) if "://" not in source else source.rstrip("/")
         try:
             if remote.is_remote(source):
                 found = remote.list_episodes(source, DETECT)
