@@ -10,6 +10,9 @@ episode id and the step. An episode already in the lake as accepted or rejected 
 before any decoding or encoding; everything else merges on its id, so re-ingest adds nothing.
 Every listed episode ends up accepted, rejected (which gate and its score) or failed (the error,
 naming the episode, the field and the step).
+
+A source may be a local path or an object-store URI (s3://bucket/prefix): remote.py lists it on the
+driver and fetches each episode's files on the worker that loads it.
 """
 
 from __future__ import annotations
