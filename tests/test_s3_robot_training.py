@@ -178,6 +178,26 @@ def test_an_s3_source_yields_the_episodes_and_steps_the_same_files_on_disk_do(s3
         assert steps.equals(expected_steps)
 
 
+def test_an_s3_episode_whose_files_cannot_be_named_fails_with_the_reason_it_has_on_disk(s3_bucket, tmp_path):
+    from test_robot_readers import write_lerobot_v2
+
+    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
+
+    local = write_lerobot_v2(tmp_path / "v2")
+    info = json.loads((local / "meta/info.json").read_text())
+    del info["video_path"]  # the cameras' files cannot be found, here or there
+    (local / "meta/info.json").write_text(json.dumps(info))
+    source = upload(local, s3_bucket, "robot/v2")
+    local_refs, _ = list_sources([str(local)])
+    refs, failures = list_sources([source])
+    assert not failures and len(refs) == len(local_refs) == 2  # the source lists; its episodes fail one by one
+    for here, there in zip(local_refs, refs):
+        expected, _ = process_episode(here, IngestConfig(), "test")
+        row, _ = process_episode(there, IngestConfig(), "test")
+        assert expected["status"] == row["status"] == "failed"
+        assert row["reason"] == expected["reason"].replace(str(local), source)
+
+
 def test_training_reads_an_s3_lake_in_the_driver_and_in_ray_train_workers(ray_local, s3_bucket, tmp_path):
     import fsspec
     from test_training_lakes import clips_lake, robot_lake, save_tokenizer

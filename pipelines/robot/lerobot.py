@@ -205,13 +205,21 @@ def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
     info = read_info(ref.source)
     index = int(ref.key.rsplit("_", 1)[-1])
     meta = _v3_episode_row(ref.source, index) if _version(info) == 3 else None
-    wanted = {_data_path(info, index, meta)}
+    wanted = set()
+
+    def want(path_of) -> None:
+        try:
+            wanted.add(path_of())
+        except (KeyError, ValueError, IndexError, TypeError):
+            pass  # a broken path template: load_episode reports it, as it does from disk
+
+    want(lambda: _data_path(info, index, meta))
     for key in camera_keys(info):
         if info["features"][key].get("dtype") == "video":
-            wanted.add(_video_path(info, key, index, meta))
+            want(lambda: _video_path(info, key, index, meta))
             if info.get("camera_timestamps_path") and meta is None:
-                wanted.add(_times_path(info, key, index))
-    # a file the listing lacks is left for load_episode to report, as it would locally
+                want(lambda: _times_path(info, key, index))
+    # a file the listing lacks is left for load_episode to report, as it does from disk
     listed = set(files)
     return index_files(files) + sorted(f for f in wanted if f in listed)
 

@@ -101,10 +101,19 @@ def list_episodes(source: str, readers: Sequence) -> list[EpisodeRef]:
             with fetched(source, [f"{name}/{f}" for f in index]) as path:
                 if not reader.is_dataset(path):
                     continue
-                return [replace(r, source=source, files=tuple(f"{name}/{f}" for f in reader.episode_files(r, inner)))
+                return [replace(r, source=source, files=tuple(f"{name}/{f}" for f in _episode_files(reader, r, inner, index)))
                         for r in reader.list_episodes(path)]
     raise EpisodeError(f"{source}: not a robot dataset this reader knows (LeRobot dir with meta/info.json, "
                        "CALVIN dir with ep_start_end_ids.npy, annotation/*.json, or HDF5 files)")
+
+
+def _episode_files(reader, ref: EpisodeRef, files: list[str], index: list[str]) -> list[str]:
+    try:
+        return reader.episode_files(ref, files)
+    except (EpisodeError, KeyError, ValueError, OSError):
+        # An episode whose files cannot be named (a v3 episode missing from meta/episodes, a broken
+        # annotation) fails alone, on its worker, with the reason load_episode gives it from disk.
+        return index
 
 
 def remote_reason(reason: str, local: EpisodeRef, ref: EpisodeRef) -> str:
