@@ -10,13 +10,16 @@ and, with --pretrain: a video lake built by the video build flow from real foota
 clips, the Something-Something V2 samples, the RT-1 and Bridge robot videos under tests/data),
 tokenized by the build's tokenize stage with the same tokenizer; a tiny GR-2 pre-trained on it
 (its loss against the unigram entropy of its tokens), and the same fine-tuning started from it,
-side by side. The tokenizer is trained on web frames beside the robot's, as GR-2's is, so one
-tokenizer serves both.
+side by side (a printed table, and "side_by_side" in the results). The tokenizer is trained on
+web frames beside the robot's, as GR-2's is, so one tokenizer serves both. With --compare-steps N:
+the fine-tuning on 1 and on 2 workers at the same global batch for N steps, the largest relative
+gap between their smoothed loss curves beside two measures of noise (compare_workers).
 
 Every phase keeps its output under --work and is skipped when it is already there, so the
 script can be re-run after a kill. Results go to benchmarks/results/train_floor.json.
 
     .venv/bin/python benchmarks/train_floor.py [--episodes 50] [--steps 1500] [--minutes 30]
+        [--pretrain] [--skip-baseline] [--compare-steps 600]
 """
 
 from __future__ import annotations
@@ -157,34 +160,121 @@ def finetune_config(args, init: str | None = None):
         cpus_per_worker=2, checkpoint_every=250, report_every=50, max_cpu_minutes=2 * args.minutes)
 
 
+def spent(run_dir: str) -> dict:
+    """Wall and CPU minutes a run's training took, summed over its attempts (a resumed run's too)."""
+    from gr2.training.metrics import read_metrics_raw
+
+    attempts, last = [], None
+    for r in read_metrics_raw(os.path.join(run_dir, "metrics.jsonl")):
+        if r.get("event") == "start":
+            if last:
+                attempts.append(last)
+            last = None
+        elif "step" in r:
+            last = r
+    if last:
+        attempts.append(last)
+    return {"minutes": round(sum(r["elapsed_s"] for r in attempts) / 60, 1),
+            "cpu_minutes": round(sum(r["cpu_s"] for r in attempts) / 60, 1), "attempts": len(attempts)}
+
+
+def relative_difference(a: list[float], b: list[float], skip: int = 0) -> float:
+    """max |a - b| / a over the steps after `skip`."""
+    return max(abs(x - y) / x for x, y in zip(a[skip:], b[skip:]))
+
+
+def smoothing_error(loss: list[float], window: int = 20) -> list[float]:
+    """Relative standard error of a trailing mean of `window` steps: the scatter of the raw loss
+    around its curve (one step's batch noise) over sqrt(window)."""
+    from gr2.training.metrics import smoothed
+
+    curve = np.asarray(smoothed([{"loss": v} for v in loss], "loss", window))
+    residual = np.asarray(loss) - curve
+    out = []
+    for i in range(len(loss)):
+        chunk = residual[max(0, i - window + 1):i + 1]
+        out.append(float(chunk.std() / np.sqrt(len(chunk)) / curve[i]) if len(chunk) > 1 else float("nan"))
+    return out
+
+
+def workers_summary(curves: dict, global_batch: int) -> dict:
+    """1 vs 2 workers: the largest relative gap between their smoothed loss curves, beside the noise."""
+    one, two, other = (curves[k]["smoothed"] for k in ("1_worker", "2_workers", "1_worker_seed1"))
+    marks = [s for s in (25, 50, 100, 200, 400, 800) if s <= len(one)] + [len(one)]
+    skip = min(50, len(one) // 4)  # the first steps, where the trailing mean spans a steep fall
+    error = np.asarray(smoothing_error(curves["1_worker"]["loss"]))
+    return {"steps": len(one), "global_batch": global_batch, "smoothing_window": 20,
+            "max_relative_difference": {"1_vs_2_workers": relative_difference(one, two),
+                                        "1_worker_seed0_vs_seed1 (noise)": relative_difference(one, other)},
+            f"max_relative_difference_after_step_{skip}": {
+                "1_vs_2_workers": relative_difference(one, two, skip),
+                "1_worker_seed0_vs_seed1 (noise)": relative_difference(one, other, skip)},
+            # two independent curves: their gap's standard error is sqrt(2) times one curve's
+            f"median_relative_standard_error_of_a_gap_after_step_{skip}": float(np.sqrt(2) * np.nanmedian(error[skip:])),
+            "smoothed_loss_at": {s: {"1_worker": one[s - 1], "2_workers": two[s - 1], "1_worker_seed1": other[s - 1],
+                                     "relative_difference": abs(one[s - 1] - two[s - 1]) / one[s - 1],
+                                     "relative_standard_error_of_gap": float(np.sqrt(2) * error[s - 1])} for s in marks}}
+
+
 def compare_workers(args, lake_root: str) -> dict:
     """The same fine-tuning on 1 and on 2 Ray Train workers at the same global batch: loss curves.
 
-    Each run gets a copy of the lake (a run's id leaves out its worker count so a run can resume
-    on another; here the two must not meet)."""
+    Two workers read other shards than one does, so their batches differ: the curves can agree only
+    within sampling noise. That noise is measured two ways: a third run, one worker with another seed
+    (another init and data order, so an upper bound), and the standard error of the trailing mean
+    from the loss's own step-to-step scatter. Each run gets a copy of the lake (a run's id leaves out
+    its worker count so a run can resume on another; here they must not meet)."""
     import shutil
 
     from gr2.training.loop import train
     from gr2.training.metrics import read_metrics, smoothed
 
     curves = {}
-    for workers in (1, 2):
+    for name, workers, seed in (("1_worker", 1, 0), ("2_workers", 2, 0), ("1_worker_seed1", 1, 1)):
         copy = os.path.join(args.work, f"workers-{workers}", "lake")
         if not os.path.exists(copy):
             shutil.copytree(lake_root, copy, ignore=shutil.ignore_patterns("gr2"))
         config = finetune_config(args).model_copy(update={"steps": args.compare_steps, "workers": workers,
                                                           "cpus_per_worker": 1, "max_cpu_minutes": None,
-                                                          "checkpoint_every": args.compare_steps})
+                                                          "checkpoint_every": args.compare_steps, "seed": seed})
         run = train(copy, config)
         records = read_metrics(run.run_dir)
-        curves[workers] = {"loss": [r["loss"] for r in records], "smoothed": smoothed(records, "loss", 20),
-                           "seconds": run.seconds, "samples_per_s": sorted(r["samples_per_s"] for r in records)[len(records) // 2]}
-    one, two = curves[1]["smoothed"], curves[2]["smoothed"]
-    marks = [s for s in (25, 50, 100, 200, 400, 800) if s <= len(one)] + [len(one)]
-    return {"steps": args.compare_steps, "global_batch": args.batch_size,
-            "smoothed_loss_at": {s: {"1_worker": one[s - 1], "2_workers": two[s - 1],
-                                     "relative_difference": abs(one[s - 1] - two[s - 1]) / one[s - 1]} for s in marks},
-            "curves": curves}
+        curves[name] = {"run_id": run.run_id, "workers": workers, "seed": seed, "loss": [r["loss"] for r in records],
+                        "smoothed": smoothed(records, "loss", 20), **spent(run.run_dir),
+                        "samples_per_s": sorted(r["samples_per_s"] for r in records)[len(records) // 2]}
+    return {**workers_summary(curves, args.batch_size), "curves": curves}
+
+
+def side_by_side(result: dict) -> dict:
+    """Fine-tuning from scratch and from video pre-training: the numbers to compare, one row each."""
+    from gr2.training.metrics import read_metrics, smoothed
+
+    rows = {}
+    for name, key in (("from scratch", "finetune"), ("from video pre-training", "finetune_from_pretrain")):
+        if f"{key}_eval" not in result:
+            continue
+        ev, tr = result[f"{key}_eval"], result[key]
+        loop = ev.get("closed_loop", {})
+        rows[name] = {"success": f"{loop.get('successes')}/{loop.get('episodes')}",
+                      "heldout_action_l1_units": ev["heldout"].get("action_l1_units"),
+                      "heldout_loss_arm": ev["heldout"].get("loss_arm"),
+                      "heldout_loss_image": ev["heldout"].get("loss_image"),
+                      "heldout_token_accuracy": ev["heldout"].get("token_accuracy"),
+                      "train_loss": tr["metrics"].get("loss"), "cpu_minutes": tr.get("cpu_minutes")}
+        curve = smoothed(read_metrics(tr["run_dir"]), "loss", 50)
+        rows[name]["train_loss_smoothed_at"] = {s: curve[s - 1] for s in (100, 250, 500, 1000, len(curve)) if s <= len(curve)}
+    return rows
+
+
+def print_table(rows: dict) -> None:
+    columns = {"closed loop": "success", "act L1 units": "heldout_action_l1_units", "loss_arm": "heldout_loss_arm",
+               "loss_image": "heldout_loss_image", "token acc": "heldout_token_accuracy",
+               "train loss": "train_loss", "CPU min": "cpu_minutes"}
+    print("fine-tuning (held-out metrics, closed-loop successes, training CPU minutes)")
+    print(f"{'':25}" + "".join(f"{c:>13}" for c in columns))
+    for name, row in rows.items():
+        print(f"{name:25}" + "".join(f"{v:>13.4g}" if isinstance(v, float) else f"{str(v):>13}"
+                                     for v in (row[k] for k in columns.values())))
 
 
 def main() -> None:
@@ -218,12 +308,15 @@ def main() -> None:
     ensure_ray()
     from gr2.training.evaluate import EvalConfig, evaluate
     from gr2.training.loop import TrainConfig, train
+    from gr2.training.metrics import read_metrics
 
     os.makedirs(args.work, exist_ok=True)
     lake_root = os.path.join(args.work, "lake")
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    result["command"] = "benchmarks/train_floor.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                 if v is not None and k not in ("out", "work"))
+    command = "benchmarks/train_floor.py " + " ".join(
+        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items() if v is not None and v is not False and k not in ("out", "work"))
+    result["command"] = command  # the last run's; each section below keeps the one that measured it
     dataset = record_phase(args.work, args.episodes)
     tokenizer, result["tokenizer"] = tokenizer_phase(args.work, lake_root, dataset, args.tokenizer_steps, args.codebook)
     from gr2.pipelines.lake import Lake
@@ -238,7 +331,7 @@ def main() -> None:
     eval_config = EvalConfig(episodes=args.eval_episodes, videos=2)
     if not args.skip_baseline:
         trained = train(lake_root, finetune_config(args))
-        result["finetune"] = {**trained.to_dict(), "minutes": round(trained.seconds / 60, 1)}
+        result["finetune"] = {**trained.to_dict(), **spent(trained.run_dir), "command": command}
         save()
         result["finetune_eval"] = evaluate(lake_root, trained.checkpoint, eval_config)
         save()
@@ -251,17 +344,25 @@ def main() -> None:
                                                     steps=args.pretrain_steps, batch_size=args.batch_size, lr=args.lr,
                                                     workers=1, cpus_per_worker=2, checkpoint_every=250, report_every=50,
                                                     max_cpu_minutes=2 * args.minutes))
-        result["pretrain"] = {**pre.to_dict(), "minutes": round(pre.seconds / 60, 1)}
+        result["pretrain"] = {**pre.to_dict(), **spent(pre.run_dir), "command": command}
         result["pretrain_eval"] = evaluate(video_lake, pre.checkpoint, eval_config)
+        result["pretrain_vs_unigram"] = {
+            "unigram_entropy_nats": pre.unigram_entropy_nats, "train_loss_last": pre.metrics["loss"],
+            "train_loss_last_50_mean": float(np.mean([r["loss"] for r in read_metrics(pre.run_dir)[-50:]])),
+            "heldout_loss": result["pretrain_eval"]["heldout"]["loss"], "command": command}
         save()
+        print(json.dumps(result["pretrain_vs_unigram"], indent=1), flush=True)
         trained = train(lake_root, finetune_config(args, init=pre.checkpoint))
-        result["finetune_from_pretrain"] = {**trained.to_dict(), "minutes": round(trained.seconds / 60, 1)}
+        result["finetune_from_pretrain"] = {**trained.to_dict(), **spent(trained.run_dir), "command": command}
         result["finetune_from_pretrain_eval"] = evaluate(lake_root, trained.checkpoint, eval_config)
+        result["side_by_side"] = side_by_side(result)
         save()
+        print_table(result["side_by_side"])
     if args.compare_steps:
-        result["workers_1_vs_2"] = compare_workers(args, lake_root)
+        result["workers_1_vs_2"] = {**compare_workers(args, lake_root), "command": command}
         save()
-        print(json.dumps(result["workers_1_vs_2"]["smoothed_loss_at"], indent=1), flush=True)
+        shown = {k: v for k, v in result["workers_1_vs_2"].items() if k != "curves"}
+        print(json.dumps(shown, indent=1, default=str), flush=True)
     print(f"wrote {args.out}")
 
 
