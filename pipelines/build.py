@@ -249,7 +249,7 @@ def model_stages(lake: Lake, config: BuildConfig) -> list:
 
     # Actors hold a fraction of a CPU each: whole-CPU actors on a 2-CPU machine would leave no CPU
     # for the decode tasks feeding them, and the graph would stall.
-    actor = {"concurrency": 1, "num_cpus": 0.25, "batch_size": 8}
+    actor = {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": 0.25, "batch_size": 8}
     stages = [(Captioner, {**actor, "fn_constructor_kwargs": {
         "model_name": config.caption_model, "pretrained": config.caption_pretrained,
         "max_tokens": config.caption_max_tokens}})]
@@ -293,7 +293,7 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
     workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     hashed = (
         ray.data.from_items(inputs, override_num_blocks=max(1, min(len(inputs), workers * 4)))
-        .map_batches(hash_inputs, batch_size=4, concurrency=workers, **worker_env())
+        .map_batches(hash_inputs, batch_size=4, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
         .take_all()
     ) if inputs else []
 
@@ -308,7 +308,8 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
 
     surveyed = (
         ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), workers * 4)))
-        .map_batches(survey_videos, fn_kwargs={"config": config}, batch_size=1, concurrency=workers,
+        .map_batches(survey_videos, fn_kwargs={"config": config}, batch_size=1,
+                     compute=ray.data.TaskPoolStrategy(workers),
                      **worker_env())
         .take_all()
     ) if todo else []
@@ -330,12 +331,14 @@ def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str
     if specs:
         ds = ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), workers * 8)))
         for stage in CLIP_STAGES:
-            ds = ds.map_batches(stage, fn_kwargs={"config": config}, batch_size=4, concurrency=workers,
+            ds = ds.map_batches(stage, fn_kwargs={"config": config}, batch_size=4,
+                                compute=ray.data.TaskPoolStrategy(workers),
                                 **worker_env())
-        ds = ds.map_batches(thumbnails, batch_size=4, concurrency=workers, **worker_env())
+        ds = ds.map_batches(thumbnails, batch_size=4, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
         for stage, kwargs in extra_stages or []:
             ds = ds.map_batches(stage, **{**worker_env(), **kwargs})
-        ds = ds.map_batches(lake_rows, batch_size=None, concurrency=workers, **worker_env())  # per block: no concatenation
+        # batch_size=None: per block, so no concatenation of blocks
+        ds = ds.map_batches(lake_rows, batch_size=None, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
         for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
             lake.commit("clips", batch)
             frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)

@@ -2,7 +2,7 @@
 
 "Earlier" means already accepted in the lake (any earlier build, searched through Lance's vector
 index when there is one) or seen earlier in this build. The stage remembers this build's clips, so
-it runs as a single actor (`concurrency=1`): Ray feeds a one-actor pool one batch at a time.
+it runs as a single actor (`ActorPoolStrategy(size=1)`): Ray feeds a one-actor pool one batch at a time.
 A gate never drops a row: a duplicate gets status "rejected", its reason, and `duplicate_of`
 ("" for the rest: Ray cannot type a column of only None, see build.TEXT_COLUMNS).
 """

@@ -343,7 +343,8 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
     ds = (
         ray.data.from_items([{k: r[k] for k in ("clip_id", "uri", "width", "height", "frame_size", "indices")}
                              for r in items], override_num_blocks=max(1, min(len(items), workers * 4)))
-        .map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4, concurrency=workers,
+        .map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4,
+                     compute=ray.data.TaskPoolStrategy(workers),
                      **worker_env())
         .map_batches(TokenizeClips, fn_constructor_args=(checkpoint_dir,), batch_size=8, compute=_actor_pool(actors),
                      **worker_env())

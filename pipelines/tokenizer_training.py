@@ -108,7 +108,8 @@ def sample_clip_frames(lake: Lake, resolution: int, config: SampleConfig,
     keep = ("clip_id", "uri", "width", "height", "frame_size", "indices")
     ds = ray.data.from_items([{k: it[k] for k in keep} for it in items],
                              override_num_blocks=max(1, min(len(items), workers * 4)))
-    ds = ds.map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4, concurrency=workers,
+    ds = ds.map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4,
+                        compute=ray.data.TaskPoolStrategy(workers),
                         **worker_env())
     out, failed = {}, 0
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
@@ -159,7 +160,8 @@ def sample_robot_frames(lake: Lake, resolution: int, config: SampleConfig,
     if not items:
         return {}, 0
     frames = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64 + 1, workers * 4)))
-              .map_batches(decode_jpegs, fn_kwargs={"resolution": resolution}, batch_size=64, concurrency=workers))
+              .map_batches(decode_jpegs, fn_kwargs={"resolution": resolution}, batch_size=64,
+                           compute=ray.data.TaskPoolStrategy(workers)))
     out: dict[str, list] = {}
     failed = 0
     for batch in frames.iter_batches(batch_size=256, batch_format="numpy"):

@@ -270,6 +270,7 @@ if __name__ == "__main__":
 
 
 def test_a_real_build_embeds_captions_dedups_and_can_be_queried(ray_local, sthv2_dir, tmp_path, capsys):
+    ray = ray_local
     from conftest import ffmpeg_encode
     from gr2.pipelines import sources
     from gr2.pipelines.build import run_build
@@ -288,12 +289,12 @@ def test_a_real_build_embeds_captions_dedups_and_can_be_queried(ray_local, sthv2
     config = BuildConfig(frame_size=128, frames_per_clip=6)
     stages = [
         (Captioner, dict(fn_constructor_kwargs={"model_name": "coca_ViT-B-32", "max_tokens": 4},
-                         concurrency=1, num_cpus=0.3, batch_size=8)),
+                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.3, batch_size=8)),
         (ClipEmbedder, dict(fn_constructor_kwargs={"model_name": "ViT-B-32", "pretrained": "none"},
-                            concurrency=1, num_cpus=0.3, batch_size=8)),
+                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.3, batch_size=8)),
         (gallery.previews, dict(batch_size=8)),
         (Deduplicator, dict(fn_constructor_kwargs={"lake_root": lake.root, "max_distance": 0.005},
-                            concurrency=1, num_cpus=0.05, batch_size=8)),
+                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.05, batch_size=8)),
     ]
     run_build(inputs, lake, config, extra_stages=stages, log=lambda *_: None)
     clips = lake.read("clips").to_pylist()
