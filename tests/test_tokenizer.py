@@ -104,13 +104,17 @@ def test_fsq_indices_round_trip_through_embed():
 
 
 def test_ema_codebook_restarts_dead_codes_onto_the_data():
+    torch.manual_seed(0)
     book = EMACodebook(16, 4, decay=0.5, dead_threshold=0.5).train()
     data = torch.randn(1, 4, 8, 8)
+    book(data)
+    # Bunch every code in one direction, as a collapsed codebook would be.
+    book.embedding[:] = torch.nn.functional.normalize(torch.ones(16, 4) + 0.01 * torch.randn(16, 4), dim=1)
+    book.embed_sum[:] = book.embedding
     for _ in range(20):
         book(data)
-    # Every code should now sit near some data vector: none is left stranded far away.
-    flat = torch.nn.functional.normalize(data.permute(0, 2, 3, 1).reshape(-1, 4), dim=1)
-    assert float((book.embedding @ flat.t()).max(dim=1).values.min()) > 0.9
+    # Restarts put every code back to work (20 of 20 seeds); EMA updates alone leave 8-15 in use.
+    assert len(book.lookup(data.permute(0, 2, 3, 1).reshape(-1, 4)).unique()) == 16
 
 
 @pytest.mark.parametrize("quantizer", ["ema", "fsq"])
