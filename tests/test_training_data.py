@@ -108,6 +108,19 @@ def test_batches_are_torch_tensors_of_the_per_rank_size(robot):
     assert batch["state"].dtype == torch.float32 and len(batch["text"]) == 5
 
 
+def test_a_global_batch_mixes_as_many_episodes_on_two_ranks_as_on_one(tmp_path):
+    # the same loss curve on 1 and 2 workers needs batches alike: the buffer is shared out, not doubled
+    lake = robot_lake(str(tmp_path / "lake"), episodes=12, length=10)
+    spec = plan_data(lake, "finetune", 2, 2, DataConfig(holdout=0.0, shuffle_buffer=40))
+
+    def episodes_per_batch(world: int, batch: int = 16, steps: int = 40) -> float:
+        ranks = [iter_batches(spec, batch // world, rank, world, seed=0) for rank in range(world)]
+        return np.mean([len({i.split("@")[0] for r in ranks for i in next(r)["id"]}) for _ in range(steps)])
+
+    one, two = episodes_per_batch(1), episodes_per_batch(2)
+    assert 2 < one < 10 and abs(two - one) / one < 0.1  # a whole buffer per rank: 7.5 vs 9.2
+
+
 def test_the_shuffle_buffer_yields_a_permutation():
     out = list(shuffle_buffer(range(100), 10, random.Random(0)))
     assert sorted(out) == list(range(100)) and out != list(range(100))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 from collections.abc import Iterable, Iterator
@@ -51,7 +52,7 @@ class DataConfig(BaseModel):
     state_dims: tuple[int, ...] | None = None  # columns of `state` the model sees; None: all
     action_column: str = "action"  # steps column: "action" (ee_delta) or "source_action" (as recorded)
     holdout: float = Field(0.1, ge=0.0, lt=1.0)  # fraction of episodes / clips held out for evaluation
-    shuffle_buffer: int = Field(512, ge=1)  # samples
+    shuffle_buffer: int = Field(512, ge=1)  # samples in all: each of N ranks holds 1/N of them
     episodes_per_read: int = Field(16, ge=1)  # episodes fetched from steps.lance in one filtered scan
     clips_per_read: int = Field(64, ge=1)
 
@@ -334,8 +335,13 @@ def _ids_for(spec: DataSpec, split: str) -> tuple[str, ...]:
 
 def iter_samples(spec: DataSpec, rank: int = 0, world: int = 1, split: str = "train", seed: int = 0,
                  epochs: int | None = None, shuffle: bool = True) -> Iterator[dict]:
-    """This rank's samples, epoch after epoch (forever when epochs is None), through the shuffle buffer."""
+    """This rank's samples, epoch after epoch (forever when epochs is None), through its share of the
+    shuffle buffer."""
     rng = random.Random(f"{seed}:{rank}")
+    # Samples stream episode by episode (clip by clip), so a batch mixes only the items its buffer
+    # spans. Split over the ranks, the buffer spans as many items per global batch on N workers as on
+    # one; whole per rank, two workers' batches mixed ~40% more episodes and their loss fell faster.
+    buffer = max(1, math.ceil(spec.config.shuffle_buffer / world))
     epoch = 0
     while epochs is None or epoch < epochs:
         if spec.stage == "pretrain":
@@ -343,7 +349,7 @@ def iter_samples(spec: DataSpec, rank: int = 0, world: int = 1, split: str = "tr
         else:
             stream = _episode_samples(spec, rank, world, split, seed + epoch, shuffle)
         count = 0
-        for sample in shuffle_buffer(stream, spec.config.shuffle_buffer, rng) if shuffle else stream:
+        for sample in shuffle_buffer(stream, buffer, rng) if shuffle else stream:
             count += 1
             yield sample
         if count == 0:  # rather than loop forever over an empty shard
