@@ -1,4 +1,4 @@
-"""Tokenizer encode throughput (frames/s) at 64x64 and 128x128, batch sizes 1..64.
+"""Tokenizer encode throughput (frames/s) at 64x64 and 128x128, batch sizes 1..64, two layouts.
 
 Runs on CPU (fp32) always, and on CUDA in bf16 autocast when a GPU is present. Random-init
 weights: throughput does not depend on what the weights are. With no GPU, it prints an
@@ -23,6 +23,8 @@ import torch
 from gr2.tokenizers import Tokenizer, TokenizerConfig
 
 RESULTS = Path(__file__).parent / "results" / "tokenizer_throughput.json"
+# The default VQGAN layout, and the one the floor trains (4x4 pixels folded into channels).
+LAYOUTS = {"plain": TokenizerConfig(), "folded": TokenizerConfig(patch_size=4, channels=64)}
 GPU_PEAK_FLOPS = 312e12  # A100 dense bf16
 GPU_UTILISATION = 0.30  # assumed, for the estimate only
 
@@ -58,34 +60,32 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = TokenizerConfig()
     devices = [("cpu", "fp32")] + ([("cuda", "bf16")] if torch.cuda.is_available() else [])
-    rows = []
-    print(f"{'device':6} {'dtype':5} {'res':>4} {'batch':>5} {'frames/s':>10}")
-    for device, dtype in devices:
-        tokenizer = Tokenizer(config).to(device).eval()
-        for resolution in (64, 128):
-            for batch in (1, 2, 4, 8, 16, 32, 64):
-                fps = frames_per_second(tokenizer, resolution, batch, args.seconds)
-                rows.append({"device": device, "dtype": dtype, "resolution": resolution, "batch_size": batch,
-                             "frames_per_s": round(fps, 1)})
-                print(f"{device:6} {dtype:5} {resolution:4d} {batch:5d} {fps:10.1f}", flush=True)
-
-    estimates = []
-    if not torch.cuda.is_available():
-        cpu_tokenizer = Tokenizer(config).eval()
-        for resolution in (64, 128):
-            flops = encode_flops(cpu_tokenizer, resolution)
-            fps = GPU_PEAK_FLOPS * GPU_UTILISATION / flops
-            estimates.append({"resolution": resolution, "gflops_per_frame": round(flops / 1e9, 3),
-                              "a100_bf16_frames_per_s_estimate": round(fps)})
-            print(f"ESTIMATE (from FLOPs, not measured) A100 bf16 {resolution}x{resolution}: "
-                  f"{flops / 1e9:.3f} GFLOP/frame -> ~{fps:,.0f} frames/s at {GPU_UTILISATION:.0%} of peak")
+    rows, estimates = [], []
+    print(f"{'layout':7} {'device':6} {'dtype':5} {'res':>4} {'batch':>5} {'frames/s':>10}")
+    for layout, config in LAYOUTS.items():
+        for device, dtype in devices:
+            tokenizer = Tokenizer(config).to(device).eval()
+            for resolution in (64, 128):
+                for batch in (1, 2, 4, 8, 16, 32, 64):
+                    fps = frames_per_second(tokenizer, resolution, batch, args.seconds)
+                    rows.append({"layout": layout, "device": device, "dtype": dtype, "resolution": resolution,
+                                 "batch_size": batch, "frames_per_s": round(fps, 1)})
+                    print(f"{layout:7} {device:6} {dtype:5} {resolution:4d} {batch:5d} {fps:10.1f}", flush=True)
+        if not torch.cuda.is_available():
+            cpu_tokenizer = Tokenizer(config).eval()
+            for resolution in (64, 128):
+                flops = encode_flops(cpu_tokenizer, resolution)
+                fps = GPU_PEAK_FLOPS * GPU_UTILISATION / flops
+                estimates.append({"layout": layout, "resolution": resolution, "gflops_per_frame": round(flops / 1e9, 3),
+                                  "a100_bf16_frames_per_s_estimate": round(fps)})
+                print(f"ESTIMATE (from FLOPs, not measured) {layout} A100 bf16 {resolution}x{resolution}: "
+                      f"{flops / 1e9:.3f} GFLOP/frame -> ~{fps:,.0f} frames/s at {GPU_UTILISATION:.0%} of peak")
 
     result = {
         "benchmark": "tokenizer encode throughput",
-        "config": config.to_dict(),
-        "parameters": sum(p.numel() for p in Tokenizer(config).parameters()),
+        "layouts": {name: {"config": c.to_dict(), "parameters": sum(p.numel() for p in Tokenizer(c).parameters())}
+                    for name, c in LAYOUTS.items()},
         "torch": torch.__version__,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
