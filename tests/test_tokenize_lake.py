@@ -237,3 +237,11 @@ def test_a_tokenizer_trains_on_an_s3_lake_and_tokenizes_its_clips(ray_local, s3_
     rows = [r for r in clip_tokens(lake).values() if r["status"] == "accepted"]
     assert rows and tokenized.tokenized == len(rows)
     assert {r["tokenizer_id"] for r in rows} == {result.checkpoint_id}
+
+    # ... and people can query it where it lies: a filter, and DuckDB SQL over the S3 tables.
+    from gr2.pipelines.query import query, sql
+
+    hits = query(lake.root, where="tokenizer_id IS NOT NULL", k=100, columns=["tokenizer_id"])
+    assert set(hits["clip_id"].to_pylist()) == {r["clip_id"] for r in rows}
+    counts = sql(lake.root, "select status, count(*) n from clips group by status").to_pylist()
+    assert {c["status"]: c["n"] for c in counts}["accepted"] == len(rows)
