@@ -61,7 +61,10 @@ def main() -> None:
     train_config = TrainConfig(eval_every=max(args.steps // 4, 1), log_every=50)
     for item in args.set:
         key, _, value = item.partition("=")
-        value = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a bare string: quantizer=fsq
         value = tuple(value) if isinstance(value, list) else value
         if key in {f.name for f in dataclasses.fields(TokenizerConfig)}:
             config = dataclasses.replace(config, **{key: value})
