@@ -32,6 +32,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def fresh_ray(ray_local):
+    """The session's local Ray, restarted first: for tests that kill Ray workers and need every CPU
+    back. After ~200 tests in one Ray, a Ray Train controller whose worker was killed waited
+    forever for its 2 CPUs (twice in full runs; never when the test ran alone)."""
+    from gr2.flows.runtime import ensure_ray
+
+    ray_local.shutdown()
+    ensure_ray(num_cpus=2)
+    yield ray_local
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server for the session; yields its API URL (for CLI subprocesses)."""

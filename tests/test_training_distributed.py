@@ -34,7 +34,7 @@ def kill_a_worker_after_the_first_checkpoint(run_dir: str, done: threading.Event
     return killed
 
 
-def test_two_workers_pretrain_and_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, tmp_path):
+def test_two_workers_pretrain_and_a_killed_worker_resumes_from_the_last_checkpoint(fresh_ray, tmp_path):
     lake = clips_lake(str(tmp_path / "lake"), clips=10, frames=5)
     # slow enough per step that the kill lands mid-run: a full model over 8-frame windows
     config = TrainConfig(stage="pretrain", model=SMALL, steps=40, batch_size=4, workers=2, checkpoint_every=3,
