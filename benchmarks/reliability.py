@@ -667,10 +667,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from gr2.flows.runtime import offline_defaults
+
+    offline_defaults()  # no telemetry; MuJoCo through OSMesa
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ["GR2_PROGRESS"] = "0"
     os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, never a user's cluster
     p = argparse.ArgumentParser()

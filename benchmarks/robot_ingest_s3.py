@@ -55,10 +55,9 @@ def upload(directory: str, bucket: str, prefix: str) -> tuple[str, int, int]:
 
 
 def main() -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("MUJOCO_GL", "osmesa")
-    os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    from gr2.flows.runtime import offline_defaults
+
+    offline_defaults()  # no telemetry; MuJoCo through OSMesa
     os.environ["GR2_PROGRESS"] = "0"
     os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, never a user's cluster
     p = argparse.ArgumentParser()
