@@ -80,12 +80,17 @@ def ingest_once(dataset: str, lake_dir: str, workers: int, tokenizer: str | None
             "steps_per_s_per_worker": steps / seconds / workers, "reasons": result.reasons[:5]}
 
 
-def main() -> None:
+def quiet_local_environment() -> None:
+    """Offline defaults, no progress bars, and a fresh local Ray (never a user's cluster)."""
     from gr2.flows.runtime import offline_defaults
 
     offline_defaults()  # no telemetry; MuJoCo through OSMesa
     os.environ["GR2_PROGRESS"] = "0"
-    os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, never a user's cluster
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+def main() -> None:
+    quiet_local_environment()
     p = argparse.ArgumentParser()
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--size", type=int, default=128, help="camera frame width and height, pixels")

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from robot_ingest import ingest_once, record_episodes
+from robot_ingest import ingest_once, quiet_local_environment, record_episodes
 
 OUT = Path(__file__).parent / "results" / "robot_ingest_s3.json"
 
@@ -55,11 +55,7 @@ def upload(directory: str, bucket: str, prefix: str) -> tuple[str, int, int]:
 
 
 def main() -> None:
-    from gr2.flows.runtime import offline_defaults
-
-    offline_defaults()  # no telemetry; MuJoCo through OSMesa
-    os.environ["GR2_PROGRESS"] = "0"
-    os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, never a user's cluster
+    quiet_local_environment()
     p = argparse.ArgumentParser()
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--size", type=int, default=64, help="camera frame width and height, pixels")
