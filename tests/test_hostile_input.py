@@ -17,7 +17,10 @@ from pydantic import ValidationError
 from gr2.pipelines import build, sources
 from gr2.pipelines.config import BuildConfig
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Cells of 5-20k characters are meant (hostile manifests); Hypothesis' data_too_large health check
+# otherwise fails the run at random (2 of 3 clean-clone runs) before any assertion is checked.
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
 
 cell = st.one_of(st.none(), st.text(max_size=40), st.integers(), st.floats(allow_nan=True), st.booleans(),
                  st.text(min_size=5000, max_size=20000), st.binary(max_size=30))
