@@ -83,9 +83,8 @@ def train_tokenizer(lake: str, resolution: int = 64, codebook: int = 1024, steps
         raise CommandError(f"no lake at {the_lake.root}")
     logger = get_run_logger()
     ensure_ray()
-    # A short run still gets its warm-up and its re-encode term, scaled to the steps it has.
-    train_config = TrainConfig(batch_size=p.batch_size, seed=p.seed, warmup_steps=min(100, max(1, p.steps // 10)),
-                               reencode_start=min(200, p.steps // 5))
+    # A short run still gets its warm-up, re-encode term and frozen-encoder phase, scaled to its steps.
+    train_config = TrainConfig.for_steps(p.steps, batch_size=p.batch_size, seed=p.seed)
     sample = SampleConfig(frames_per_clip=p.frames_per_clip, max_clip_frames=p.max_frames, seed=p.seed)
     try:
         result = run_training(the_lake, config, p.steps, train_config, workers=p.workers, sample=sample,

@@ -228,40 +228,73 @@ class Tokenizer(nn.Module):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                               enabled=self.device.type == "cuda")
 
-    def forward(self, x: torch.Tensor, reencode: bool = False) -> TokenizerOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        reencode: bool = False,
+        extra_grids: torch.Tensor | None = None,
+        reencode_temperature: float | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> TokenizerOutput:
         """Training pass over model-space images x in [-1, 1] [B, 3, H, W].
 
         reencode: also return how far the reconstruction's own features land from the codes
         chosen for x. Training on it makes encode -> decode -> encode give the same tokens,
         which a reconstruction loss alone leaves to chance (~50-75% agreement here).
+        extra_grids: token grids [E, h, w] to decode alongside x's and hold to the same
+        re-encode loss (their reconstructions are not returned). Grids the data never produced
+        teach the decoder to draw any token so the encoder reads it back, not just the token
+        layouts of the training frames.
+        reencode_temperature: None, a squared distance; else a cross-entropy over codes at this
+        temperature (see the quantizer's reencode_loss).
+        targets: the tokens x should have [B, h, w] (a frozen copy's, in the consistency
+        phase). The quantizer is bypassed: the decoder draws `targets`, quantizer_loss holds
+        x's features to them, and the re-encoding encoder learns to read decoded images too.
         """
         self.grid_shape(*x.shape[-2:])
         with self._autocast():
             z = self.quant_conv(self.encoder(x))
-        q: Quantized = self.quantizer(z.float())
+        if targets is None:
+            q: Quantized = self.quantizer(z.float())
+            codes, indices, quantizer_loss = q.z_q, q.indices, q.loss
+        else:
+            indices = targets
+            codes = self.quantizer.embed(targets).to(z.dtype)
+            quantizer_loss = self.quantizer.reencode_loss(z, targets, reencode_temperature)
+        grids = indices
+        if reencode and extra_grids is not None and len(extra_grids):
+            codes = torch.cat([codes, self.quantizer.embed(extra_grids).to(codes.dtype)])
+            grids = torch.cat([grids, extra_grids])
         with self._autocast():
-            recon = self.decoder(self.post_quant_conv(q.z_q)).float()
+            decoded = self.decoder(self.post_quant_conv(codes)).float()
+        recon = decoded[: x.shape[0]]
         reencode_loss = recon.new_zeros(())
         if reencode:
-            # Only the decoder learns from it: the encoder and quant_conv run with detached
-            # weights. Let the encoder learn too and it finds the cheap way to agree with
-            # itself, fewer codes (usage fell from 63% to 28% in 50 steps). At floor scale
-            # (benchmarks/tokenizer_floor.py, 450 steps) the encoder alone learning from it kept
-            # 74% of tokens, both 77%, the decoder alone 84% (86% at 600 steps).
+            # While the codebook learns, the re-encoding encoder and quant_conv run with
+            # detached weights: the loss trains the decoder (and, through x's straight-through
+            # codes, the encoder that chose them), never the encoder's reading of decoded
+            # images. Let that learn too and it finds the cheap way to agree with itself, fewer
+            # codes (usage fell from 63% to 28% in 50 steps). With `targets` from a frozen copy
+            # and the codebook fixed there is no such way out, and it learns.
+            reader = (lambda m, v: m(v)) if targets is not None else _frozen
             with self._autocast():
-                z_re = _frozen(self.quant_conv, _frozen(self.encoder, recon.clamp(-1, 1)))
-            reencode_loss = self.quantizer.reencode_loss(z_re, q.indices)
-        return TokenizerOutput(recon, q.indices, q.loss, reencode_loss)
+                z_re = reader(self.quant_conv, reader(self.encoder, decoded.clamp(-1, 1)))
+            reencode_loss = self.quantizer.reencode_loss(z_re, grids, reencode_temperature)
+        return TokenizerOutput(recon, indices, quantizer_loss, reencode_loss)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Images [B, 3, H, W] (uint8, or float in [0, 1]) -> token grid LongTensor [B, h, w]."""
-        x = to_model_input(images, self.device)
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space images x in [-1, 1] [B, 3, H, W] -> token grid LongTensor [B, h, w]."""
         h, w = self.grid_shape(*x.shape[-2:])
         with self._autocast():
             z = self.quant_conv(self.encoder(x))
         flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.quantizer.dim)
         return self.quantizer.lookup(flat).view(x.shape[0], h, w)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Images [B, 3, H, W] (uint8, or float in [0, 1]) -> token grid LongTensor [B, h, w]."""
+        return self.tokens(to_model_input(images, self.device))
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
