@@ -224,7 +224,7 @@ def train_tokenizer(lake: Lake, config, steps: int, train_config=None, workers: 
     under <lake>/models/tokenizers/<checkpoint id>/; with workers > 1 through Ray Train (torch DDP)."""
     from gr2.tokenizers import TrainConfig
 
-    train_config = train_config or TrainConfig()
+    train_config = train_config or TrainConfig.for_steps(steps)
     if workers < 1:
         raise TokenizerTrainingError(f"workers must be at least 1, got {workers}")
     if workers > 1:

@@ -75,8 +75,9 @@ class EMACodebook(nn.Module):
 
         temperature None: the mean squared distance to the code. Otherwise a cross-entropy over
         all codes with cosine / temperature logits, which keeps pushing until the right code
-        wins by a margin. Only safe with the codebook and encoder frozen: while they learn, the
-        cheapest margin is fewer codes in use (usage fell to 15% within 50 steps).
+        wins by a margin. Only safe with the codebook and the target tokens fixed (the training
+        loop's consistency phase): while they learn, the cheapest margin is fewer codes in use
+        (usage fell to 15% within 50 steps).
         """
         flat = F.normalize(z.float(), dim=1)
         if temperature is None:
