@@ -7,8 +7,9 @@ held-out PSNR >= 22 dB, >= 50% of the 1024 codes used, encode->decode->encode >=
 The layout folds 4x4 pixels into channels before the first convolution (patch_size=4): the
 plain VQGAN stem (patch_size=1) costs ~6 CPU-s per step of 32 frames here, so 10 CPU-minutes
 would buy ~100 steps; folded, a step is ~0.5-0.7 CPU-s (evaluations included) and 870 fit.
-The schedule is TrainConfig.for_steps: re-encode loss (with perturbed grids) from 20% of the
-steps, encoder frozen for the last 40% while the decoder learns to be read back. Run it with
+The schedule is TrainConfig.for_steps: the re-encode loss from 20% of the steps; for the last
+30% the consistency phase (codebook fixed, a frozen copy's tokens as targets, the encoder and
+decoder learning to read decoded images, real and perturbed grids, back onto them). Run it with
 --threads 1: CPU seconds are the budget, and a second thread mostly adds spin-waiting.
 "cpu_budget" in the result checks the 10 minutes.
 

@@ -291,7 +291,6 @@ class Tokenizer(nn.Module):
         flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.quantizer.dim)
         return self.quantizer.lookup(flat).view(x.shape[0], h, w)
 
-    @torch.no_grad()
     def encode(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Images [B, 3, H, W] (uint8, or float in [0, 1]) -> token grid LongTensor [B, h, w]."""
         return self.tokens(to_model_input(images, self.device))
