@@ -36,10 +36,10 @@ def build_fps(sources: list[str], workers: int, repeat: int) -> dict:
     import ray
 
     from gr2.flows.runtime import ensure_ray
-    from gr2.pipelines.build import run_build
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.sources import list_inputs
+    from gr2.lake.lake import Lake
+    from gr2.video.build import run_build
+    from gr2.video.config import BuildConfig
+    from gr2.video.sources import list_inputs
 
     ensure_ray(num_cpus=workers)
     inputs = list_inputs(sources) * 1

@@ -40,7 +40,7 @@ def unit(v: np.ndarray) -> np.ndarray:
 def synthetic_batches(rows: int, chunk: int, seed: int = 0):
     """Clips rows chunk by chunk, with graded similarity the way real footage has it: topics
     (cooking, assembly, ...) hold scenes, a scene holds ~40 clips close to one another."""
-    from gr2.pipelines import schema
+    from gr2.lake import schema
 
     rng = np.random.default_rng(seed)
     topics = unit(rng.standard_normal((TOPICS, DIM)))
@@ -73,8 +73,8 @@ def synthetic_batches(rows: int, chunk: int, seed: int = 0):
 def make_lake(root: str, rows: int) -> dict:
     import lance
 
-    from gr2.pipelines import schema
-    from gr2.pipelines.lake import Lake
+    from gr2.lake import schema
+    from gr2.lake.lake import Lake
 
     lake = Lake(root)
     t0 = time.perf_counter()
@@ -91,11 +91,10 @@ def percentiles(samples: list[float]) -> dict:
 
 
 def run(rows: int, queries: int, exact_queries: int, root: str) -> dict:
-    from gr2.pipelines import index
-    from gr2.pipelines.embed import ClipEmbedder
-    from gr2.pipelines.query import query
-
-    from gr2.pipelines.lake import Lake
+    from gr2.lake import index
+    from gr2.lake.lake import Lake
+    from gr2.lake.query import query
+    from gr2.video.embed import ClipEmbedder
 
     lake = Lake(root)
     if lake.exists("clips") and lake.dataset("clips").count_rows() == rows:

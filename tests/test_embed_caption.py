@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import ffmpeg_encode
-from gr2.pipelines import decode, probe, shots
-from gr2.pipelines.caption import Captioner
-from gr2.pipelines.dedup import Deduplicator
-from gr2.pipelines.embed import ClipEmbedder, ModelWeightsError, resolve_weights
-from gr2.pipelines.lake import Lake
+
+from gr2.lake.lake import Lake
+from gr2.video import decode, probe, shots
+from gr2.video.caption import Captioner
+from gr2.video.dedup import Deduplicator
+from gr2.video.embed import ClipEmbedder, ModelWeightsError, resolve_weights
 
 SIZE, FRAMES = 128, 8
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gr2.pipelines import build, sources
-from gr2.pipelines.config import BuildConfig
+from gr2.video import build, sources
+from gr2.video.config import BuildConfig
 
 # Cells of 5-20k characters are meant (hostile manifests); Hypothesis' data_too_large health check
 # otherwise fails the run at random (2 of 3 clean-clone runs) before any assertion is checked.
@@ -136,7 +136,7 @@ def test_reading_the_lake_never_unpickles():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     hits = subprocess.run(["git", "grep", "-nE", r"pickle\.loads?\(|allow_pickle" "=True|torch\.load\(", "--",
-                           "pipelines", "tokenizers", "training", "flows"], cwd=root, capture_output=True, text=True).stdout
+                           "src"], cwd=root, capture_output=True, text=True).stdout
     bad = [h for h in hits.splitlines() if "weights_only=True" not in h]
     assert not bad, bad
 
@@ -147,8 +147,8 @@ class _Evil:
 
 
 def test_a_calvin_annotation_file_carrying_code_is_refused(tmp_path):
-    from gr2.pipelines.robot.calvin import load_object_npy
-    from gr2.pipelines.robot.episode import EpisodeError
+    from gr2.robot.calvin import load_object_npy
+    from gr2.robot.episode import EpisodeError
 
     path = tmp_path / "auto_lang_ann.npy"
     np.save(path, np.array([_Evil()], dtype=object))  # np.save pickles object arrays: the attack file

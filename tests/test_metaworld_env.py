@@ -7,7 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from gr2.training.metaworld_env import (
+from gr2.sim.env import (
     MetaWorldError,
     RolloutConfig,
     ScriptedExpert,
@@ -32,7 +32,7 @@ def test_rendering_beside_torch_does_not_crash_the_process():
     # torch's compiler stack and Mesa's LLVM segfault together unless make_env orders the imports
     script = """
 import torch
-from gr2.training.metaworld_env import make_env, render
+from gr2.sim.env import make_env, render
 env = make_env("drawer-open-v3", 0)
 env.reset(seed=0)
 frames = render(env, ("corner", "gripperPOV"))

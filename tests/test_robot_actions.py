@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 from scipy.spatial.transform import Rotation
 
-from gr2.pipelines.lake import Lake
-from gr2.pipelines.robot import actions as act
+from gr2.lake.lake import Lake
+from gr2.robot import actions as act
 
 
 def _same_rotation(a: np.ndarray, b: np.ndarray) -> float:

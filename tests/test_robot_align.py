@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from gr2.pipelines.robot.align import AlignConfig, AlignmentError, align, estimate_offsets
-from gr2.pipelines.robot.episode import ArrayFrames, Camera, EndEffector, Episode, EpisodeRef
+from gr2.robot.align import AlignConfig, AlignmentError, align, estimate_offsets
+from gr2.robot.episode import ArrayFrames, Camera, EndEffector, Episode, EpisodeRef
 
 
 @dataclass

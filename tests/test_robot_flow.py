@@ -10,13 +10,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from gr2.pipelines.lake import Lake
+from gr2.lake.lake import Lake
 
 SAMPLES = Path(__file__).parent / "data" / "robot"
 
 
 def _commands() -> argparse.ArgumentParser:
-    from gr2.flows.robot import register
+    from gr2.flows.robot_cli import register
 
     p = argparse.ArgumentParser(prog="gr2")
     register(p.add_subparsers(dest="command", required=True))
@@ -61,8 +61,8 @@ def test_the_flow_ingests_the_real_samples_and_records_the_build(ray_local, pref
 
 
 def test_ingest_robot_command_parses_offsets_and_rejects_unknown_settings(tmp_path):
-    from gr2.flows.cli import CommandError
-    from gr2.flows.robot import ingest_robot
+    from gr2.flows.options import CommandError
+    from gr2.flows.robot_cli import ingest_robot
 
     args = _commands().parse_args(["ingest-robot", "--lake", str(tmp_path / "lake"), "a", "b",
                                    "--offset", "corner=0.03", "--offset", "gripperPOV=0.055",
@@ -80,7 +80,7 @@ def test_ingest_robot_command_parses_offsets_and_rejects_unknown_settings(tmp_pa
 
 def test_record_metaworld_command_writes_a_dataset_then_refuses_to_overwrite_it(ray_local, tmp_path):
     # ray_local: the episode renders in a Ray worker, never beside torch in this process.
-    from gr2.flows.cli import CommandError
+    from gr2.errors import Gr2Error  # what the CLI prints as one line
 
     out = tmp_path / "mw"
     args = _commands().parse_args(["record-metaworld", "--out", str(out), "--tasks", "reach-v3",
@@ -89,8 +89,8 @@ def test_record_metaworld_command_writes_a_dataset_then_refuses_to_overwrite_it(
     assert text.startswith("recorded 1 episodes (1 successful") and "corner 20 Hz +30 ms" in text
     info = json.loads((out / "meta/info.json").read_text())
     assert info["features"]["observation.images.corner"]["shape"] == [48, 48, 3]
-    with pytest.raises(CommandError, match="already holds a dataset"):
+    with pytest.raises(Gr2Error, match="already holds a dataset"):
         args.run(args)
     bad = _commands().parse_args(["record-metaworld", "--out", str(tmp_path / "x"), "--tasks", "fly-to-the-moon-v3"])
-    with pytest.raises(CommandError, match="no scripted expert"):
+    with pytest.raises(Gr2Error, match="no scripted expert"):
         bad.run(bad)

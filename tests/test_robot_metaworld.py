@@ -10,13 +10,13 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from gr2.pipelines.lake import Lake
-from gr2.pipelines.robot import lerobot
-from gr2.pipelines.robot.actions import read_stats
-from gr2.pipelines.robot.align import AlignConfig, align, estimate_offsets
-from gr2.pipelines.robot.episode import decode_jpeg
-from gr2.pipelines.robot.ingest import IngestConfig, ingest
-from gr2.pipelines.robot.record_metaworld import RecordConfig, record, truth
+from gr2.lake.lake import Lake
+from gr2.robot import lerobot
+from gr2.robot.actions import read_stats
+from gr2.robot.align import AlignConfig, align, estimate_offsets
+from gr2.robot.episode import decode_jpeg
+from gr2.robot.ingest import IngestConfig, ingest
+from gr2.sim.record import RecordConfig, record, truth
 
 
 @pytest.fixture(scope="session")

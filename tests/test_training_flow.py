@@ -13,13 +13,10 @@ SMALL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vae_n_embd": 32, "vae_n_head"
 
 
 @pytest.fixture
-def gr2(monkeypatch):
+def gr2():
     """`gr2 ARGS...` as cli.main runs it, in this process: (exit code, what it prints, its error line).
 
     Not through cli.main itself: Prefect's log handlers keep the first test's captured stderr."""
-    if "gr2.flows.train" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", cli.COMMAND_MODULES + ("gr2.flows.train",))
-
     def run(*argv: str) -> tuple[int, str, str]:
         args = cli.parser().parse_args(list(argv))
         try:

@@ -11,8 +11,8 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from gr2.pipelines import schema
-from gr2.pipelines.lake import Lake
+from gr2.lake import schema
+from gr2.lake.lake import Lake
 
 CODES = 64  # the test tokenizer's codebook
 GRID = (2, 2)  # 16x16 frames at f=8

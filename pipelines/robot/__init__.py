@@ -1,1 +1,0 @@
-"""gr2.pipelines.robot"""

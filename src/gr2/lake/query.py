@@ -1,0 +1,195 @@
+"""Finding clips: vector search by text or by example clip, filters, and SQL over the lake.
+
+    from gr2.lake.query import query, sql
+    from gr2.video.embed import embedder_for
+    hits = query("lake/", text="a hand opens a drawer", where="duration_s > 2", k=20, embedder=embedder_for("lake/"))
+    hits.to_pandas()                    # clip_id, score, caption, ... one row per hit, best first
+    query("lake/", like=hits["clip_id"][0].as_py())   # clips that look like that one
+    sql("lake/", "select dataset, count(*) from clips group by dataset").to_pandas()
+
+Text is embedded by the same CLIP model and weights the lake's clips were embedded with (recorded
+in every row), so scores are cosines in one space. Search goes through Lance: its IVF_PQ index
+when the table has one (see index.py), an exact scan otherwise or with `exact=True`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+
+from gr2.errors import Gr2Error
+from gr2.lake import schema
+from gr2.lake.lake import Lake, LakeError
+
+DEFAULT_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "start_s", "end_s", "uri", "dataset",
+                   "video_id")
+# Searching more IVF partitions and re-ranking PQ candidates by their full vectors trades a little
+# latency for recall (measured in benchmarks/query_latency.py).
+NPROBES = 64
+REFINE_FACTOR = 10
+
+
+class QueryError(Gr2Error):
+    """A query that cannot run: empty, a filter that does not parse, an unknown column or clip."""
+
+
+def open_lake(lake: Lake | str) -> Lake:
+    """`lake` as a Lake that exists, or QueryError."""
+    lake = lake if isinstance(lake, Lake) else Lake(str(lake))
+    if not lake.exists():
+        raise QueryError(f"no lake at {lake.root}")
+    return lake
+
+
+def clips_dataset(lake: Lake, version: int | str | None = None):
+    if not lake.exists("clips"):
+        raise QueryError(f"lake {lake.root} has no clips yet")
+    try:
+        return lake.dataset("clips", version)
+    except LakeError as e:
+        raise QueryError(f"lake {lake.root}: no clips version {version!r} ({e})") from None
+
+
+def query(lake: Lake | str, text: str | None = None, like: str | None = None, where: str | None = None,
+          k: int = 20, columns: list[str] | None = None, *, status: str | None = "accepted",
+          exact: bool = False, version: int | str | None = None, embedder=None, vector=None,
+          nprobes: int = NPROBES, refine_factor: int = REFINE_FACTOR) -> pa.Table:
+    """The `k` clips best matching `text` or most like clip `like`, filtered by `where` (SQL).
+
+    Returns a pyarrow Table (`.to_pandas()` for a DataFrame): `clip_id`, `score` (cosine
+    similarity; null for a filter-only query), then `columns` (default DEFAULT_COLUMNS).
+    `status` keeps only clips of that status (None: all). `version` reads an earlier build (a
+    number or a build id tag). `embedder` embeds `text` (gr2.video.embed.embedder_for(lake) gives
+    the model the clips were embedded with); `vector` searches with an embedding of your own.
+    """
+    text = text.strip() if isinstance(text, str) else text
+    like = like.strip() if isinstance(like, str) else like
+    where = where.strip() if isinstance(where, str) else where
+    if text == "" or like == "" or (not text and not like and vector is None and not where):
+        raise QueryError("empty query: give text, a clip id to search like, or a where filter")
+    if sum(x is not None and x != "" for x in (text, like)) + (vector is not None) > 1:
+        raise QueryError("give one of text, like or vector")
+    if k < 1:
+        raise QueryError(f"k must be at least 1 (got {k})")
+    lake = open_lake(lake)
+    ds = clips_dataset(lake, version)
+    names = ds.schema.names
+    unknown = [c for c in columns or () if c not in names and c != "score"]
+    if unknown:
+        raise QueryError(f"unknown column {unknown[0]!r} (clips has: {', '.join(names)})")
+    columns = [c for c in (columns or DEFAULT_COLUMNS) if c in names and c not in ("clip_id", "score")]
+    filters = [f"({where})"] if where else []
+    if status:
+        filters.append(f"status = {_sql_str(status)}")
+
+    if like:
+        vector = _clip_vector(ds, like, lake)
+    elif text:
+        if embedder is None:
+            # The lake knows which CLIP made its embeddings (recorded per row) but never loads a model:
+            # video/embed.py does, and hands the query one.
+            raise QueryError("text search needs the text model the clips were embedded with: "
+                             "query(lake, text=..., embedder=gr2.video.embed.embedder_for(lake))")
+        vector = embedder.embed_text([text])[0]
+    if vector is not None and "embedding" in names:
+        dim = ds.schema.field("embedding").type.list_size
+        if np.asarray(vector).shape != (dim,):
+            raise QueryError(f"the lake's embeddings are {dim}-d; the query vector has shape {np.asarray(vector).shape}")
+    if vector is None:
+        table = _run(ds, where, dict(columns=["clip_id", *columns], filter=" AND ".join(filters), limit=k))
+        return _with_score(table, pa.nulls(len(table), pa.float32())).select(["clip_id", "score", *columns])
+
+    # No "embedding IS NOT NULL" filter: Lance's search already skips null vectors, and that
+    # filter would read every embedding to evaluate it (0.7 s at 1M rows).
+    nearest = {"column": "embedding", "q": np.asarray(vector, np.float32), "k": k, "metric": "cosine",
+               "use_index": not exact}
+    if not exact:
+        nearest.update(nprobes=nprobes, refine_factor=refine_factor)
+    table = _run(ds, where, dict(columns=["clip_id", *columns, "_distance"], filter=" AND ".join(filters),
+                                 prefilter=True, nearest=nearest))
+    score = pa.array(np.clip(1.0 - table.column("_distance").to_numpy(zero_copy_only=False), -1.0, 1.0), pa.float32())
+    table = _with_score(table, score).sort_by([("score", "descending")])
+    return table.select(["clip_id", "score", *columns])
+
+
+def _clip_vector(ds, clip_id: str, lake: Lake) -> np.ndarray:
+    rows = _run(ds, None, dict(columns=["embedding"], filter=f"clip_id = {_sql_str(clip_id)}", limit=1)).to_pylist()
+    if not rows:
+        raise QueryError(f"no clip {clip_id!r} in lake {lake.root}")
+    if rows[0]["embedding"] is None or not np.isfinite(rows[0]["embedding"]).all():
+        raise QueryError(f"clip {clip_id!r} has no embedding to search with")
+    return np.asarray(rows[0]["embedding"], np.float32)
+
+
+def _run(ds, where: str | None, scan: dict) -> pa.Table:
+    """Run a Lance scan, turning its errors about the user's filter into one-line QueryErrors."""
+    try:
+        return ds.to_table(**scan)
+    except (ValueError, OSError) as e:
+        raise QueryError(_filter_error(str(e), where, ds.schema.names)) from None
+
+
+def _filter_error(message: str, where: str | None, names: list[str]) -> str:
+    missing = re.search(r"No field named ([\w\"]+(?:\.[\w\"]+)*)", message)
+    if missing:
+        return f"unknown column {missing.group(1).strip(chr(34))!r} in where (clips has: {', '.join(names)})"
+    detail = message.replace("Invalid user input: ", "").split(", /")[0]
+    parse = re.search(r"sql parser error: (.*?)\)?$", detail)
+    detail = parse.group(1) if parse else detail
+    detail = " ".join(detail.split())[:300]
+    return f"where {where!r} does not parse: {detail}" if where else detail
+
+
+def _with_score(table: pa.Table, score: pa.Array) -> pa.Table:
+    table = table.drop_columns([c for c in ("_distance", "score") if c in table.column_names])
+    return table.append_column("score", score)
+
+
+def _sql_str(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _has_unsigned(t: pa.DataType) -> bool:
+    if pa.types.is_unsigned_integer(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_unsigned(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_has_unsigned(t.field(i).type) for i in range(t.num_fields))
+    return False
+
+
+def sql(lake: Lake | str, statement: str) -> pa.Table:
+    """Run a DuckDB SQL `statement` over the lake's tables (videos, clips, builds, ...) as Arrow."""
+    import duckdb
+
+    if not statement or not statement.strip():
+        raise QueryError("empty SQL statement")
+    lake = open_lake(lake)
+    con = duckdb.connect()
+    try:
+        # DuckDB scans Lance datasets directly (they are Arrow datasets), pushing down columns and filters.
+        unsigned = False
+        for table in schema.TABLE_IDS:
+            if lake.exists(table):
+                ds = lake.dataset(table)
+                con.register(table, ds)
+                unsigned |= any(_has_unsigned(f.type) for f in ds.schema)
+        if unsigned:
+            # Lance (pylance 14) cannot read back the Substrait that a pushed-down filter becomes when
+            # the table has unsigned integers (VQ tokens are uint16): DuckDB filters instead, and
+            # still pushes down the columns it reads.
+            con.sql("SET disabled_optimizers = 'filter_pushdown'")
+        result = con.sql(statement)
+        return result.to_arrow_table() if result is not None else pa.table({})
+    except duckdb.Error as e:
+        lines = []
+        for line in str(e).splitlines():
+            if not line.strip() or line.startswith("LINE "):
+                break
+            lines.append(line.strip())
+        raise QueryError(" ".join(lines) or type(e).__name__) from None
+    finally:
+        con.close()

@@ -1,0 +1,188 @@
+"""HDF5 episode files in the robomimic layout and the ALOHA layout.
+
+robomimic (many episodes per file):
+    data/                 attrs: env_args (JSON; env_kwargs.control_freq, default 20 Hz)
+    data/demo_N/actions   [T, A]   (OSC: dpos 3, drot 3 axis-angle, gripper)
+    data/demo_N/obs/<cam>_image [T, H, W, 3] uint8
+    data/demo_N/obs/robot0_eef_pos [T, 3], robot0_eef_quat [T, 4] (x, y, z, w), robot0_gripper_qpos ...
+    instruction: demo attrs lang | instruction | language_instruction, or data attrs problem_info
+    (LIBERO's JSON with language_instruction)
+
+ALOHA (one episode per file, 50 Hz, joint space, so actions stay native):
+    /action [T, 14], /observations/qpos [T, 14], /observations/images/<cam> [T, H, W, 3]
+    compressed variant (file attr compress=True): each image row is padded JPEG bytes
+
+Cameras of both are synchronous with the state, so their timestamps are the state's. Frames stay
+in the file and are read on demand.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from gr2.robot.episode import ArrayFrames, Camera, EndEffector, Episode, EpisodeError, EpisodeRef
+
+ROBOMIMIC = "hdf5-robomimic"
+ALOHA = "hdf5-aloha"
+ALOHA_FPS = 50.0
+ROBOMIMIC_FPS = 20.0
+STATE_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+
+
+def _files(source: str) -> list[str]:
+    if os.path.isfile(source):
+        return [source]
+    found = glob.glob(os.path.join(source, "**", "*.hdf5"), recursive=True)
+    found += glob.glob(os.path.join(source, "**", "*.h5"), recursive=True)
+    return sorted(found)
+
+
+def is_dataset(path: str) -> bool:
+    return bool(_files(path)) and (os.path.isfile(path) or not os.path.isfile(os.path.join(path, "meta", "info.json")))
+
+
+def _open(path: str, ref_uri: str):
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except (OSError, ValueError) as e:
+        raise EpisodeError(f"{ref_uri}: cannot open HDF5 file {path} ({e})") from None
+
+
+def _demos(f) -> list[str]:
+    return sorted((k for k in f["data"].keys() if k.startswith("demo")), key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else k)
+
+
+def layout(f) -> str | None:
+    if "data" in f and any(k.startswith("demo") for k in f["data"].keys()):
+        return ROBOMIMIC
+    if "observations" in f and "action" in f:
+        return ALOHA
+    return None
+
+
+def list_episodes(source: str, dataset: str | None = None) -> list[EpisodeRef]:
+    """Every episode in the file or the directory of files `source`."""
+    name = dataset or os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+    refs, cams_by_format = [], {ROBOMIMIC: set(), ALOHA: set()}
+    for path in _files(source):
+        rel = os.path.relpath(path, source) if os.path.isdir(source) else os.path.basename(path)
+        with _open(path, path) as f:
+            kind = layout(f)
+            if kind == ROBOMIMIC:
+                for demo in _demos(f):
+                    cams_by_format[kind].update(_robomimic_cameras(f["data"][demo]))
+                    refs.append((kind, f"{rel}:{demo}"))
+            elif kind == ALOHA:
+                cams_by_format[kind].update(f["observations/images"].keys() if "observations/images" in f else [])
+                refs.append((kind, rel))
+            else:
+                raise EpisodeError(f"{path}: neither robomimic (data/demo_N) nor ALOHA (/observations, /action) layout")
+    # Every episode promises the cameras any episode of its source has: one that lacks one fails.
+    return [EpisodeRef(kind, source, key, tuple(sorted(cams_by_format[kind])), name) for kind, key in refs]
+
+
+
+def index_files(files: list[str]) -> list[str]:
+    """Of a directory source's files, those `list_episodes` reads: every HDF5 file (it opens them all)."""
+    return [f for f in files if f.endswith((".hdf5", ".h5"))]
+
+
+def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
+    """Of a directory source's files, the one `load_episode(ref)` reads."""
+    return [ref.key.partition(":")[0]]
+
+
+def _robomimic_cameras(demo) -> list[str]:
+    return [k[: -len("_image")] for k in demo["obs"].keys() if k.endswith("_image")] if "obs" in demo else []
+
+
+def _path(ref: EpisodeRef) -> tuple[str, str]:
+    rel, _, demo = ref.key.partition(":")
+    return (ref.source if os.path.isfile(ref.source) else os.path.join(ref.source, rel)), demo
+
+
+def load_episode(ref: EpisodeRef) -> Episode:
+    path, demo = _path(ref)
+    f = _open(path, ref.uri)  # stays open while the frames are read; closed when the episode goes
+    try:
+        if ref.format == ROBOMIMIC:
+            return _robomimic(ref, f, demo)
+        return _aloha(ref, f)
+    except KeyError as e:
+        f.close()
+        raise EpisodeError(f"{ref.uri}: missing dataset {e} in {path}") from None
+
+
+def _robomimic(ref: EpisodeRef, f, demo: str) -> Episode:
+    data = f["data"]
+    if demo not in data:
+        raise EpisodeError(f"{ref.uri}: no group data/{demo}")
+    g = data[demo]
+    obs = g["obs"]
+    fps = _control_freq(data.attrs.get("env_args"))
+    actions = np.asarray(g["actions"], np.float64)
+    low_dim = [k for k in STATE_KEYS if k in obs] or sorted(k for k in obs.keys() if not k.endswith("_image"))
+    state = np.concatenate([np.asarray(obs[k], np.float64).reshape(len(obs[k]), -1) for k in low_dim], axis=1)
+    t = np.arange(len(state)) / fps
+    ee = None
+    if "robot0_eef_pos" in obs and "robot0_eef_quat" in obs:
+        effector = actions[:, -1:] if actions.shape[1] >= 7 and len(actions) == len(state) else np.zeros((len(state), 0))
+        ee = EndEffector(np.asarray(obs["robot0_eef_pos"], np.float64), np.asarray(obs["robot0_eef_quat"], np.float64), effector)
+    cameras = {}
+    for name in _robomimic_cameras(g):
+        frames = obs[f"{name}_image"]
+        cameras[name] = Camera(name, np.arange(len(frames)) / fps, ArrayFrames(frames), fps)
+    return Episode(ref, _robomimic_instruction(data, g), t, state, actions, cameras, ee,
+                   meta={"low_dim_keys": low_dim, "_file": f})
+
+
+def _control_freq(env_args) -> float:
+    try:
+        args = json.loads(env_args) if isinstance(env_args, (str, bytes)) else {}
+        return float(args.get("env_kwargs", {}).get("control_freq") or ROBOMIMIC_FPS)
+    except (ValueError, TypeError, AttributeError):
+        return ROBOMIMIC_FPS
+
+
+def _robomimic_instruction(data, demo) -> str | None:
+    for key in ("lang", "instruction", "language_instruction"):
+        if key in demo.attrs:
+            return _text(demo.attrs[key])
+    info = data.attrs.get("problem_info")
+    if info is not None:
+        try:
+            return _text(json.loads(_text(info)).get("language_instruction"))
+        except (ValueError, AttributeError):
+            return None
+    return None
+
+
+def _aloha(ref: EpisodeRef, f) -> Episode:
+    state = np.asarray(f["observations/qpos"], np.float64)
+    action = np.asarray(f["action"], np.float64)
+    fps = float(f.attrs.get("fps", ALOHA_FPS))
+    t = np.arange(len(state)) / fps
+    compressed = bool(f.attrs.get("compress", False))
+    cameras = {}
+    images = f["observations/images"] if "observations/images" in f else {}
+    for name in images.keys():
+        frames = images[name]
+        cameras[name] = Camera(name, np.arange(len(frames)) / fps, ArrayFrames(frames, decode_jpeg=compressed), fps)
+    instruction = _text(f.attrs["instruction"]) if "instruction" in f.attrs else None
+    return Episode(ref, instruction, t, state, action, cameras, None, meta={"_file": f})
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return _text(value.reshape(-1)[0]) if value.size else None
+    return str(value)

@@ -1,0 +1,173 @@
+"""Closed-loop rollouts in Meta-World: a policy acts on rendered frames and state; success rate.
+
+Run rollouts in a process of their own (`run_rollouts_in_subprocess`, or `run_rollouts` inside a
+Ray actor): with torch 2.14 and MuJoCo's osmesa renderer in one process, anything that loads
+torch's compiler stack after the first rendered frame (creating an Adam optimiser does) brings
+triton's LLVM in beside Mesa's and the process segfaults, whichever of torch and mujoco came first.
+Importing torch._dynamo before mujoco avoids it: `make_env` does so when torch is loaded, and the
+subprocess always does. A caller that imports mujoco itself must do the same first.
+
+Episode `seed` is always the same episode: a fresh environment made with that seed, then reset
+with it. Resetting one environment with several seeds does not reproduce, because MT1 picks the
+task (drawer position) from its generator before reset reseeds it.
+
+A policy sees LeRobot's keys:
+    observation.images.<camera>    (H, W, 3) uint8, as Meta-World renders it (no flip)
+    observation.state              (4,) float32: hand xyz and gripper opening
+    observation.environment_state  (39,) float64: the simulator's full observation
+and returns a 4-d action: hand xyz delta and gripper effort, each in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from gr2.errors import Gr2Error
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    env_name: str = "drawer-open-v3"
+    # far from the low seeds demonstrations are recorded with, so evaluation sees unseen episodes
+    seeds: tuple[int, ...] = tuple(range(1000, 1020))
+    cameras: tuple[str, ...] = ("corner",)  # "gripperPOV" is the wrist camera
+    image_size: int = 64
+    max_steps: int = 200  # the scripted expert needs ~90 steps on drawer-open-v3
+    record_episodes: int = 0  # keep every frame of this many first episodes, for videos
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    steps: int
+    frames: dict[str, np.ndarray] | None = None  # camera -> (steps, H, W, 3) uint8, if recorded
+
+
+@dataclass
+class RolloutResult:
+    env_name: str
+    episodes: list[EpisodeResult] = field(default_factory=list)
+
+    @property
+    def success_rate(self) -> float:
+        return sum(e.success for e in self.episodes) / max(len(self.episodes), 1)
+
+
+class Policy(Protocol):
+    def reset(self) -> None: ...
+
+    def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+class MetaWorldError(Gr2Error, RuntimeError):
+    """A Meta-World environment or policy could not be made as asked."""
+
+
+class ScriptedExpert:
+    """Meta-World's hand-written policy for a task (SawyerDrawerOpenV3Policy for drawer-open-v3)."""
+
+    def __init__(self, env_name: str):
+        from metaworld.policies import ENV_POLICY_MAP
+
+        if env_name not in ENV_POLICY_MAP:
+            raise MetaWorldError(f"no scripted Meta-World policy for {env_name!r}")
+        self.policy = ENV_POLICY_MAP[env_name]()
+
+    def reset(self) -> None:
+        pass  # the scripted policies are functions of the current observation
+
+    def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        return self.policy.get_action(observation["observation.environment_state"])
+
+
+def make_env(env_name: str, seed: int, camera: str = "corner", image_size: int = 64):
+    """A Meta-World MT1 environment for one seeded episode, rendering rgb frames of `camera`."""
+    os.environ.setdefault("MUJOCO_GL", "osmesa")  # headless; must be set before mujoco loads
+    os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    if "torch" in sys.modules:
+        import torch._dynamo  # noqa: F401  (before Mesa loads: see the module docstring)
+    import gymnasium as gym
+    import metaworld  # noqa: F401  (registers the Meta-World/* environments)
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    if env_name not in ALL_V3_ENVIRONMENTS:
+        raise MetaWorldError(f"unknown Meta-World task {env_name!r}")
+    return gym.make("Meta-World/MT1", env_name=env_name, seed=seed, render_mode="rgb_array",
+                    camera_name=camera, width=image_size, height=image_size)
+
+
+def render(env, cameras: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """One frame per camera; the renderer is pointed at each camera in turn."""
+    import mujoco
+
+    model, renderer = env.unwrapped.model, env.unwrapped.mujoco_renderer
+    frames = {}
+    for camera in cameras:
+        camera_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+        if camera_id < 0:
+            names = [model.camera(i).name for i in range(model.ncam)]
+            raise MetaWorldError(f"no camera {camera!r} in {type(env.unwrapped).__name__}; has {names}")
+        renderer.camera_id = camera_id
+        frames[camera] = np.array(env.render(), copy=True)  # the renderer reuses its buffer
+    return frames
+
+
+def run_episode(policy: Policy, config: RolloutConfig, seed: int, record: bool = False) -> EpisodeResult:
+    """One closed-loop episode; it succeeds when Meta-World reports success at any step."""
+    env = make_env(config.env_name, seed, config.cameras[0], config.image_size)
+    recorded: dict[str, list[np.ndarray]] = {camera: [] for camera in config.cameras}
+    try:
+        obs, _ = env.reset(seed=seed)
+        policy.reset()
+        success, steps = False, 0
+        while steps < config.max_steps and not success:
+            images = render(env, config.cameras)
+            if record:
+                for camera, image in images.items():
+                    recorded[camera].append(image)
+            observation = {f"observation.images.{camera}": image for camera, image in images.items()}
+            observation["observation.state"] = obs[:4].astype(np.float32)
+            observation["observation.environment_state"] = obs
+            action = np.asarray(policy(observation), dtype=np.float32)
+            obs, _, terminated, truncated, info = env.step(action)
+            steps += 1
+            success = bool(info["success"])
+            if terminated or truncated:
+                break
+    finally:
+        env.close()
+    frames = {camera: np.stack(images) for camera, images in recorded.items()} if record else None
+    return EpisodeResult(seed=seed, success=success, steps=steps, frames=frames)
+
+
+def run_rollouts(policy: Policy, config: RolloutConfig) -> RolloutResult:
+    """Every seed of config, in this process; see the module note before mixing with training."""
+    result = RolloutResult(env_name=config.env_name)
+    for i, seed in enumerate(config.seeds):
+        result.episodes.append(run_episode(policy, config, seed, record=i < config.record_episodes))
+    return result
+
+
+def run_rollouts_in_subprocess(policy_factory: Callable[[], Policy], config: RolloutConfig) -> RolloutResult:
+    """run_rollouts in a fresh (spawned) process; policy_factory builds the policy there, so it
+    must pickle: a module-level function or class, or a functools.partial of one."""
+    context = multiprocessing.get_context("spawn")  # never fork a process that has torch threads
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_build_and_run, policy_factory, config).result()
+
+
+def _build_and_run(policy_factory: Callable[[], Policy], config: RolloutConfig) -> RolloutResult:
+    if importlib.util.find_spec("torch") is not None:
+        # a policy may load torch only when first called, after Mesa: see the module docstring
+        import torch._dynamo  # noqa: F401
+    return run_rollouts(policy_factory(), config)

@@ -1,0 +1,265 @@
+"""GR-2 checkpoints: safetensors weights and optimizer state plus a JSON config, named by a content hash.
+
+Under the lake, one directory per training run:
+
+    <lake>/models/gr2/<run_id>/
+        run.json                what the run is: stage, configs, the data it read, where it started
+        metrics.jsonl           one record per step (metrics.py)
+        step-000200/            a checkpoint
+            model.safetensors       trainable weights; the tied frame head once; never the frozen
+                                    CLIP text tower, which config.clip_model/clip_pretrained rebuild
+            optimizer.safetensors   AdamW's per-parameter tensors (its param groups: config.json)
+            config.json             format, checkpoint_id, model config, tokenizer, step, stats, ...
+
+config.json is written last, so a save killed half-way leaves a directory without it, which
+resuming skips. Nothing is pickled. The checkpoint id hashes the model config and the weights, so
+an id names exactly one model whichever run or directory holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any, NamedTuple
+
+import fsspec
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from gr2.errors import Gr2Error
+from gr2.training.model import GR2, GR2Config
+
+FORMAT = "gr2.model/1"
+WEIGHTS, OPTIMIZER, CONFIG = "model.safetensors", "optimizer.safetensors", "config.json"
+TIED = "frame_head.weight"  # the token embedding's weight (model.py); saved once, as tok_emb.weight
+FROZEN = "text_encoder."
+
+
+class CheckpointError(Gr2Error):
+    """A GR-2 checkpoint that cannot be found, loaded or used as asked; the message names it."""
+
+
+class Loaded(NamedTuple):
+    model: GR2
+    meta: dict[str, Any]  # config.json: checkpoint_id, step, tokenizer_id, stats, data, ...
+    optimizer_state: dict | None  # for torch.optim.Optimizer.load_state_dict
+
+
+def models_dir(lake_root: str) -> str:
+    return f"{lake_root.rstrip('/')}/models/gr2"
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def _fs(path: str):
+    return fsspec.core.url_to_fs(str(path))
+
+
+def trainable_state(model: GR2) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: every tensor but the frozen text tower and the tied head."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if not k.startswith(FROZEN) and k != TIED}
+
+
+def content_id(config: GR2Config, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
+               for i, s in sd["state"].items() for k, v in s.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = t
+    return {"state": state, "param_groups": [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+                                             for g in groups]}
+
+
+def save_checkpoint(directory: str, model: GR2, optimizer: torch.optim.Optimizer | None = None,
+                    meta: dict[str, Any] | None = None) -> str:
+    """Write `model` (and `optimizer`) into `directory`; returns the checkpoint id.
+
+    meta: JSON-serialisable facts stored beside the weights (step, stage, tokenizer_id, stats, ...)."""
+    state = trainable_state(model)
+    cid = content_id(model.config, state)
+    fs, root = _fs(directory)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(_join(root, WEIGHTS), "wb") as f:
+        f.write(save_safetensors(state, metadata={"checkpoint_id": cid, "format": FORMAT}))
+    groups = None
+    if optimizer is not None:
+        tensors, groups = _optimizer_tensors(optimizer)
+        with fs.open(_join(root, OPTIMIZER), "wb") as f:
+            f.write(save_safetensors(tensors, metadata={"checkpoint_id": cid}))
+    config = {"format": FORMAT, "checkpoint_id": cid, "model": dataclasses.asdict(model.config),
+              "saved_at": time.time(), "optimizer_param_groups": groups, **(meta or {})}
+    with fs.open(_join(root, CONFIG), "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+    return cid
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    """A checkpoint's config.json, checked to be one."""
+    fs, root = _fs(directory)
+    path = _join(root, CONFIG)
+    try:
+        with fs.open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: not a GR-2 checkpoint (no {CONFIG}; a save killed half-way?)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+    return meta
+
+
+def _read_tensors(fs, path: str) -> dict[str, torch.Tensor]:
+    try:
+        with fs.open(path, "rb") as f:
+            return load_safetensors(f.read())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {e}") from None
+
+
+def load_checkpoint(directory: str, device: str | torch.device = "cpu", with_optimizer: bool = False,
+                    text_encoder=None) -> Loaded:
+    """The model saved in `directory` (eval mode), verified against its recorded id."""
+    meta = read_meta(directory)
+    config = GR2Config(**meta["model"])
+    fs, root = _fs(directory)
+    tensors = _read_tensors(fs, _join(root, WEIGHTS))
+    if content_id(config, tensors) != meta["checkpoint_id"]:
+        raise CheckpointError(f"{directory}: weights do not hash to the recorded id {meta['checkpoint_id']}: "
+                              f"changed after saving")
+    model = GR2(config, text_encoder=text_encoder)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k != TIED and not k.startswith(FROZEN)]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    optimizer_state = None
+    if with_optimizer and meta.get("optimizer_param_groups") is not None:
+        optimizer_state = _optimizer_state(_read_tensors(fs, _join(root, OPTIMIZER)), meta["optimizer_param_groups"])
+    return Loaded(model.to(device).eval(), meta, optimizer_state)
+
+
+def init_from(model: GR2, directory: str) -> dict[str, list[str]]:
+    """Start `model` from the weights in `directory` where they fit (fine-tuning from pre-training).
+
+    Same-shaped tensors are copied; per-view and per-step embeddings copy the rows both have (a
+    one-view pre-training seeds a two-view model's first view). The token embedding, grid
+    positions and trunk must match exactly: tokens of another tokenizer mean nothing to this model.
+    State and action layers that do not fit (pre-training never trained them) keep their init.
+    Returns {"copied": [...], "partial": [...], "skipped": [...]}."""
+    meta = read_meta(directory)
+    fs, root = _fs(directory)
+    source = _read_tensors(fs, _join(root, WEIGHTS))
+    target = model.state_dict()
+    report: dict[str, list[str]] = {"copied": [], "partial": [], "skipped": []}
+    with torch.no_grad():
+        for name, value in source.items():
+            if name not in target:
+                report["skipped"].append(name)
+                continue
+            dest = target[name]
+            if dest.shape == value.shape:
+                dest.copy_(value)
+                report["copied"].append(name)
+            elif name in ("view_emb", "step_emb") and dest.shape[1:] == value.shape[1:]:
+                n = min(dest.shape[0], value.shape[0])
+                dest[:n].copy_(value[:n])
+                report["partial"].append(name)
+            elif name.startswith(("state_", "action_head.")):
+                report["skipped"].append(name)
+            else:
+                raise CheckpointError(
+                    f"checkpoint {meta['checkpoint_id']} ({directory}) does not fit this model: {name} is "
+                    f"{tuple(value.shape)} there, {tuple(dest.shape)} here (codebook {meta['model']['codebook_size']} "
+                    f"vs {model.config.codebook_size}, grid {meta['model']['grid_h']}x{meta['model']['grid_w']} "
+                    f"vs {model.config.grid_h}x{model.config.grid_w})")
+    return report
+
+
+# -- finding checkpoints ------------------------------------------------------------------------
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """The complete checkpoints of a run (those with a config.json), oldest step first."""
+    fs, root = _fs(run_dir)
+    if not fs.exists(root):
+        return []
+    done = [p.rsplit("/", 1)[0] for p in fs.glob(_join(root, "step-*", CONFIG))]
+    prefix = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
+    return [prefix + d if prefix and not d.startswith(prefix) else d for d in sorted(done)]
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def all_checkpoints(lake_root: str) -> list[dict]:
+    """Every complete checkpoint under the lake: {"path", "checkpoint_id", "run_id", "step", "saved_at", "stage"}."""
+    fs, root = _fs(models_dir(lake_root))
+    if not fs.exists(root):
+        return []
+    prefix = lake_root.split("://")[0] + "://" if "://" in lake_root else ""
+    out = []
+    for path in fs.glob(_join(root, "*", "step-*", CONFIG)):
+        directory = path.rsplit("/", 1)[0]
+        try:
+            meta = read_meta(prefix + directory if prefix else directory)
+        except CheckpointError:
+            continue
+        out.append({"path": prefix + directory if prefix else directory, "checkpoint_id": meta["checkpoint_id"],
+                    "run_id": meta.get("run_id"), "step": meta.get("step"), "saved_at": meta.get("saved_at", 0),
+                    "stage": meta.get("stage")})
+    return sorted(out, key=lambda c: c["saved_at"])
+
+
+def resolve_checkpoint(lake_root: str, ref: str | None = None, stage: str | None = None) -> str:
+    """The directory of checkpoint `ref`: a directory, a checkpoint id, or None for the latest saved
+    (of `stage`, when given)."""
+    if ref is not None:
+        fs, root = _fs(ref)
+        if fs.exists(_join(root, CONFIG)):
+            return ref
+    found = all_checkpoints(lake_root)
+    if ref is None:
+        found = [c for c in found if stage is None or c["stage"] == stage]
+        if not found:
+            raise CheckpointError(f"lake {lake_root} has no GR-2 checkpoint{f' of stage {stage}' if stage else ''} "
+                                  f"under {models_dir(lake_root)}: train one first")
+        return found[-1]["path"]
+    matches = [c for c in found if c["checkpoint_id"] == ref or c["checkpoint_id"].startswith(ref)]
+    if not matches:
+        raise CheckpointError(f"no checkpoint {ref!r}: not a checkpoint directory, nor an id under {models_dir(lake_root)}")
+    return matches[-1]["path"]
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints of a run."""
+    fs, _ = _fs(run_dir)
+    for directory in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        fs.rm(_fs(directory)[1], recursive=True)

@@ -1,0 +1,456 @@
+"""The video build: a Ray Data graph of small stages from inputs to rows in the lake.
+
+    inputs --hash--> (skip what the lake already finished) --survey: probe, gates, shots-->
+    clip specs --frames--> gates --thumbnails--> [later stages] --> driver commits clips,
+    then each video's row once all of its clips are in.
+
+A video's row is written last, so it marks the video finished: a build killed half-way leaves some
+clips and no video row, and the next run redoes that video, merging its clips on their ids.
+Workers only produce rows; the driver is the lake's one committer (see lake.py for why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from PIL import Image
+
+from gr2.lake.lake import Lake, worker_env
+from gr2.video import decode, gates, probe, shots
+from gr2.video.config import BuildConfig
+
+SHOT_FRAME_SIZE = (64, 36)  # frames for cut detection: small, every one of them decoded
+
+
+def new_build_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"build-{stamp}-{hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:6]}"
+
+
+def clip_id(video_id: str, start_frame: int, end_frame: int) -> str:
+    return hashlib.sha256(f"{video_id}:{start_frame}:{end_frame}".encode()).hexdigest()[:32]
+
+
+# -- stages: plain callables over a batch (dict of numpy arrays), testable without Ray ------------
+
+
+def hash_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add `video_id`, `bytes` and `local_path`; an unreadable input gets `error` instead."""
+    ids, sizes, paths, errors = [], [], [], []
+    for uri, source_error in zip(batch["uri"], batch["source_error"]):
+        vid, size, path, error = probe.uri_id(uri), None, None, _null(source_error)
+        if error is None:
+            try:
+                path = probe.local_copy(uri)
+                vid, size = probe.file_id(path)
+            except FileNotFoundError:
+                error = f"{uri}: file not found"
+            except (probe.ProbeError, OSError) as e:
+                error = str(e) if isinstance(e, probe.ProbeError) else f"{uri}: cannot read ({e.strerror or e})"
+            except ValueError as e:  # e.g. a NUL byte in the path
+                error = f"{uri!r}: not a usable path ({e})"
+        ids.append(vid), sizes.append(size), paths.append(path), errors.append(error)
+    return clean({**batch, "video_id": np.array(ids), "bytes": np.array(sizes, dtype=object),
+                  "local_path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object)})
+
+
+def survey_video(item: dict, config: BuildConfig) -> dict:
+    """Probe one video, apply the video gates, find its shots and window them into clip specs."""
+    row = {"status": "accepted", "reason": None, "decoder": None, "windows": [], "shot_count": None,
+           "frames_decoded": 0}
+    if item.get("error"):
+        return {**row, "status": "failed", "reason": item["error"]}
+    try:
+        info = probe.probe(item["local_path"])
+    except probe.ProbeError as e:
+        # A readable file with no video stream is a rejection (it is not video); the rest failed.
+        status = "rejected" if "no video stream" in str(e) else "failed"
+        reason = f"no_video: {str(e).split(': ', 1)[-1]}" if status == "rejected" else str(e)
+        return {**row, "status": status, "reason": reason}
+    row.update(info)
+    reject = gates.video_gate(info, config)
+    if reject:
+        return {**row, "status": "rejected", "reason": reject}
+    try:
+        reader = decode.VideoReader(item["local_path"], *SHOT_FRAME_SIZE)
+        diffs = shots.frame_differences(reader.chunks(64))
+    except decode.DecodeError as e:
+        return {**row, "status": "failed", "reason": str(e)}
+    cuts = shots.find_cuts(diffs, config.shot_threshold, config.shot_ratio)
+    spans = shots.shot_spans(len(diffs), cuts)
+    row.update(decoder=reader.decoder, frame_count=len(diffs), shot_count=len(spans), frames_decoded=len(diffs),
+               windows=shots.windows(spans, info["fps"], config.clip_s, config.cut_margin_frames))
+    return row
+
+
+def survey_videos(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
+    """Stage: `survey_video` over every row of the batch."""
+    keys = list(batch)
+    rows = [survey_video(_plain({k: batch[k][i] for k in keys}), config) for i in range(len(batch["uri"]))]
+    out = {k: batch[k] for k in keys}
+    for k in ("status", "reason", "decoder", "container", "codec", "duration_s", "fps", "frame_count",
+              "width", "height", "rotation", "has_audio", "shot_count", "frames_decoded"):
+        out[k] = np.array([r.get(k) for r in rows], dtype=object)
+    out["windows"] = np.array([json.dumps(r["windows"]) for r in rows], dtype=object)
+    return clean(out)
+
+
+def read_clip_frames(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
+    """Stage: decode only each clip's sampled frames, resized on decode, centre-cropped square."""
+    batch = clean(batch)
+    n, size = config.frames_per_clip, config.frame_size
+    frames, sampled, status, reason = [], [], list(batch["status"]), list(batch["reason"])
+    for i in range(len(batch["clip_id"])):
+        idx = shots.sample_indices(int(batch["start_frame"][i]), int(batch["end_frame"][i]), n)
+        idx = (idx + [idx[-1]] * n)[:n]  # a clip shorter than n frames repeats its last one
+        w, h = decode.fit_size(int(batch["width"][i]), int(batch["height"][i]), size)
+        try:
+            got = decode.center_crop(decode.VideoReader(batch["local_path"][i], w, h).get(idx), size)
+        except decode.DecodeError as e:
+            got = np.zeros((n, size, size, 3), np.uint8)
+            status[i], reason[i] = "failed", str(e)
+        frames.append(got), sampled.append(np.array(idx, dtype=np.int64))
+    return {**batch, "frames": np.stack(frames), "sampled_frames": _objects(sampled),
+            "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object)}
+
+
+def gate_clips(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
+    """Stage: score every clip (black, blank, motion) and reject the ones a gate catches."""
+    batch = clean(batch)
+    scores = [gates.clip_scores(f) for f in batch["frames"]]
+    status, reason = list(batch["status"]), list(batch["reason"])
+    for i, s in enumerate(scores):
+        if status[i] == "accepted":
+            why = gates.clip_gate(s, float(batch["duration_s"][i]), config)
+            if why:
+                status[i], reason[i] = "rejected", why
+    out = {**batch, "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object)}
+    for k in ("black_score", "blank_score", "motion_score"):
+        out[k] = np.array([s[k] for s in scores], dtype=np.float32)
+    return out
+
+
+def thumbnails(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stage: a JPEG of each clip's middle sampled frame."""
+    out = []
+    for f in batch["frames"]:
+        buf = io.BytesIO()
+        Image.fromarray(f[len(f) // 2]).save(buf, format="JPEG", quality=85)
+        out.append(buf.getvalue())
+    return clean({**batch, "thumbnail": np.array(out, dtype=object)})
+
+
+def _null(v):
+    """`v` as plain Python, with NaN (how a null can come back from a numpy batch) as None."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
+def clean(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch with Ray's stand-ins for null (an all-NaN float column, NaN in an object column) as None.
+
+    A column that is null in one block and text in another must stay null, not become float, or
+    Ray cannot concatenate the blocks.
+    """
+    out = {}
+    for k, v in batch.items():
+        if v.dtype.kind == "f" and v.ndim == 1 and len(v) and np.isnan(v).all():
+            v = np.array([None] * len(v), dtype=object)
+        elif v.dtype == object and v.ndim == 1:
+            v = _objects([_null(x) for x in v])
+        out[k] = v
+    return out
+
+
+def lake_rows(batch: dict[str, np.ndarray], table: str = "clips") -> pa.Table:
+    """Last stage: the batch as rows of `table`'s exact schema (extra working columns dropped)."""
+    from gr2.lake import schema
+
+    names = set(schema.SCHEMAS[table].names)
+    rows = _rows({k: v for k, v in batch.items() if k in names})
+    for row in rows:
+        for k in TEXT_COLUMNS:
+            if row.get(k) == "":
+                row[k] = None
+        if row.get("preview") == b"":
+            row["preview"] = None
+        emb = row.get("embedding")
+        if emb is not None and all(x != x for x in emb):  # a failed clip's NaN vector: no embedding
+            row["embedding"] = None
+    return schema.conform(table, rows)
+
+
+def _plain(row: dict) -> dict:
+    return {k: _null(v) for k, v in row.items()}
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A numpy batch as plain rows for the lake (arrays as lists, nulls as None)."""
+    cols = {k: [_null(v.tolist() if isinstance(v, np.ndarray) else v) for v in vals] for k, vals in batch.items()}
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
+def _objects(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+# -- the graph ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    """What one build did: the funnel `gr2 status` prints, and the versions it committed."""
+
+    build_id: str
+    funnel: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+
+def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
+    """One candidate-clip row (no frames yet) per window of an accepted video."""
+    fps = float(video["fps"])
+    return [
+        {
+            "clip_id": clip_id(video["video_id"], a, b), "video_id": video["video_id"], "uri": video["uri"],
+            "local_path": video["local_path"], "width": int(video["width"]), "height": int(video["height"]),
+            "shot_index": k, "start_frame": a, "end_frame": b, "start_s": a / fps, "end_s": b / fps,
+            "duration_s": (b - a) / fps, "fps": fps, "status": "accepted", "reason": "",
+            "caption": video["caption"] or "", "dataset": video["dataset"] or "", "config_hash": config.hash(),
+            "build_id": build_id,
+        }
+        for k, a, b in json.loads(video["windows"])
+    ]
+
+
+CLIP_STAGES = (read_clip_frames, gate_clips)
+
+
+def model_stages(lake: Lake, config: BuildConfig) -> list:
+    """The model stages after the gates, as (stage, map_batches kwargs): caption, embed (+ text
+    gate), animated preview, near-duplicates. Each model is loaded once per Ray actor; the dedup
+    actor is one, so it sees every clip of the build in turn."""
+    from gr2.lake import gallery
+    from gr2.video.caption import Captioner
+    from gr2.video.dedup import Deduplicator
+    from gr2.video.embed import ClipEmbedder
+
+    # Actors hold a fraction of a CPU each: whole-CPU actors on a 2-CPU machine would leave no CPU
+    # for the decode tasks feeding them, and the graph would stall.
+    actor = {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": 0.25, "batch_size": 8}
+    stages = [(Captioner, {**actor, "fn_constructor_kwargs": {
+        "model_name": config.caption_model, "pretrained": config.caption_pretrained,
+        "max_tokens": config.caption_max_tokens}})]
+    if config.clip_model:
+        stages.append((ClipEmbedder, {**actor, "fn_constructor_kwargs": {
+            "model_name": config.clip_model, "pretrained": config.clip_pretrained,
+            "min_text_score": config.min_text_score}}))
+    stages.append((gallery.previews, {"batch_size": 8}))
+    if config.clip_model and config.dedup_max_distance is not None:
+        stages.append((Deduplicator, {**actor, "num_cpus": 0.05, "fn_constructor_kwargs": {
+            "lake_root": lake.root, "max_distance": config.dedup_max_distance}}))
+    return stages
+
+
+def check_models(config: BuildConfig, lake: Lake | None = None) -> None:
+    """Stop before any work when the weights asked for are not on this machine (ModelWeightsError)."""
+    from gr2.video.embed import check_lake_model, resolve_weights
+
+    for model, pretrained in ((config.clip_model, config.clip_pretrained),
+                              (config.caption_model, config.caption_pretrained)):
+        if model:
+            resolve_weights(model, pretrained)
+    if lake is not None and config.clip_model:
+        check_lake_model(lake, config.clip_model, config.clip_pretrained)  # one embedding space per lake
+
+# Inside the clip pipeline these text columns hold "" for "none", never None: Ray turns a column of
+# only None into float, and a float block cannot be concatenated with a text block. lake_rows
+# turns "" back into null. Stages added later keep to the same rule.
+TEXT_COLUMNS = ("reason", "caption", "dataset", "caption_model", "duplicate_of")
+
+
+def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str | None = None,
+              extra_stages: list | None = None, retry_failed: bool = False, log=print) -> BuildResult:
+    """Run the build over `inputs` (from sources.list_inputs) into `lake`; returns the funnel.
+
+    `extra_stages` are (callable-or-class, map_batches kwargs) pairs appended after the gates, e.g.
+    embedding and tokenizing actors.
+    """
+    build_id = build_id or new_build_id()
+    t0 = time.time()
+    workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    hashed = (
+        ray.data.from_items(inputs, override_num_blocks=max(1, min(len(inputs), workers * 4)))
+        .map_batches(hash_inputs, batch_size=4, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
+        .take_all()
+    ) if inputs else []
+
+    finished = _finished_videos(lake, {r["video_id"] for r in hashed}, retry_failed)
+    failed_before = _failed_uris(lake) if retry_failed else set()
+    todo, seen_ids = [], set()
+    for r in hashed:
+        if r["video_id"] not in finished and r["video_id"] not in seen_ids:
+            todo.append(r)
+        seen_ids.add(r["video_id"])
+    log(f"{build_id}: {len(inputs)} inputs, {len(todo)} to process, {len(hashed) - len(todo)} already in the lake")
+
+    surveyed = (
+        ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), workers * 4)))
+        .map_batches(survey_videos, fn_kwargs={"config": config}, batch_size=1,
+                     compute=ray.data.TaskPoolStrategy(workers),
+                     **worker_env())
+        .take_all()
+    ) if todo else []
+
+    video_rows, specs = {}, []
+    for v in map(_plain, surveyed):
+        video_rows[v["video_id"]] = v
+        if v["status"] == "accepted":
+            specs += clip_specs(v, config, build_id)
+    remaining = Counter(s["video_id"] for s in specs)
+    clip_count = Counter(remaining)
+    for vid, v in video_rows.items():
+        if remaining[vid] == 0:
+            _commit_videos(lake, [v], clip_count, config, build_id)
+
+    clip_status: Counter = Counter()
+    clip_reasons: Counter = Counter()
+    frames_decoded = sum(int(v.get("frames_decoded") or 0) for v in surveyed)
+    if specs:
+        ds = ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), workers * 8)))
+        for stage in CLIP_STAGES:
+            ds = ds.map_batches(stage, fn_kwargs={"config": config}, batch_size=4,
+                                compute=ray.data.TaskPoolStrategy(workers),
+                                **worker_env())
+        ds = ds.map_batches(thumbnails, batch_size=4, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
+        for stage, kwargs in extra_stages or []:
+            ds = ds.map_batches(stage, **{**worker_env(), **kwargs})
+        # batch_size=None: per block, so no concatenation of blocks
+        ds = ds.map_batches(lake_rows, batch_size=None, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
+        for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
+            lake.commit("clips", batch)
+            frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
+            done_videos = []
+            for row in batch.select(["video_id", "status", "reason"]).to_pylist():
+                clip_status[row["status"]] += 1
+                if row["reason"]:
+                    clip_reasons[f"{row['status']}:{_gate(row['reason'])}"] += 1
+                remaining[row["video_id"]] -= 1
+                if remaining[row["video_id"]] == 0:
+                    done_videos.append(video_rows[row["video_id"]])
+            _commit_videos(lake, done_videos, clip_count, config, build_id)
+
+    elapsed = time.time() - t0
+    funnel = _funnel(inputs, hashed, finished, lake, video_rows, clip_status, clip_reasons, frames_decoded,
+                     elapsed, retry_failed)
+    if retry_failed:
+        retried = [video_rows[r["video_id"]]["status"] for r in todo if r["uri"] in failed_before]
+        funnel["retried"] = len(retried)
+        funnel["retried_outcomes"] = dict(Counter(retried))
+    return BuildResult(build_id, funnel)
+
+
+def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str, str]:
+    """{video_id: status} of the inputs the lake already holds a finished row for."""
+    if not ids or not lake.exists("videos"):
+        return {}
+    done = lake.read("videos", columns=["video_id", "status"]).to_pylist()
+    return {r["video_id"]: r["status"] for r in done
+            if r["video_id"] in ids and not (retry_failed and r["status"] == "failed")}
+
+
+def _failed_uris(lake: Lake) -> set[str]:
+    """Uris whose latest outcome in the lake is `failed`."""
+    return {u for u, r in latest_by_uri(lake).items() if r["status"] == "failed"}
+
+
+def latest_by_uri(lake: Lake) -> dict[str, dict]:
+    """Each uri's most recent row in `videos` (an input retried after repair has several)."""
+    rows = lake.read("videos", columns=["video_id", "uri", "status", "reason", "processed_at"]).to_pylist()
+    latest: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["processed_at"] or datetime.min.replace(tzinfo=timezone.utc)):
+        latest[r["uri"]] = r
+    return latest
+
+
+def _commit_videos(lake: Lake, rows: list[dict], clip_count: Counter, config: BuildConfig, build_id: str) -> None:
+    if not rows:
+        return
+    now = datetime.now(timezone.utc)
+    keep = set(lake_columns("videos")) - {"clip_count", "config_hash", "build_id", "processed_at"}
+    lake.commit("videos", [
+        {**{k: v for k, v in r.items() if k in keep}, "clip_count": clip_count[r["video_id"]],
+         "config_hash": config.hash(), "build_id": build_id, "processed_at": now}
+        for r in rows
+    ])
+
+
+def lake_columns(table: str) -> list[str]:
+    from gr2.lake import schema
+
+    return schema.SCHEMAS[table].names
+
+
+def _gate(reason: str) -> str:
+    """The gate or error kind a reason starts with ("static: motion 0.1 < 0.5" -> "static")."""
+    head = reason.split(":", 1)[0].strip()
+    return head if head.replace("_", "").isalnum() and len(head) < 32 else "error"
+
+
+def _funnel(inputs, hashed, finished, lake, video_rows, clip_status, clip_reasons, frames_decoded,
+            elapsed, retry_failed) -> dict:
+    by_status: Counter = Counter()
+    reasons: dict[str, Counter] = defaultdict(Counter)
+    # Every input is counted once, by its outcome in this build or its standing outcome in the lake.
+    prior = {}
+    if finished:
+        prior = {r["video_id"]: r for r in lake.read("videos", columns=["video_id", "status", "reason"]).to_pylist()}
+    seconds = 0.0
+    for r in hashed:
+        v = video_rows.get(r["video_id"]) or prior.get(r["video_id"]) or {"status": "failed", "reason": "unknown"}
+        by_status[v["status"]] += 1
+        if v.get("reason"):
+            reasons[v["status"]][_reason_key(v["reason"], v["status"])] += 1
+        if r["video_id"] in video_rows and v.get("duration_s"):
+            seconds += float(v["duration_s"])
+    return {
+        "inputs": len(inputs),
+        "accepted": by_status["accepted"],
+        "rejected": by_status["rejected"],
+        "failed": by_status["failed"],
+        "rejected_by_reason": dict(reasons["rejected"]),
+        "failed_by_reason": dict(reasons["failed"]),
+        "skipped_already_in_lake": len(hashed) - len(video_rows),
+        "processed": len(video_rows),
+        "retry_failed": retry_failed,
+        "clips": sum(clip_status.values()),
+        "clips_accepted": clip_status["accepted"],
+        "clips_rejected": clip_status["rejected"],
+        "clips_failed": clip_status["failed"],
+        "clips_by_reason": dict(clip_reasons),
+        "video_seconds": round(seconds, 2),
+        "frames_decoded": frames_decoded,
+        "elapsed_s": round(elapsed, 2),
+        "videos_per_s": round(len(video_rows) / elapsed, 3) if elapsed else None,
+        "frames_per_s": round(frames_decoded / elapsed, 1) if elapsed else None,
+    }
+
+
+def _reason_key(reason: str, status: str) -> str:
+    """Group reasons: rejections by gate; failures by what went wrong, without the path."""
+    if status == "rejected":
+        return _gate(reason)
+    detail = reason.split(": ", 1)[-1]
+    return detail.split(" (")[0][:80]

@@ -1,0 +1,123 @@
+"""Probe: content id and container facts of one input, through ffprobe (ffmpeg-python)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from fractions import Fraction
+
+import ffmpeg
+import fsspec
+
+from gr2.errors import Gr2Error
+
+CHUNK = 1 << 20
+
+
+class ProbeError(Gr2Error):
+    """An input that is not a readable video; the message says which and why."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_copy(uri: str, cache_dir: str | None = None) -> str:
+    """A local path holding `uri`'s bytes: the path itself when local, else a cached download.
+
+    ffprobe and the decoders need a seekable local file; object-store inputs are copied once per
+    node into a cache keyed by the uri.
+    """
+    if not is_remote(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "gr2-cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    # Keyed by the object's version too (ETag, size, mtime): an object overwritten in place is new
+    # content and must be fetched again, or its new bytes would never reach the lake.
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"cannot read {uri}: {e}") from None
+    version = f"{info.get('ETag') or info.get('etag')}:{info.get('size')}:{info.get('LastModified') or info.get('mtime')}"
+    name = hashlib.sha256(f"{uri}#{version}".encode()).hexdigest()[:24] + os.path.splitext(uri)[1]
+    path = os.path.join(cache_dir, name)
+    if not os.path.exists(path):
+        try:
+            with fsspec.open(uri, "rb") as src, tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+        except (OSError, ValueError) as e:
+            raise ProbeError(f"cannot read {uri}: {e}") from None
+        os.replace(dst.name, path)
+    return path
+
+
+def file_id(path: str) -> tuple[str, int]:
+    """(sha256 of the file's bytes, size in bytes)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def uri_id(uri: str) -> str:
+    """The id of an input whose bytes could not be read: derived from its uri instead."""
+    return "uri-" + hashlib.sha256(uri.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _rate(text: str | None) -> float | None:
+    try:
+        value = float(Fraction(text)) if text else None
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if value and value > 0 else None
+
+
+def _rotation(stream: dict) -> int:
+    for side in stream.get("side_data_list", []) or []:
+        if "rotation" in side:
+            return int(float(side["rotation"])) % 360
+    return int(float(stream.get("tags", {}).get("rotate", 0))) % 360
+
+
+def probe(path: str) -> dict:
+    """Container, codec, duration_s, fps, frame_count, width, height, rotation, has_audio of `path`."""
+    if not os.path.exists(path):
+        raise ProbeError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise ProbeError(f"{path}: empty file (0 bytes)")
+    try:
+        info = ffmpeg.probe(path)
+    except ffmpeg.Error as e:
+        lines = [ln for ln in e.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        detail = lines[-1].split(": ", 1)[-1] if lines else "ffprobe failed"
+        raise ProbeError(f"{path}: not a readable video ({detail})") from None
+    streams = info.get("streams", [])
+    video = next((s for s in streams if s.get("codec_type") == "video"
+                  and not s.get("disposition", {}).get("attached_pic")), None)
+    fmt = info.get("format", {})
+    has_audio = any(s.get("codec_type") == "audio" for s in streams)
+    if video is None:
+        kind = "audio only" if has_audio else "no streams"
+        raise ProbeError(f"{path}: no video stream ({kind})")
+    fps = _rate(video.get("avg_frame_rate")) or _rate(video.get("r_frame_rate"))
+    duration = float(video.get("duration") or fmt.get("duration") or 0) or None
+    frames = int(video["nb_frames"]) if str(video.get("nb_frames", "")).isdigit() else None
+    if frames is None and duration and fps:
+        frames = int(round(duration * fps))
+    return {
+        "container": fmt.get("format_name"),
+        "codec": video.get("codec_name"),
+        "duration_s": duration,
+        "fps": fps,
+        "frame_count": frames,
+        "width": int(video.get("width") or 0),
+        "height": int(video.get("height") or 0),
+        "rotation": _rotation(video),
+        "has_audio": has_audio,
+    }

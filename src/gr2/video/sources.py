@@ -1,0 +1,142 @@
+"""Sources: turn what a user typed (directories, globs, manifests, object-store URIs) into inputs.
+
+An input is a dict {uri, caption, dataset, source_error}. A manifest row that cannot become an
+input (no uri) is still an input: it carries `source_error`, so the build records it as failed
+instead of losing it.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from gr2.errors import Gr2Error
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".gif")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
+
+
+class SourceError(Gr2Error):
+    """A source that cannot be listed at all (a manifest that does not parse, a missing path)."""
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _input(uri, caption=None, dataset=None, error=None) -> dict:
+    return {"uri": uri, "caption": caption, "dataset": dataset, "source_error": error}
+
+
+def list_inputs(sources: list[str]) -> list[dict]:
+    """Every input named by `sources`, in a stable order, each uri once."""
+    seen: dict[str, dict] = {}
+    for source in sources:
+        for item in _expand(source):
+            key = item["uri"] if item["source_error"] is None else f"{item['uri']}#{len(seen)}"
+            # A uri named twice (a glob and a manifest) is one input; the richer record wins.
+            if key not in seen or (item["caption"] and not seen[key]["caption"]):
+                seen[key] = item
+    return list(seen.values())
+
+
+def _expand(source: str) -> list[dict]:
+    lower = source.lower().split("?")[0]
+    if lower.endswith(MANIFEST_EXTENSIONS):
+        return read_manifest(source)
+    if any(ch in source for ch in "*?["):
+        return [_input(u) for u in _glob(source)]
+    if _is_remote(source):
+        fs, path = fsspec.core.url_to_fs(source)
+        if fs.isdir(path):
+            proto = source.split("://")[0]
+            return [_input(f"{proto}://{p}") for p in sorted(fs.find(path)) if p.lower().endswith(VIDEO_EXTENSIONS)]
+        return [_input(source)]
+    path = source[len("file://"):] if source.startswith("file://") else source
+    if os.path.isdir(path):
+        found = []
+        for dirpath, _, files in os.walk(path):
+            found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(VIDEO_EXTENSIONS)]
+        return [_input(os.path.abspath(p)) for p in sorted(found)]
+    # A single file: even one that does not exist is an input (it will be recorded as failed).
+    return [_input(os.path.abspath(path))]
+
+
+def _glob(pattern: str) -> list[str]:
+    if _is_remote(pattern):
+        fs, path = fsspec.core.url_to_fs(pattern)
+        proto = pattern.split("://")[0]
+        return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
+    return [os.path.abspath(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+
+
+def read_manifest(uri: str) -> list[dict]:
+    """Inputs from a CSV/JSONL/Parquet manifest with a `uri` column and optional caption/dataset."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            raw = f.read()
+    except (OSError, ValueError) as e:
+        raise SourceError(f"manifest {uri}: cannot read ({e})") from None
+    columns = _parse_manifest(uri, raw)
+    if "uri" not in columns:
+        raise SourceError(f"manifest {uri}: no 'uri' column (columns: {', '.join(columns) or 'none'})")
+    base = os.path.dirname(uri)
+    n = len(columns["uri"])
+    col = {name: columns.get(name, [None] * n) for name in ("uri", "caption", "dataset")}
+    inputs = []
+    for i, (u, caption, dataset) in enumerate(zip(col["uri"], col["caption"], col["dataset"])):
+        where = f"manifest {uri} row {i + 1}"
+        if u is None or (isinstance(u, str) and not u.strip()):
+            inputs.append(_input(where, error=f"{where}: missing uri"))
+            continue
+        if not isinstance(u, str):
+            inputs.append(_input(where, error=f"{where}: uri is {type(u).__name__}, not a string"))
+            continue
+        u = u.strip()
+        if "\x00" in u:
+            inputs.append(_input(where, error=f"{where}: uri contains a NUL byte"))
+            continue
+        if not _is_remote(u) and not os.path.isabs(u) and not _is_remote(base):
+            u = os.path.abspath(os.path.join(base, u))
+        elif not _is_remote(u) and not u.startswith("/") and _is_remote(base):
+            u = f"{base}/{u}"
+        inputs.append(_input(u, _text(caption), _text(dataset)))
+    return inputs
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _parse_manifest(uri: str, raw: bytes) -> dict[str, list]:
+    """The manifest's columns as Python lists (values of any type; read_manifest validates)."""
+    lower = uri.lower().split("?")[0]
+    try:
+        if lower.endswith(".parquet"):
+            return pq.read_table(io.BytesIO(raw)).to_pydict()
+        if lower.endswith(".csv"):
+            # Read every column as text: a manifest's uri column of numbers is still a uri column.
+            head = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(block_size=1 << 20)).column_names
+            opts = pacsv.ConvertOptions(column_types={name: pa.string() for name in head})
+            return pacsv.read_csv(io.BytesIO(raw), convert_options=opts).to_pydict()
+        rows = []
+        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {n} is not a JSON object")
+                rows.append(row)
+        keys = {k for row in rows for k in row}
+        return {k: [row.get(k) for row in rows] for k in keys} if rows else {"uri": []}
+    except (pa.ArrowException, ValueError, UnicodeDecodeError) as e:
+        raise SourceError(f"manifest {uri}: does not parse ({str(e).splitlines()[0]})") from None
