@@ -53,6 +53,23 @@ def record_metaworld(args) -> str:
     return f"recorded {len(eps)} episodes ({ok} successful, {info['total_frames']} steps) to {args.out}; cameras: {cams}"
 
 
+def doctor(args) -> str:
+    from gr2.lake.lake import Lake
+    from gr2.robot.doctor import examine, residual_png
+
+    lake = Lake(args.lake)
+    if not lake.exists("episodes"):
+        raise CommandError(f"no robot episodes in a lake at {lake.root}: run gr2 ingest-robot first")
+    diagnosis = examine(lake, args.dataset)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(diagnosis.to_json())
+    if args.png:
+        residual_png(diagnosis, args.png)
+    written = [p for p in (args.json, args.png) if p]
+    return diagnosis.table() + (f"\nwrote {', '.join(written)}" if written else "")
+
+
 def register(sub) -> None:
     p = sub.add_parser("ingest-robot", help="ingest robot episodes (LeRobot, HDF5, CALVIN, annotated JSON) into a lake")
     p.add_argument("--lake", required=True, help="lake root: a directory or s3://bucket/prefix")
@@ -75,3 +92,11 @@ def register(sub) -> None:
     p.add_argument("--hide-latency", action="store_true", help="do not declare camera latencies in info.json")
     p.add_argument("--workers", type=int, help="record episodes in parallel on a local Ray")
     p.set_defaults(run=record_metaworld)
+
+    p = sub.add_parser("doctor", help="check a lake's robot episodes: clocks, frame rates, frozen/black/swapped cameras, "
+                                      "NaN or wild values, alignment residuals")
+    p.add_argument("--lake", required=True)
+    p.add_argument("--dataset", help="only this dataset (default: all)")
+    p.add_argument("--json", metavar="FILE", help="also write every finding as JSON")
+    p.add_argument("--png", metavar="FILE", help="also draw each camera's alignment residuals over time")
+    p.set_defaults(run=doctor)
