@@ -226,7 +226,7 @@ def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
 
 def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffector | None:
     """The end-effector pose named by the state's feature names, if they name one."""
-    names = _names(info, STATE_KEY)
+    names = feature_names(info, STATE_KEY)
     if not names or not all(n in names for n in ("x", "y", "z")):
         return None
     pos = state[:, [names.index(n) for n in ("x", "y", "z")]]
@@ -236,7 +236,7 @@ def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffect
         quat = quat_from_euler(state[:, [names.index(n) for n in ("roll", "pitch", "yaw")]], "xyz")
     else:
         return None
-    action_names = _names(info, ACTION_KEY)
+    action_names = feature_names(info, ACTION_KEY)
     if action_names and "gripper" in action_names and len(action) == len(state):
         effector = action[:, [action_names.index("gripper")]]
     elif "gripper" in names:
@@ -246,7 +246,8 @@ def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffect
     return EndEffector(pos=pos, quat=quat, effector=effector)
 
 
-def _names(info: dict, key: str) -> list[str] | None:
+def feature_names(info: dict, key: str) -> list[str] | None:
+    """The names of a vector feature's dimensions, when info.json gives them."""
     names = info.get("features", {}).get(key, {}).get("names")
     if isinstance(names, dict):  # LeRobot also writes {"motors": [...]} or {"axes": [...]}
         names = next(iter(names.values()), None)
