@@ -128,6 +128,9 @@ def test_gr2_reads_the_export_back_as_the_lake_holds_it(exported, lake, tmp_path
         assert [a is None for a in a1] == [a is None for a in a2]
         np.testing.assert_allclose(np.asarray([a for a in a2 if a is not None], np.float32),
                                    np.asarray([a for a in a1 if a is not None], np.float32), rtol=0, atol=1e-6)
+        # Flagged views stay flagged: the stand-in frames the export marked are left out again.
+        assert row2["flagged_steps"] == row1["flagged_steps"]
+        assert [[v["ok"] for v in views] for views in steps2["views"]] == [[v["ok"] for v in views] for views in steps1["views"]]
         # Frames come back through H.264: each step shows (nearly) the lake's frame for it.
         for cam_index, cam in enumerate(row1["cameras"]):
             for i in (0, row1["length"] // 2):
