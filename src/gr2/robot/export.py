@@ -303,16 +303,15 @@ class DatasetWriter:
 
         frame_index = np.arange(n, dtype=np.int64)
         self.rows.append(pa.table({
-            "observation.state": _fixed(state),
-            "action": _fixed(action),
+            "observation.state": _vector(state),
+            "action": _vector(action),
             "timestamp": pa.array((frame_index / self.fps).astype(np.float32)),
             "frame_index": pa.array(frame_index),
             "episode_index": pa.array(np.full(n, index, np.int64)),
             "index": pa.array(np.arange(start, start + n, dtype=np.int64)),
             "task_index": pa.array(np.full(n, task_index, np.int64)),
             ACTION_OK: pa.array(action_ok),
-            **({VIEW_OK: pa.FixedSizeListArray.from_arrays(pa.array(view_ok.reshape(-1)), view_ok.shape[1])}
-               if view_ok.shape[1] else {}),
+            **({VIEW_OK: _vector(view_ok)} if view_ok.shape[1] else {}),
         }))
         self.file_frames += n
         self.report.episodes += 1
@@ -431,10 +430,11 @@ def video_key(camera: str) -> str:
     return f"observation.images.{camera}"
 
 
-def _fixed(values: np.ndarray) -> pa.Array:
-    """[N, D] float32 as a fixed-size list column (what LeRobot's features declare)."""
-    values = np.ascontiguousarray(values, np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+def _vector(values: np.ndarray) -> pa.Array:
+    """[N, D] values as LeRobot's features declare them: a fixed-size list, or a scalar where D is 1."""
+    values = np.ascontiguousarray(values)
+    flat = pa.array(values.reshape(-1))
+    return flat if values.shape[1] == 1 else pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
 
 def _lerobot_stats(stats: dict) -> dict:
