@@ -237,6 +237,12 @@ def test_export_lerobot_command_exports_what_where_selects_and_says_what_it_deci
     assert f"{out}: LeRobot v3.0, 20 fps, 2 episodes, 22 frames, cameras wrist" in text
     assert "had a flagged view" not in text  # only the front camera was late
 
+    # Episodes that lack a camera asked for are skipped, each with its reason, never silently.
+    wrist = export_lerobot(lake, str(tmp_path / "wrist"), ExportConfig(cameras=("wrist",)))
+    assert [d.fps for d in wrist.datasets] == [20] and len(wrist.skipped) == 2
+    assert all("boxes#episode_00000" in s and "camera wrist missing" in s for s in wrist.skipped)
+    assert "skipped 2 episodes" in wrist.summary()
+
     with pytest.raises(ExportError, match="not empty"):
         export_lerobot(lake, str(out))
     with pytest.raises(ExportError, match="no accepted episodes"):

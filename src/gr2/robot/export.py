@@ -249,8 +249,9 @@ class DatasetWriter:
         layout = self._layout_of(row, steps)
         if self.layout is None:
             return None
-        for key, what in (("cameras", "cameras"), ("action_space", "action space"),
-                          ("state_names", "state dimensions"), ("action_names", "action dimensions")):
+        # Cameras are not compared: an episode needs the dataset's, and episode_frames says when one lacks them.
+        for key, what in (("action_space", "action space"), ("state_names", "state dimensions"),
+                          ("action_names", "action dimensions")):
             if layout[key] != self.layout[key]:
                 return f"{what} {layout[key]} differ from the dataset's {self.layout[key]}"
         return None
