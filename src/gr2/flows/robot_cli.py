@@ -1,4 +1,4 @@
-"""`gr2 ingest-robot`, `gr2 record-metaworld`, `gr2 doctor`, `gr2 export-lerobot`: robot trajectories from the command line."""
+"""`gr2 ingest-robot`, `record-metaworld`, `doctor`, `export-lerobot`: robot trajectories from the command line."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def register(sub) -> None:
     p = sub.add_parser("export-lerobot", help="write a lake's accepted robot episodes as LeRobot v3.0 datasets "
                                               "(one per state rate)")
     p.add_argument("--lake", required=True)
-    p.add_argument("--out", required=True, help="a new directory; with several state rates, one dataset per <fps>hz inside")
+    p.add_argument("--out", required=True,
+                   help="a new directory; with several state rates, one dataset per <fps>hz inside")
     p.add_argument("--where", metavar="SQL", help="which accepted episodes, e.g. \"dataset = 'drawer'\"")
     p.add_argument("--cameras", help="views to export, in order, comma-separated (default: the first episode's)")
     p.add_argument("--fps", type=int, help="export only the episodes at this state rate, as one dataset at --out")

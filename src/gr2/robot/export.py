@@ -90,16 +90,17 @@ class ExportResult:
         lines = []
         for d in self.datasets:
             cams = ", ".join(d.cameras) or "none"
-            lines.append(f"{d.root}: LeRobot {CODEBASE_VERSION}, {d.fps} fps, {d.episodes} episodes, {d.frames} frames, "
-                         f"cameras {cams} (lake step times within {d.max_clock_error_s * 1000:.2f} ms of frame_index/fps)")
+            lines.append(f"{d.root}: LeRobot {CODEBASE_VERSION}, {d.fps} fps, {d.episodes} episodes, "
+                         f"{d.frames} frames, cameras {cams} (lake step times within "
+                         f"{d.max_clock_error_s * 1000:.2f} ms of frame_index/fps)")
         if len(self.datasets) > 1:
             rates = ", ".join(f"{d.fps}" for d in self.datasets)
-            lines.append(f"the selection runs at {len(self.datasets)} state rates ({rates} Hz): LeRobot v3 holds one fps "
-                         "per dataset, so each rate is a dataset of its own; nothing was resampled")
+            lines.append(f"the selection runs at {len(self.datasets)} state rates ({rates} Hz): LeRobot v3 holds "
+                         "one fps per dataset, so each rate is a dataset of its own; nothing was resampled")
         held = sum(d.held_views for d in self.datasets)
         if held:
-            lines.append(f"{held} steps had a flagged view (no frame within tolerance): each shows its camera's nearest "
-                         f"good frame and has {VIEW_OK} false for that camera")
+            lines.append(f"{held} steps had a flagged view (no frame within tolerance): each shows its camera's "
+                         f"nearest good frame and has {VIEW_OK} false for that camera")
         filled = sum(d.filled_actions for d in self.datasets)
         if filled:
             lines.append(f"{filled} steps had no action (the last step of ee_delta episodes): zero motion with the "
@@ -209,8 +210,8 @@ class VideoFile:
         # The one promise LeRobot's decoder relies on; checked, not assumed.
         pts = video_timestamps(self.path)
         if len(pts) != self.frames or not np.allclose(pts, np.arange(self.frames) / self.fps, rtol=0, atol=1e-6):
-            raise ExportError(f"{self.path}: wrote {self.frames} frames at n / {self.fps} s, the mp4 presents {len(pts)} "
-                              "at other times")
+            raise ExportError(f"{self.path}: wrote {self.frames} frames at n / {self.fps} s, the mp4 presents "
+                              f"{len(pts)} at other times")
 
 
 # -- one LeRobot dataset --------------------------------------------------------------------------
@@ -327,7 +328,8 @@ class DatasetWriter:
 
     def _file_full(self) -> bool:
         data_mb = sum(t.nbytes for t in self.rows) / 2**20
-        video_mb = max((os.path.getsize(v.path) for v in self.videos.values() if os.path.exists(v.path)), default=0) / 2**20
+        sizes = [os.path.getsize(v.path) for v in self.videos.values() if os.path.exists(v.path)]
+        video_mb = max(sizes, default=0) / 2**20
         return data_mb >= self.config.data_files_size_in_mb or video_mb >= self.config.video_files_size_in_mb
 
     def _close_files(self) -> None:
@@ -377,7 +379,8 @@ class DatasetWriter:
                          "video.is_depth_map": False, "video.fps": self.fps, "video.channels": 3, "has_audio": False},
             }
         features.update({
-            "observation.state": {"dtype": "float32", "shape": [len(layout["state_names"])], "names": layout["state_names"]},
+            "observation.state": {"dtype": "float32", "shape": [len(layout["state_names"])],
+                                  "names": layout["state_names"]},
             "action": {"dtype": "float32", "shape": [len(layout["action_names"])], "names": layout["action_names"],
                        "gr2.action_space": layout["action_space"]},
             "timestamp": {"dtype": "float32", "shape": [1], "names": None},
