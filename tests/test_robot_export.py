@@ -248,6 +248,10 @@ def test_export_lerobot_command_exports_what_where_selects_and_says_what_it_deci
     assert all("boxes#episode_00000" in s and "camera wrist missing" in s for s in wrist.skipped)
     assert "skipped 2 episodes" in wrist.summary()
 
+    ten = export_lerobot(lake, str(tmp_path / "ten"), ExportConfig(fps=10))
+    assert [(d.root, d.fps, d.episodes) for d in ten.datasets] == [(str(tmp_path / "ten"), 10, 2)]
+    assert len(ten.skipped) == 2 and all("runs at 20 Hz, not the 10 Hz asked for" in s for s in ten.skipped)
+
     with pytest.raises(ExportError, match="not empty"):
         export_lerobot(lake, str(out))
     with pytest.raises(ExportError, match="no accepted episodes"):
