@@ -11,7 +11,7 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 export RAY_DEDUP_LOGS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test bench system venv clean
+.PHONY: demo test bench system venv lerobot-venv clean
 
 system:
 	@missing=""; \
@@ -33,14 +33,29 @@ $(STAMP): pyproject.toml
 
 venv: system $(STAMP)
 
+# LeRobot in an environment of its own: lerobot 0.4.4 pins torch < 2.11, so it cannot share .venv
+# (torch 2.14.1). tests/test_robot_export.py loads our exports with it. --no-deps, plus exactly
+# what `from lerobot.datasets.lerobot_dataset import LeRobotDataset` imports; torchvision 0.29 has
+# no video reader, so frames decode with torchcodec (0.17 works with any torch >= 2.11).
+LEROBOT_VENV  := .venv-lerobot
+LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
+$(LEROBOT_STAMP): Makefile
+	@test -x $(LEROBOT_VENV)/bin/python || $(PY) -m venv $(LEROBOT_VENV)
+	$(LEROBOT_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0 \
+	  'datasets>=4,<5' 'huggingface-hub>=0.34.2,<0.36' 'accelerate>=1.10,<2' 'av>=15,<16'
+	$(LEROBOT_VENV)/bin/pip install -q --no-deps lerobot==0.4.4
+	@touch $(LEROBOT_STAMP)
+
+lerobot-venv: system $(LEROBOT_STAMP)
+
 demo: venv
 	$(BIN)/python -m gr2.flows.demo
 
-test: venv
+test: venv lerobot-venv
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: venv
 	$(BIN)/python benchmarks/build_throughput.py
 
 clean:
-	rm -rf $(VENV) .demo-lake .demo-robot
+	rm -rf $(VENV) $(LEROBOT_VENV) .demo-lake .demo-robot

@@ -1,4 +1,4 @@
-"""`gr2 ingest-robot`, `gr2 record-metaworld`: robot trajectories from the command line."""
+"""`gr2 ingest-robot`, `record-metaworld`, `doctor`, `export-lerobot`: robot trajectories from the command line."""
 
 from __future__ import annotations
 
@@ -70,6 +70,17 @@ def doctor(args) -> str:
     return diagnosis.table() + (f"\nwrote {', '.join(written)}" if written else "")
 
 
+def export_lerobot(args) -> str:
+    from gr2.lake.lake import Lake
+    from gr2.robot.export import ExportConfig, export_lerobot
+
+    lake = Lake(args.lake)
+    if not lake.exists("episodes"):
+        raise CommandError(f"no robot episodes in a lake at {lake.root}: run gr2 ingest-robot first")
+    config = ExportConfig(where=args.where, cameras=csv_list(args.cameras), fps=args.fps)
+    return export_lerobot(lake, args.out, config).summary()
+
+
 def register(sub) -> None:
     p = sub.add_parser("ingest-robot", help="ingest robot episodes (LeRobot, HDF5, CALVIN, annotated JSON) into a lake")
     p.add_argument("--lake", required=True, help="lake root: a directory or s3://bucket/prefix")
@@ -100,3 +111,13 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write every finding as JSON")
     p.add_argument("--png", metavar="FILE", help="also draw each camera's alignment residuals over time")
     p.set_defaults(run=doctor)
+
+    p = sub.add_parser("export-lerobot", help="write a lake's accepted robot episodes as LeRobot v3.0 datasets "
+                                              "(one per state rate)")
+    p.add_argument("--lake", required=True)
+    p.add_argument("--out", required=True,
+                   help="a new directory; with several state rates, one dataset per <fps>hz inside")
+    p.add_argument("--where", metavar="SQL", help="which accepted episodes, e.g. \"dataset = 'drawer'\"")
+    p.add_argument("--cameras", help="views to export, in order, comma-separated (default: the first episode's)")
+    p.add_argument("--fps", type=int, help="export only the episodes at this state rate, as one dataset at --out")
+    p.set_defaults(run=export_lerobot)

@@ -99,6 +99,12 @@ def quat_from_wxyz(q: np.ndarray) -> np.ndarray:
 # -- the canonical action -----------------------------------------------------------------------
 
 
+def ee_delta_names(effector_dims: int) -> list[str]:
+    """Names of an ee_delta action's dimensions, in the module docstring's order."""
+    effector = ["gripper"] if effector_dims == 1 else [f"effector_{i}" for i in range(effector_dims)]
+    return ["dx", "dy", "dz", "rx", "ry", "rz", *effector]
+
+
 def ee_delta_actions(pos: np.ndarray, quat: np.ndarray, effector: np.ndarray) -> np.ndarray:
     """[T-1, 6+k] ee_delta actions from a pose per step (see the module docstring)."""
     pos, quat = np.asarray(pos, np.float64), quat_normalize(quat)
@@ -120,21 +126,15 @@ def integrate_ee_delta(pos0: np.ndarray, quat0: np.ndarray, actions: np.ndarray)
 # -- normalisation statistics -------------------------------------------------------------------
 
 
-def compute_stats(values: np.ndarray) -> dict[str, list[float]]:
-    """Per-dimension mean, std, min, max, q01, q99 (and the count) of [N, D] values."""
+def compute_stats(values: np.ndarray, quantiles: tuple[float, ...] = (0.01, 0.99)) -> dict[str, list[float]]:
+    """Per-dimension mean, std, min, max, the `quantiles` (as q01, q99, ...) and the count of [N, D] values."""
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"statistics need [N, D] values with N > 0, got shape {x.shape}")
-    q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
-    return {
-        "mean": x.mean(0).tolist(),
-        "std": x.std(0).tolist(),
-        "min": x.min(0).tolist(),
-        "max": x.max(0).tolist(),
-        "q01": q01.tolist(),
-        "q99": q99.tolist(),
-        "count": int(len(x)),
-    }
+    out = {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "min": x.min(0).tolist(), "max": x.max(0).tolist()}
+    for q, value in zip(quantiles, np.quantile(x, quantiles, axis=0)):
+        out[f"q{round(q * 100):02d}"] = value.tolist()
+    return {**out, "count": int(len(x))}
 
 
 def normalize(x: np.ndarray, stats: dict, mode: str = "mean_std", eps: float = 1e-8) -> np.ndarray:

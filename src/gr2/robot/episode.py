@@ -103,6 +103,22 @@ class EncodedFrames:
         return h.hexdigest()
 
 
+class SelectedFrames:
+    """Some of another stream's frames (`keep`: their indices in it, increasing)."""
+
+    def __init__(self, frames: Frames, keep: np.ndarray):
+        self.frames, self.keep = frames, np.asarray(keep, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def get(self, indices: Sequence[int]) -> np.ndarray:
+        return self.frames.get([int(self.keep[int(i)]) for i in indices])
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.frames.digest()}:{self.keep.tolist()}".encode()).hexdigest()
+
+
 class VideoFrames:
     """Frames `first`..`first + count` of a video file (a LeRobot v3 file holds many episodes)."""
 

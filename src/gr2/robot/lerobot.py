@@ -6,6 +6,8 @@ A dataset that knows better (ours, from record_metaworld) names per-camera frame
 info.json's `camera_timestamps_path`; otherwise each frame's time is its presentation time in
 the mp4 (minus the episode's `from_timestamp` in v3), which is what LeRobot itself decodes by.
 A camera's feature info may declare its latency (`gr2.latency_s`), used unless the config overrides.
+A dataset gr2 exported marks the steps whose view had no frame in the lake (`gr2.view_ok`): those
+frames only stand in, so they are left out and the step is flagged again when aligned.
 
 The end effector: when `observation.state`'s names include a position (x, y, z) and a rotation
 (qx, qy, qz, qw, or roll, pitch, yaw), the episode carries an EndEffector and gets ee_delta
@@ -27,6 +29,7 @@ from gr2.robot.episode import (
     Episode,
     EpisodeError,
     EpisodeRef,
+    SelectedFrames,
     VideoFrames,
     video_timestamps,
 )
@@ -36,6 +39,8 @@ STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 # Not a LeRobot key: a camera's calibrated latency (s), which a rig that knows it may declare.
 LATENCY_KEY = "gr2.latency_s"
+# Not a LeRobot key: per step, whether each camera's frame is its own (robot/export.py writes it).
+VIEW_OK_KEY = "gr2.view_ok"
 
 
 def is_dataset(path: str) -> bool:
@@ -156,7 +161,18 @@ def _camera(ref, root, info, key, index, version, meta, table) -> Camera | None:
         raise
     except Exception as e:  # DecodeError, or PyAV's own errors on a broken container
         raise EpisodeError(f"{ref.uri}: camera {name}: unreadable video {path} ({type(e).__name__}: {e})") from None
+    own = _own_frames(info, name, table, len(times))
+    if own is not None:
+        frames, times = SelectedFrames(frames, np.flatnonzero(own)), times[own]
     return Camera(name, times, frames, fps, None if latency is None else float(latency))
+
+
+def _own_frames(info: dict, camera: str, table, count: int) -> np.ndarray | None:
+    """Which of a camera's frames are its own, where the dataset marks stand-ins (VIEW_OK_KEY), else None."""
+    names = info.get("features", {}).get(VIEW_OK_KEY, {}).get("names") or []
+    if VIEW_OK_KEY not in table.column_names or camera not in names or len(table) != count:
+        return None
+    return np.asarray(table.column(VIEW_OK_KEY).to_pylist(), bool).reshape(count, -1)[:, names.index(camera)]
 
 
 def _v2_camera_times(root, info, key, index, video_path, count, fps) -> np.ndarray:
@@ -226,7 +242,7 @@ def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
 
 def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffector | None:
     """The end-effector pose named by the state's feature names, if they name one."""
-    names = _names(info, STATE_KEY)
+    names = feature_names(info, STATE_KEY)
     if not names or not all(n in names for n in ("x", "y", "z")):
         return None
     pos = state[:, [names.index(n) for n in ("x", "y", "z")]]
@@ -236,7 +252,7 @@ def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffect
         quat = quat_from_euler(state[:, [names.index(n) for n in ("roll", "pitch", "yaw")]], "xyz")
     else:
         return None
-    action_names = _names(info, ACTION_KEY)
+    action_names = feature_names(info, ACTION_KEY)
     if action_names and "gripper" in action_names and len(action) == len(state):
         effector = action[:, [action_names.index("gripper")]]
     elif "gripper" in names:
@@ -246,7 +262,8 @@ def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffect
     return EndEffector(pos=pos, quat=quat, effector=effector)
 
 
-def _names(info: dict, key: str) -> list[str] | None:
+def feature_names(info: dict, key: str) -> list[str] | None:
+    """The names of a vector feature's dimensions, when info.json gives them."""
     names = info.get("features", {}).get(key, {}).get("names")
     if isinstance(names, dict):  # LeRobot also writes {"motors": [...]} or {"axes": [...]}
         names = next(iter(names.values()), None)
