@@ -1,10 +1,10 @@
 """Multi-view alignment: every camera stream mapped onto the state stream's clock.
 
 For each state step, each camera contributes its nearest frame once the camera's latency offset
-is removed from its timestamps. The tolerance defaults to half the camera's frame period: the
-largest distance at which the nearest frame of an on-time, gap-free stream can lie, so anything
-farther means a frame is missing (dropped, or the stream started late or stopped early). Such a
-step is flagged for that view, never filled with a frame from the wrong time.
+is removed from its timestamps. The tolerance defaults to the farthest the nearest frame of the
+camera's own on-time frames lies from any step (`gap_tolerance`), so anything farther means a frame
+is missing (dropped, or the stream started late or stopped early). Such a step is flagged for that
+view, never filled with a frame from the wrong time.
 
 Offsets (camera clock minus state clock), first match wins: declared in the config, estimated
 (the lag at which image motion best follows the end effector's motion), declared by the dataset's
@@ -28,14 +28,14 @@ class AlignmentError(Gr2Error):
 
 @dataclass(frozen=True)
 class AlignConfig:
-    tolerance_s: float | None = None  # None: half of each camera's frame period
+    tolerance_s: float | None = None  # None: from each camera's own timestamps (gap_tolerance)
     offsets_s: Mapping[str, float] = field(default_factory=dict)  # declared latency per camera
     # Cameras whose offset is estimated ("*": all without a declared one). Meant for static
     # cameras: a wrist camera's image motion follows its distance to the scene as much as its
     # speed, and on Meta-World's gripperPOV the estimate is confidently wrong (measured, 2026-11).
     estimate_cameras: tuple[str, ...] = ()
     estimated_s: Mapping[str, float] = field(default_factory=dict)  # estimated beforehand, pooled over episodes
-    max_offset_s: float = 0.25  # estimation searches [-max, +max] ...
+    max_offset_s: float = 0.25  # estimation searches [-max, +max] (a peak on its edge is refused) ...
     resolution_s: float = 0.0025  # ... in steps this fine (then refines the peak)
     min_correlation: float = 0.5  # below: the estimate is refused, not guessed
 
@@ -75,10 +75,30 @@ def frame_period(timestamps_s: np.ndarray, fps: float | None = None) -> float:
     return float(np.median(np.diff(timestamps_s)))
 
 
+# A dropped frame makes an interval of about two periods; on-time jitter keeps one near a period.
+GAP_PERIODS = 1.5  # so an interval this long or longer may hide a missing frame
+
+
 def dropped_frames(timestamps_s: np.ndarray, period_s: float) -> np.ndarray:
     """[F-1] frames missing before each frame: gaps of more than 1.5 periods, counted in periods."""
     gaps = np.diff(np.asarray(timestamps_s, np.float64)) / period_s
-    return np.where(gaps > 1.5, np.round(gaps) - 1, 0).astype(np.int64)
+    return np.where(gaps > GAP_PERIODS, np.round(gaps) - 1, 0).astype(np.int64)
+
+
+def gap_tolerance(timestamps_s: np.ndarray, period_s: float) -> float:
+    """Half the camera's longest on-time frame interval (at least half a period): flags gaps, not jitter."""
+    # A step between two consecutive frames lies at most half their interval from the nearer one,
+    # so a camera that keeps time puts every step within half its longest on-time interval of a
+    # frame; a tighter tolerance flags jitter. Jitter here includes the state clock's own grain:
+    # the Meta-World recorder (sim/record.py) captures only at a 12.5 ms env step, so its 15 Hz
+    # camera's frames come 62.5 or 75 ms apart, not 66.7 (87.5 with its 3 ms jitter), and a step
+    # mid-way between two is 37.5 ms from both: over half a period, with nothing missing. Intervals
+    # of GAP_PERIODS or more are left out: they may hold a dropped frame, and a step at a dropped
+    # frame's time is about a full period from its neighbours, so it stays flagged (the tolerance
+    # stays under 0.75 period).
+    intervals = np.diff(np.asarray(timestamps_s, np.float64))
+    on_time = intervals[intervals < GAP_PERIODS * period_s]
+    return 0.5 * max(period_s, float(on_time.max()) if len(on_time) else period_s)
 
 
 def nearest_frames(step_times: np.ndarray, frame_times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,10 +116,10 @@ def align_camera(step_times: np.ndarray, camera: Camera, offset_s: float, offset
         period = frame_period(camera.timestamps_s, camera.fps)
     except ValueError as e:
         raise AlignmentError(f"camera {camera.name}: {e}") from None
-    tol = 0.5 * period if tolerance_s is None else float(tolerance_s)
+    tol = gap_tolerance(camera.timestamps_s, period) if tolerance_s is None else float(tolerance_s)
     frame_times = np.asarray(camera.timestamps_s, np.float64) - offset_s
     idx, skew = nearest_frames(np.asarray(step_times, np.float64), frame_times)
-    # A hair of slack so a frame exactly half a period away (float rounding) is not flagged.
+    # A hair of slack so a frame exactly at the tolerance (float rounding) is not flagged.
     ok = np.abs(skew) <= tol + 1e-9
     good = np.abs(skew[ok])
     report = {
@@ -165,16 +185,26 @@ def offset_curve(episode: Episode, camera: str, lags: np.ndarray) -> np.ndarray:
     return curve
 
 
-def pick_offset(curves: list[np.ndarray], lags: np.ndarray) -> tuple[float, float]:
-    """(offset, correlation) at the peak of the mean of per-episode curves, refined by a parabola.
+@dataclass(frozen=True)
+class OffsetEstimate:
+    """The peak of a correlation curve over candidate offsets."""
+
+    offset_s: float
+    correlation: float
+    at_edge: bool  # the peak is the first or last offset the curve has: the true one may lie beyond
+
+
+def pick_offset(curves: list[np.ndarray], lags: np.ndarray) -> OffsetEstimate:
+    """The peak of the mean of per-episode curves, refined by a parabola.
 
     Averaging curves pools episodes: a rig's latency is the same in all of them, and one short
     episode rarely pins it down alone.
     """
     stacked = np.asarray(curves, np.float64).reshape(-1, len(lags))
     mean = _nanmean(stacked)
-    if not np.isfinite(mean).any():
-        return 0.0, float("nan")
+    searched = np.flatnonzero(np.isfinite(mean))
+    if not len(searched):
+        return OffsetEstimate(0.0, float("nan"), False)
     mean = np.where(np.isfinite(mean), mean, -np.inf)
     best = int(np.argmax(mean))
     offset = float(lags[best])
@@ -183,7 +213,7 @@ def pick_offset(curves: list[np.ndarray], lags: np.ndarray) -> tuple[float, floa
         denom = y0 - 2 * y1 + y2
         if denom < 0:
             offset += 0.5 * (y0 - y2) / denom * float(lags[1] - lags[0])
-    return offset, float(mean[best])
+    return OffsetEstimate(offset, float(mean[best]), best in (searched[0], searched[-1]))
 
 
 def _nanmean(stacked: np.ndarray) -> np.ndarray:
@@ -205,18 +235,24 @@ def estimate_offsets(episodes: list[Episode], cameras: list[str], config: AlignC
         if not have:
             raise AlignmentError(f"camera {name}: no episode has it, so its offset cannot be estimated")
         lags = estimation_grid(config)
-        offset, corr = pick_offset([offset_curve(e, name, lags) for e in have], lags)
-        out[name] = accept_offset(offset, corr, config, f"camera {name} over {len(have)} episodes")
+        estimate = pick_offset([offset_curve(e, name, lags) for e in have], lags)
+        out[name] = accept_offset(estimate, config, f"camera {name} over {len(have)} episodes")
     return out
 
 
-def accept_offset(offset: float, corr: float, config: AlignConfig, what: str) -> float:
-    if not corr >= config.min_correlation:
-        raise AlignmentError(
-            f"{what}: cannot estimate the offset: image motion does not follow the end effector "
-            f"(best correlation {corr:.2f} < {config.min_correlation}); declare the offset instead"
-        )
-    return offset
+def accept_offset(estimate: OffsetEstimate, config: AlignConfig, what: str) -> float:
+    """The estimated offset, or AlignmentError saying why the data cannot support it."""
+    if estimate.at_edge:
+        # Checked first: a curve still rising where the search stopped has not reached its peak, so
+        # its correlation there says nothing about how well motion would match at the true offset.
+        why = (f"the best match ({estimate.offset_s:+.3f} s, correlation {estimate.correlation:.2f}) is at the edge "
+               f"of the offsets searched, so the latency may lie beyond it (widen max_offset_s, now {config.max_offset_s} s)")
+    elif not estimate.correlation >= config.min_correlation:
+        why = (f"image motion does not follow the end effector (best correlation "
+               f"{estimate.correlation:.2f} < {config.min_correlation})")
+    else:
+        return estimate.offset_s
+    raise AlignmentError(f"{what}: cannot estimate the offset: {why}; declare the offset instead")
 
 
 def align(episode: Episode, config: AlignConfig = AlignConfig(), cameras: list[str] | None = None) -> Alignment:
@@ -243,5 +279,5 @@ def align(episode: Episode, config: AlignConfig = AlignConfig(), cameras: list[s
 
 def _estimate(episode: Episode, cam: Camera, config: AlignConfig) -> float:
     lags = estimation_grid(config)
-    offset, corr = pick_offset([offset_curve(episode, cam.name, lags)], lags)
-    return accept_offset(offset, corr, config, f"{episode.ref.uri}: camera {cam.name}")
+    estimate = pick_offset([offset_curve(episode, cam.name, lags)], lags)
+    return accept_offset(estimate, config, f"{episode.ref.uri}: camera {cam.name}")

@@ -123,12 +123,11 @@ class VideoFrames:
     """Frames `first`..`first + count` of a video file (a LeRobot v3 file holds many episodes)."""
 
     def __init__(self, path: str, first: int = 0, count: int | None = None):
-        from gr2.video.decode import DecodeError, VideoReader
+        from gr2.video.decode import DecodeError, VideoReader, display_size
 
         self.path, self.first = path, int(first)
         try:
-            width, height = video_size(path)
-            self._reader = VideoReader(path, width, height)
+            self._reader = VideoReader(path, *display_size(path))
         except DecodeError:
             raise
         except Exception as e:  # PyAV raises its own error family for unreadable containers
@@ -303,15 +302,6 @@ def file_digest(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def video_size(path: str) -> tuple[int, int]:
-    """(width, height) of a video's first stream."""
-    import av
-
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        return int(stream.codec_context.width), int(stream.codec_context.height)
 
 
 def video_timestamps(path: str) -> np.ndarray:

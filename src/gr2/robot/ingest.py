@@ -66,7 +66,7 @@ class IngestConfig:
     frame_height: int | None = None
     jpeg_quality: int = 90
     max_step_hz: float | None = None  # decimate a faster state stream to at most this rate
-    tolerance_s: float | None = None  # None: half of each camera's frame period
+    tolerance_s: float | None = None  # None: from each camera's own timestamps (align.gap_tolerance)
     offsets_s: dict[str, float] = field(default_factory=dict)  # declared latency per camera
     estimate_cameras: tuple[str, ...] = ()  # cameras whose offset is estimated per source ("*": all)
     estimate_episodes: int = 16  # episodes per source pooled for the estimate
@@ -440,9 +440,8 @@ def estimate_source_offsets(refs: list[EpisodeRef], config: IngestConfig) -> tup
     offsets: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
     for (source, camera), cs in sorted(curves.items()):
-        offset, corr = pick_offset(cs, lags)
         try:
-            offsets.setdefault(source, {})[camera] = accept_offset(offset, corr, config.align_config(),
+            offsets.setdefault(source, {})[camera] = accept_offset(pick_offset(cs, lags), config.align_config(),
                                                                    f"{source}: camera {camera} over {len(cs)} episodes")
         except AlignmentError as e:
             errors[source] = str(e)

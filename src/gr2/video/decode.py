@@ -2,6 +2,10 @@
 
 decord 0.6 carries an old FFmpeg that cannot open AV1 (DESIGN.md); any file the system ffmpeg
 decodes must still decode here, so a reader falls back per file and says which decoder read it.
+
+Frames come out as displayed: a phone's display matrix (rotation) applied, and `width` x `height`
+is the displayed size. decord does this itself (it turns each frame, then scales it to the size
+asked); PyAV hands frames over as stored, so `_displayed` turns them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ class DecodeError(Gr2Error):
 
 
 class VideoReader:
-    """Frames of one video, resized on decode to (width, height); `decoder` names who read it."""
+    """Frames of one video as displayed, resized on decode to (width, height); `decoder` names who read it."""
 
     def __init__(self, path: str, width: int, height: int):
         self.path, self.width, self.height = path, int(width), int(height)
@@ -92,7 +96,7 @@ def _pyav_chunks(path: str, size: int, width: int, height: int) -> Iterator[tupl
         buf, start = [], 0
         try:
             for frame in container.decode(stream):
-                buf.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                buf.append(_displayed(frame, width, height))
                 if len(buf) == size:
                     yield start, np.stack(buf)
                     start, buf = start + size, []
@@ -100,6 +104,32 @@ def _pyav_chunks(path: str, size: int, width: int, height: int) -> Iterator[tupl
             raise DecodeError(f"{path}: decoding failed at frame {start + len(buf)} ({_first_line(e)})") from None
         if buf:
             yield start, np.stack(buf)
+
+
+def _quarter_turns(frame) -> int:
+    """Quarter turns counter-clockwise that show a PyAV frame upright (its display matrix, rounded)."""
+    return int(round(frame.rotation / 90)) % 4
+
+
+def _displayed(frame, width: int, height: int) -> np.ndarray:
+    """A PyAV frame as displayed: uint8 [height, width, 3], turned by its display matrix."""
+    turns = _quarter_turns(frame)
+    if turns % 2:  # scaled while still on its side, so the turned frame is width x height
+        width, height = height, width
+    return np.rot90(frame.to_ndarray(format="rgb24", width=width, height=height), turns)
+
+
+def display_size(path: str) -> tuple[int, int]:
+    """(width, height) of a video's frames as displayed (display matrix applied)."""
+    container, stream = _open_av(path)
+    with container:
+        try:
+            frame = next(container.decode(stream), None)
+        except Exception as e:
+            raise DecodeError(f"{path}: decoding failed ({_first_line(e)})") from None
+    if frame is None:
+        raise DecodeError(f"{path}: no decodable frames")
+    return (frame.height, frame.width) if _quarter_turns(frame) % 2 else (frame.width, frame.height)
 
 
 def _pyav_get(path: str, indices: list[int], width: int, height: int) -> np.ndarray:

@@ -79,14 +79,20 @@ def _rate(text: str | None) -> float | None:
 
 
 def _rotation(stream: dict) -> int:
-    for side in stream.get("side_data_list", []) or []:
-        if "rotation" in side:
-            return int(float(side["rotation"])) % 360
-    return int(float(stream.get("tags", {}).get("rotate", 0))) % 360
+    """Degrees counter-clockwise the stored frames turn to be displayed, to the nearest quarter turn."""
+    # ffprobe gives the display matrix's angle counter-clockwise; the older `rotate` tag is clockwise
+    # (ffmpeg's own player reads both so), hence its minus sign.
+    ccw = next((float(side["rotation"]) for side in stream.get("side_data_list") or [] if "rotation" in side), None)
+    if ccw is None:
+        ccw = -float(stream.get("tags", {}).get("rotate", 0))
+    return int(round(ccw / 90)) * 90 % 360
 
 
 def probe(path: str) -> dict:
-    """Container, codec, duration_s, fps, frame_count, width, height, rotation, has_audio of `path`."""
+    """Container, codec, duration_s, fps, frame_count, width, height, rotation, has_audio of `path`.
+
+    width and height are the displayed ones (rotation applied), as the decoders return frames.
+    """
     if not os.path.exists(path):
         raise ProbeError(f"{path}: file not found")
     if os.path.getsize(path) == 0:
@@ -110,14 +116,18 @@ def probe(path: str) -> dict:
     frames = int(video["nb_frames"]) if str(video.get("nb_frames", "")).isdigit() else None
     if frames is None and duration and fps:
         frames = int(round(duration * fps))
+    rotation = _rotation(video)
+    width, height = int(video.get("width") or 0), int(video.get("height") or 0)
+    if rotation % 180:  # a quarter turn: the displayed frame is the stored one on its side
+        width, height = height, width
     return {
         "container": fmt.get("format_name"),
         "codec": video.get("codec_name"),
         "duration_s": duration,
         "fps": fps,
         "frame_count": frames,
-        "width": int(video.get("width") or 0),
-        "height": int(video.get("height") or 0),
-        "rotation": _rotation(video),
+        "width": width,
+        "height": height,
+        "rotation": rotation,
         "has_audio": has_audio,
     }
