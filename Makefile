@@ -37,11 +37,16 @@ venv: system $(STAMP)
 # (torch 2.14.1). tests/test_robot_export.py loads our exports with it. --no-deps, plus exactly
 # what `from lerobot.datasets.lerobot_dataset import LeRobotDataset` imports; torchvision 0.29 has
 # no video reader, so frames decode with torchcodec (0.17 works with any torch >= 2.11).
+# torch itself comes from .venv through a .pth line placed after the environment's own packages:
+# a second copy of torch's CUDA wheels is 6 GB and took 7.5 min to install here; what the
+# environment installs itself (datasets, huggingface-hub < 0.36, av < 16) shadows .venv's versions.
 LEROBOT_VENV  := .venv-lerobot
 LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
-$(LEROBOT_STAMP): Makefile
+$(LEROBOT_STAMP): $(STAMP) Makefile
 	@test -x $(LEROBOT_VENV)/bin/python || $(PY) -m venv $(LEROBOT_VENV)
-	$(LEROBOT_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0 \
+	$(LEROBOT_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/gr2-venv-torch.pth', 'w').write(sys.argv[1] + chr(10))" \
+	  "$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')"
+	$(LEROBOT_VENV)/bin/pip install -q torchcodec==0.17.0 \
 	  'datasets>=4,<5' 'huggingface-hub>=0.34.2,<0.36' 'accelerate>=1.10,<2' 'av>=15,<16'
 	$(LEROBOT_VENV)/bin/pip install -q --no-deps lerobot==0.4.4
 	@touch $(LEROBOT_STAMP)
