@@ -25,12 +25,11 @@ SHOT_LIKE = 0.05
 Span = tuple[int, int]
 
 
-def find_transitions(chunks: Iterable[tuple[int, np.ndarray]], fps: float, config: BuildConfig) -> tuple[int, list[Span]]:
-    """(frame count, transition spans) of a video given chunk by chunk as small RGB frames.
-
-    Hard cuts come from PySceneDetect's AdaptiveDetector fed the same frames; it compares adjacent
-    frames only, so it misses dissolves, fades and wipes, which `gradual_transitions` finds.
-    """
+def find_transitions(chunks: Iterable[tuple[int, np.ndarray]], fps: float,
+                     config: BuildConfig) -> tuple[int, list[Span]]:
+    """(frame count, transition spans) of a video given chunk by chunk as small RGB frames."""
+    # Hard cuts: PySceneDetect's AdaptiveDetector, fed the frames the survey already decodes. It
+    # compares adjacent frames only, so it misses dissolves, fades and wipes: gradual_transitions.
     from scenedetect import FrameTimecode  # with OpenCV, ~1 s to import: only the survey pays it
     from scenedetect.detectors import AdaptiveDetector
 
@@ -59,13 +58,10 @@ def thumbnails(frames: np.ndarray) -> np.ndarray:
 
 
 def gradual_transitions(thumbs: np.ndarray, fps: float, config: BuildConfig) -> list[Span]:
-    """Spans where most of the picture changes over a window of frames, far more than it changes
-    over the windows just before and after: dissolves, fades and wipes, cuts too.
-
-    PySceneDetect has no such detector (its ThresholdDetector sees only fades to a fixed level), so
-    this is ours: AdaptiveDetector's rolling ratio, applied to frames `w` apart instead of adjacent,
-    at window half-widths `w` doubling up to `transition_max_s`.
-    """
+    """Spans where most of the picture changes across a window, far more than just before and after."""
+    # PySceneDetect has no such detector (its ThresholdDetector sees only fades to a fixed level),
+    # so this is ours: AdaptiveDetector's rolling ratio applied to frames 2w apart instead of
+    # adjacent ones, at half-widths w doubling up to transition_max_s. It finds cuts too.
     spans, settled = [], []
     for w in half_widths(fps, config.transition_max_s):
         change, changed = window_change(thumbs, w)
@@ -102,8 +98,7 @@ def half_widths(fps: float, max_s: float) -> list[int]:
 
 
 def window_change(thumbs: np.ndarray, w: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame t: mean abs difference (0..255) between frames t-w and t+w, and the fraction of
-    pixels it changed; NaN and 0 where the window runs off the video."""
+    """Per frame t: mean abs difference (0..255) of frames t-w and t+w, and the fraction of pixels changed."""
     n = len(thumbs)
     change, changed = np.full(n, np.nan, np.float32), np.zeros(n, np.float32)
     for lo in range(w, n - w, block):  # in blocks: an hour of frames would be GBs as one array
@@ -126,21 +121,19 @@ def _shift(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _middles(hit: np.ndarray) -> list[int]:
-    """The middle index of each run of consecutive `hit`s: the window most centred on what it hit
-    (every window that holds a whole transition changes as much, so the largest change is no guide)."""
+    """The middle index of each run of consecutive `hit`s."""
+    # the window most centred on what it hit: every window holding a whole transition changes as
+    # much, so the largest change is no guide
     idx = np.flatnonzero(hit)
     runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1) if len(idx) else []
     return [int(r[len(r) // 2]) for r in runs]
 
 
 def locate(thumbs: np.ndarray, lo: int, hi: int) -> tuple[Span, bool]:
-    """The transition inside frames [lo, hi], its old shot at `lo` and its new one at `hi`, and
-    whether it was found whole (both ends in the shots, not amid a longer transition).
-
-    Found against the window's end frames, then again against frames just outside what was found,
-    until it holds: motion in a shot moves its frames away from a reference far off, and would
-    otherwise count as part of the transition.
-    """
+    """The transition between frames `lo` (old shot) and `hi` (new shot), and whether it was found whole."""
+    # Found against the window's end frames, then again against frames just outside what was
+    # found, until it holds: motion in a shot moves its frames away from a far reference, and
+    # would otherwise count as part of the transition.
     first, last = lo, hi
     for _ in range(4):
         a, b = blend_span(thumbs[lo:hi + 1], lo)
@@ -155,18 +148,16 @@ def locate(thumbs: np.ndarray, lo: int, hi: int) -> tuple[Span, bool]:
 
 
 def settled_ends(thumbs: np.ndarray, lo: int, hi: int, length: int) -> bool:
-    """Whether frames `lo` and `hi` sit in steady shots: each differs from its outer neighbour
-    less than half as much as the picture changes per frame across the `length` frames between
-    them. Inside a longer dissolve they would change as fast as the frames between."""
+    """Whether frames `lo` and `hi` sit in steady shots, not amid a longer transition."""
+    # Each must differ from its outer neighbour less than half as much as the picture changes per
+    # frame across the `length` frames between them; inside a longer dissolve it changes as fast.
     f = thumbs[[max(lo - 1, 0), lo, hi, min(hi + 1, len(thumbs) - 1)]].astype(np.float32)
     steps = max(np.abs(f[1] - f[0]).mean(), np.abs(f[3] - f[2]).mean())
     return bool(steps < 0.5 * np.abs(f[2] - f[1]).mean() / max(1, length + 1))
 
 
 def blend_span(window: np.ndarray, first: int) -> Span:
-    """The frames of `window` (numbered from `first`) that are like neither its first nor its last
-    frame: each frame's progress is its distance from the first over the sum of its distances from
-    both (0 at the old shot, 1 at the new, in between for blends and for the black of a fade)."""
+    """The frames of `window` (numbered from `first`) like neither its first frame nor its last."""
     f = window.astype(np.float32)
     to_old = np.abs(f - f[0]).mean(axis=(1, 2, 3))
     to_new = np.abs(f - f[-1]).mean(axis=(1, 2, 3))
@@ -176,6 +167,7 @@ def blend_span(window: np.ndarray, first: int) -> Span:
         # motion on either side (a fade through black goes further, to black and back, in many)
         cut = first + int(np.argmax(steps)) + 1
         return cut, cut
+    # 0 at the old shot, 1 at the new, in between for blends and for the black of a fade
     progress = to_old / np.maximum(to_old + to_new, 1e-6)
     start = int(np.argmax(progress > SHOT_LIKE))
     end = int(np.flatnonzero(progress < 1 - SHOT_LIKE)[-1]) + 1
