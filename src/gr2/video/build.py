@@ -83,13 +83,12 @@ def survey_video(item: dict, config: BuildConfig) -> dict:
         return {**row, "status": "rejected", "reason": reject}
     try:
         reader = decode.VideoReader(item["local_path"], *SHOT_FRAME_SIZE)
-        diffs = shots.frame_differences(reader.chunks(64))
+        frame_count, transitions = shots.find_transitions(reader.chunks(64), info["fps"], config)
     except decode.DecodeError as e:
         return {**row, "status": "failed", "reason": str(e)}
-    cuts = shots.find_cuts(diffs, config.shot_threshold, config.shot_ratio)
-    spans = shots.shot_spans(len(diffs), cuts)
-    row.update(decoder=reader.decoder, frame_count=len(diffs), shot_count=len(spans), frames_decoded=len(diffs),
-               windows=shots.windows(spans, info["fps"], config.clip_s, config.cut_margin_frames))
+    spans = shots.shot_spans(frame_count, transitions)
+    row.update(decoder=reader.decoder, frame_count=frame_count, shot_count=len(spans), frames_decoded=frame_count,
+               windows=shots.windows(spans, info["fps"], config.clip_s, config.cut_margin_frames, frame_count))
     return row
 
 

@@ -18,8 +18,11 @@ class BuildConfig(BaseModel):
     frames_per_clip: int = Field(8, ge=2, le=64, description="frames sampled from each clip")
     frame_size: int = Field(128, ge=16, le=1024, description="sampled frames: square side, pixels")
     # Shots
-    shot_threshold: float = Field(30.0, gt=0, description="frame difference (0..255) that can be a cut")
-    shot_ratio: float = Field(3.0, ge=1, description="a cut stands this many times above its neighbours")
+    cut_threshold: float = Field(3.0, gt=0, description="a hard cut's frame change stands this many times above its neighbours' (PySceneDetect AdaptiveDetector)")
+    cut_min_change: float = Field(15.0, ge=0, description="and is at least this (PySceneDetect content_val, 0..255)")
+    transition_ratio: float = Field(2.5, ge=1, description="a gradual transition changes the picture this many times more than the frames around it")
+    transition_min_change: float = Field(25.0, ge=0, description="mean abs difference (0..255) across a gradual transition")
+    transition_max_s: float = Field(2.0, gt=0, le=10, description="longest gradual transition looked for, seconds")
     cut_margin_frames: int = Field(2, ge=0, description="frames dropped beside each cut")
     # Video gates
     min_duration_s: float = Field(1.0, ge=0)
