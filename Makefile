@@ -17,6 +17,7 @@ system:
 	@missing=""; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	dpkg -s libosmesa6 >/dev/null 2>&1 || missing="$$missing libosmesa6"; \
+	dpkg -s libgl1 >/dev/null 2>&1 || missing="$$missing libgl1"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
