@@ -158,7 +158,7 @@ def lance_merge_race(uri: str) -> tuple[int, list]:
     """Two threads, bare merge_insert of the same 50 new ids; (rows those ids end with, errors)."""
     import lance
 
-    from gr2.lake.lake import storage_options
+    from gr2.lake.uri import storage_options
 
     opts = storage_options(uri)
     lance.write_dataset(_ids(0, 10), uri, storage_options=opts)

@@ -256,7 +256,7 @@ def test_a_driver_killed_on_an_s3_lake_finishes_on_rerun(prefect_server, s3_buck
 
 
 def test_an_s3_lease_outlives_its_ttl_while_held_and_frees_when_its_holder_dies(s3_bucket):
-    from gr2.lake.lake import storage_options
+    from gr2.lake.uri import storage_options
     from gr2.lake.lease import LeaseTimeout, object_store_lease
 
     root = f"s3://{s3_bucket}/lake"

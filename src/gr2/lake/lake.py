@@ -23,51 +23,12 @@ import pyarrow.compute as pc
 
 from gr2.errors import Gr2Error
 from gr2.lake import schema
+from gr2.lake.uri import is_remote, local_path, storage_options
 
 
 class LakeError(Gr2Error):
     """A lake that cannot be opened, read or written."""
 
-
-def storage_options(uri: str) -> dict[str, str]:
-    """Lance storage options for `uri`, from the usual AWS environment variables."""
-    if not uri.startswith("s3://"):
-        return {}
-    env = {
-        "aws_access_key_id": "AWS_ACCESS_KEY_ID",
-        "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-        "aws_session_token": "AWS_SESSION_TOKEN",
-        "aws_region": "AWS_DEFAULT_REGION",
-        "aws_endpoint": "AWS_ENDPOINT_URL",
-    }
-    opts = {k: os.environ[v] for k, v in env.items() if os.environ.get(v)}
-    if "aws_region" not in opts and os.environ.get("AWS_REGION"):
-        opts["aws_region"] = os.environ["AWS_REGION"]
-    if opts.get("aws_endpoint", "").startswith("http://"):
-        opts["allow_http"] = "true"
-    return opts
-
-
-
-def arrow_filesystem(uri: str):
-    """(pyarrow filesystem, path) for `uri`, with the object store's settings spelled out.
-
-    Such a filesystem pickles with its settings, so a Ray actor that never saw this process's AWS
-    variables (Ray Train's controller, which resolves a run's storage itself) reaches the same store.
-    """
-    import pyarrow.fs as pafs
-
-    if not uri.startswith("s3://"):
-        return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{os.path.abspath(uri)}")
-    opts = storage_options(uri)
-    kwargs = {"region": opts.get("aws_region")}
-    if opts.get("aws_access_key_id") and opts.get("aws_secret_access_key"):
-        kwargs.update(access_key=opts["aws_access_key_id"], secret_key=opts["aws_secret_access_key"],
-                      session_token=opts.get("aws_session_token"))
-    if opts.get("aws_endpoint"):
-        scheme, _, host = opts["aws_endpoint"].partition("://")
-        kwargs.update(scheme=scheme, endpoint_override=host.rstrip("/"))
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), uri[len("s3://"):].rstrip("/")
 
 # The settings a Ray worker needs to reach the same object store as the driver.
 _WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -96,15 +57,15 @@ class Lake:
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/")
-        if "://" not in self.root:
-            self.root = os.path.abspath(self.root)
+        if not is_remote(self.root):
+            self.root = os.path.abspath(local_path(self.root))
         self._opts = storage_options(self.root)
 
     # -- reading -----------------------------------------------------------------------------
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.root or self.root.startswith("file://")
+        return not is_remote(self.root)
 
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}.lance"

@@ -23,6 +23,8 @@ import json
 
 import numpy as np
 
+from gr2.lake.uri import arrow_filesystem
+
 ACTION_SPACE = "ee_delta"
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 
@@ -170,10 +172,8 @@ def stats_uri(lake_root: str, dataset: str) -> str:
 
 def write_stats(lake, dataset: str, stats: dict) -> str:
     """Write `stats` ({"action": {...}, "state": {...}, ...}) for `dataset` under the lake's lease."""
-    import pyarrow.fs as pafs
-
     uri = stats_uri(lake.root, dataset)
-    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{uri}")
+    fs, path = arrow_filesystem(uri)
     with lake.lease():
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
@@ -183,10 +183,8 @@ def write_stats(lake, dataset: str, stats: dict) -> str:
 
 def read_stats(lake_root: str, dataset: str) -> dict:
     """A dataset's statistics as written by write_stats."""
-    import pyarrow.fs as pafs
-
     uri = stats_uri(lake_root, dataset)
-    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{uri}")
+    fs, path = arrow_filesystem(uri)
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode())
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from gr2.lake import schema
 from gr2.lake.lake import worker_env
+from gr2.lake.uri import is_remote, local_path
 from gr2.robot import actions as act
 from gr2.robot import annotated_json, calvin, hdf5, lerobot, remote
 from gr2.robot.align import (
@@ -119,9 +120,9 @@ def list_sources(sources: Iterable[str]) -> tuple[list[EpisodeRef], list[dict]]:
     """Every episode of every source, and a failed-episode row for each source that cannot be listed."""
     refs, failed = [], []
     for source in sources:
-        source = os.path.abspath(source) if "://" not in source else source.rstrip("/")
+        source = source.rstrip("/") if is_remote(source) else os.path.abspath(local_path(source))
         try:
-            if remote.is_remote(source):
+            if is_remote(source):
                 found = remote.list_episodes(source, DETECT)
             elif not os.path.exists(source):
                 raise EpisodeError(f"{source}: no such file or directory")

@@ -29,7 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gr2.errors import Gr2Error
-from gr2.lake.lake import Lake, arrow_filesystem, worker_env
+from gr2.lake.lake import Lake, worker_env
+from gr2.lake.uri import arrow_filesystem, is_remote
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
 from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
@@ -183,7 +184,7 @@ def train(lake: Lake | str, config: TrainConfig = TrainConfig(),
     started = time.perf_counter()
     last = ckpt.latest_checkpoint(run_dir)
     stop, follower = threading.Event(), None
-    if progress is not None and "://" not in run_dir:
+    if progress is not None and not is_remote(run_dir):
         follower = follow(os.path.join(run_dir, METRICS), progress, stop, start_at_end=True)
     try:
         _fit(p, config, last)
@@ -229,7 +230,7 @@ def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResu
 
 
 def _ray_storage(run_dir: str) -> dict:
-    if "://" not in run_dir:
+    if not is_remote(run_dir):
         return {"storage_path": os.path.abspath(os.path.join(run_dir, "ray"))}
     # An explicit filesystem: Ray Train's controller actor resolves a bare URI with its own
     # environment, which never saw this driver's AWS settings (endpoint, credentials).

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from gr2.errors import Gr2Error
-from gr2.lake.lake import Lake, arrow_filesystem, worker_env
+from gr2.lake.lake import Lake, worker_env
+from gr2.lake.uri import arrow_filesystem, is_remote
 from gr2.video import shots
 from gr2.video.tokenize import clip_items, decode_clip_frames, to_resolution, tokenizers_dir
 
@@ -324,7 +325,7 @@ def _storage(models: str) -> dict:
     listing reads (a leading dot). On object storage with an explicit filesystem: Ray Train's
     controller actor would resolve a bare URI with its own environment, without the driver's AWS
     settings (as training/loop.py does)."""
-    if "://" not in models:
+    if not is_remote(models):
         return {"storage_path": os.path.abspath(f"{models}/.ray-train")}
     fs, path = arrow_filesystem(f"{models}/.ray-train")
     return {"storage_path": path, "storage_filesystem": fs}
