@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 from gr2.flows.runtime import ensure_ray
 from gr2.lake.index import build_indexes
 from gr2.lake.lake import Lake
+from gr2.lake.query import sql_literal
 from gr2.video import caption, dedup
 from gr2.video import sources as sources_mod
 from gr2.video.build import BuildResult, check_models, model_stages, new_build_id, run_build
@@ -44,7 +45,7 @@ def model_counts(lake: Lake, build_id: str) -> dict:
     """Caption sources and near-duplicates among this build's clips, for the funnel."""
     if not lake.exists("clips"):
         return {}
-    rows = lake.read("clips", columns=["caption_source", "duplicate_of"], filter=f"build_id = '{build_id}'").to_pylist()
+    rows = lake.read("clips", columns=["caption_source", "duplicate_of"], filter=f"build_id = {sql_literal(build_id)}").to_pylist()
     return {**caption.counts(rows), **dedup.counts(rows)}
 
 

@@ -69,7 +69,7 @@ def ingest_robot_trajectories(sources: list[str], lake: str, config: IngestConfi
     the_lake = Lake(params.lake)
     result = ingest(params.sources, the_lake, params.config, build_id=started.strftime("robot-%Y%m%dT%H%M%S%fZ"))
     record_build(the_lake, result, FLOW_NAME, params.sources, json.dumps(asdict(params.config), default=list),
-                 params.config.config_hash(), started, ("episodes", "steps"))
+                 params.config.hash(), started, ("episodes", "steps"))
     create_markdown_artifact(key="robot-ingest-funnel", markdown=funnel_markdown(result.build_id, result.funnel, result.reasons),
                              description=f"funnel of {result.build_id}")
     f = result.funnel

@@ -17,7 +17,6 @@ driver and fetches each episode's files on the worker that loads it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ import pyarrow as pa
 
 from gr2.lake import schema
 from gr2.lake.lake import worker_env
+from gr2.lake.provenance import settings_hash
 from gr2.lake.uri import is_remote, local_path
 from gr2.robot import actions as act
 from gr2.robot import annotated_json, calvin, hdf5, lerobot, remote
@@ -89,10 +89,9 @@ class IngestConfig:
             min_correlation=self.min_correlation,
         )
 
-    def config_hash(self) -> str:
+    def hash(self) -> str:
         """Hash of everything that shapes rows (not of how many workers made them)."""
-        shaping = {k: v for k, v in asdict(self).items() if k not in ("concurrency", "commit_every")}
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=list).encode()).hexdigest()[:16]
+        return settings_hash({k: v for k, v in asdict(self).items() if k not in ("concurrency", "commit_every")})
 
 
 @dataclass
@@ -205,7 +204,7 @@ def _failed_row(ref: EpisodeRef, episode_id: str, reason: str, config: IngestCon
         "dataset": ref.dataset or None,
         "status": "failed",
         "reason": reason,
-        "config_hash": config.config_hash() if config else None,
+        "config_hash": config.hash() if config else None,
         "build_id": build_id,
         "processed_at": datetime.now(timezone.utc),
     }
@@ -230,7 +229,7 @@ def _rows(episode: Episode, episode_id: str, config: IngestConfig, build_id: str
         space = act.ACTION_SPACE
     else:
         actions, space = np.asarray(episode.action, np.float64), "native"
-    config_hash = config.config_hash()
+    config_hash = config.hash()
     row = {
         "episode_id": episode_id,
         "source": ref.source,
@@ -479,7 +478,7 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
     for row in listing_failures:
         counts["failed"] += 1
         reasons.append(row["reason"])
-        pending_eps.append(schema.conform("episodes", [{**row, "config_hash": config.config_hash(), "build_id": build_id}]))
+        pending_eps.append(schema.conform("episodes", [{**row, "config_hash": config.hash(), "build_id": build_id}]))
 
     if refs:
         ds = ray.data.from_items([_ref_item(r) for r in refs]).map_batches(

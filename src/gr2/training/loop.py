@@ -15,7 +15,6 @@ a worker group after a worker died (FailureConfig): every worker looks for it wh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake, worker_env
+from gr2.lake.provenance import settings_hash
 from gr2.lake.uri import arrow_filesystem, is_remote
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
@@ -149,7 +149,7 @@ def check_init(init_dir: str, spec: DataSpec, model_config: GR2Config) -> dict:
 def run_id_for(config: TrainConfig, spec: DataSpec, init_id: str | None) -> str:
     facts = {"config": config.shaping(), "init": init_id, "tokenizer": spec.tokenizer_id,
              "table_version": spec.table_version, "lake": spec.lake}
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    digest = settings_hash(facts)[:10]
     return f"{config.stage}-{config.size}-{digest}"
 
 

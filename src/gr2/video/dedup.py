@@ -70,7 +70,7 @@ class Deduplicator:
         if not vectors or self.lake_root is None:
             return out
         from gr2.lake.lake import Lake
-        from gr2.lake.query import NPROBES, REFINE_FACTOR
+        from gr2.lake.query import NPROBES, REFINE_FACTOR, sql_literal
 
         lake = Lake(self.lake_root)
         if not lake.exists("clips"):
@@ -81,7 +81,7 @@ class Deduplicator:
         model, weights = _one(batch, "clip_model"), _one(batch, "clip_pretrained")
         where = "status = 'accepted'"  # null embeddings are skipped by the search itself
         if model and weights:
-            where += f" AND clip_model = {_sql(model)} AND clip_pretrained = {_sql(weights)}"
+            where += f" AND clip_model = {sql_literal(model)} AND clip_pretrained = {sql_literal(weights)}"
         # k=2: the nearest may be the clip itself, committed by an earlier, interrupted run.
         hits = ds.to_table(
             columns=["clip_id", "_distance"], filter=where, prefilter=True,
@@ -104,10 +104,6 @@ def _one(batch, column: str) -> str | None:
         return None
     value = batch[column][0]
     return value if isinstance(value, str) else None
-
-
-def _sql(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def counts(rows: list[dict]) -> dict[str, int]:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake, LakeError, worker_env
+from gr2.lake.query import sql_literal
 from gr2.video import decode, probe
 
 MODELS_DIR = "models/tokenizers"
@@ -249,7 +250,7 @@ def tokenize_after_build(lake: Lake, stages: BuildStages, build_id: str, log=pri
         return {"tokenized": 0, "tokenize_skipped": stages.skipped or "no tokenizer"}
     rest = tokenize_lake(lake, stages.checkpoint_dir, only_missing=True, log=log)
     in_build = lake.dataset("clips").count_rows(
-        f"build_id = {_quote(build_id)} AND tokenizer_id = {_quote(stages.tokenizer_id)}") if lake.exists("clips") else 0
+        f"build_id = {sql_literal(build_id)} AND tokenizer_id = {sql_literal(stages.tokenizer_id)}") if lake.exists("clips") else 0
     earlier = rest.tokenized - rest.by_build.get(build_id, 0)  # this build's own clips are in `in_build`
     entry = {"tokenized": in_build + earlier, "tokenized_from_earlier_builds": earlier, "tokenizer": stages.tokenizer_id}
     if rest.failed:
@@ -350,7 +351,7 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
     result.accepted = ds.count_rows("status = 'accepted'")
     where = "status = 'accepted'"
     if only_missing:
-        where += f" AND (tokenizer_id IS NULL OR tokenizer_id != {_quote(tid)})"
+        where += f" AND (tokenizer_id IS NULL OR tokenizer_id != {sql_literal(tid)})"
     items = clip_items(lake, where)
     result.already = result.accepted - len(items)
     log(f"tokenizer {tid}: {len(items)} of {result.accepted} accepted clips to tokenize")
@@ -431,7 +432,7 @@ def reconstruction_sheet(lake: Lake, clip_id: str, min_side: int = 128) -> tuple
     grid = np.asarray(row["tokens"], np.int64).reshape(t, h, w)
     recon = (checkpoint.tokenizer.decode(grid).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     size = recon.shape[1]
-    item = clip_items(lake, f"clip_id = {_quote(row['clip_id'])}")[0]
+    item = clip_items(lake, f"clip_id = {sql_literal(row['clip_id'])}")[0]
     try:
         original = clip_frames(probe.local_copy(item["uri"]), item["width"], item["height"], item["indices"],
                                item["frame_size"], size)
@@ -454,7 +455,7 @@ def _one_clip(lake: Lake, clip_id: str) -> dict:
         raise TokenizeError(f"{clip_id!r} is not a clip id")
     names = lake.dataset("clips").schema.names
     columns = ["clip_id", "status", *[c for c in TOKEN_COLUMNS if c in names]]
-    rows = lake.read("clips", columns=columns, filter=f"clip_id LIKE '{clip_id}%'").to_pylist()
+    rows = lake.read("clips", columns=columns, filter=f"clip_id LIKE {sql_literal(clip_id + '%')}").to_pylist()
     exact = [r for r in rows if r["clip_id"] == clip_id]
     rows = exact or rows
     if not rows:
@@ -469,10 +470,6 @@ def _actor_pool(actors: int | tuple[int, int]):
 
     low, high = (actors, actors) if isinstance(actors, int) else actors
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _objects(items: list) -> np.ndarray:
