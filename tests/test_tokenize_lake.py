@@ -34,10 +34,10 @@ def save_tokenizer(lake: Lake, seed: int, trained_at: str) -> tuple[str, str]:
     """A random-init tokenizer saved where the lake keeps its tokenizers; (directory, id)."""
     torch.manual_seed(seed)
     tok = Tokenizer(TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY))
-    staging = f"{tk.tokenizers_dir(lake)}/staging-{seed}"
+    staging = f"{lake.models_dir('tokenizer')}/staging-{seed}"
     cid = save_checkpoint(tok, staging, info={"trained_at": trained_at, "note": "random init, for tests"})
-    shutil.move(staging, f"{tk.tokenizers_dir(lake)}/{cid}")
-    return f"{tk.tokenizers_dir(lake)}/{cid}", cid
+    shutil.move(staging, f"{lake.models_dir('tokenizer')}/{cid}")
+    return f"{lake.models_dir('tokenizer')}/{cid}", cid
 
 
 def clip_tokens(lake: Lake) -> dict[str, dict]:
@@ -148,13 +148,13 @@ def test_train_tokenizer_flow_saves_a_loadable_checkpoint_with_held_out_numbers(
                              model=TINY, frames_per_clip=4)
     loaded = load_checkpoint(result["checkpoint"])
     assert loaded.checkpoint_id == result["checkpoint_id"]
-    assert result["checkpoint"] == f"{tk.tokenizers_dir(built.lake)}/{result['checkpoint_id']}"
+    assert result["checkpoint"] == f"{built.lake.models_dir('tokenizer')}/{result['checkpoint_id']}"
     assert loaded.tokenizer.config.num_codes == 64 and loaded.info["held_out"] == result["eval"]
     e, f = result["eval"], result["frames"]
     assert 0 < e["psnr_db"] < 60 and 0 < e["codebook_usage"] <= 1 and 1 <= e["perplexity"] <= 64
     assert f["train_clips"] >= 1 and f["held_out_clips"] >= 1 and f["train_episodes"] + f["held_out_episodes"] == 2
     assert f["held_out_frames"] > 0 and f["robot_jpeg_failures"] == 0
-    assert tk.find_tokenizer(built.lake) == result["checkpoint"]  # the latest trained ...
+    assert built.lake.find_checkpoint("tokenizer") == result["checkpoint"]  # the latest trained ...
     assert tk.current_tokenizer(built.lake) == in_use  # ... but builds keep the tokenizer the clips carry
 
 
@@ -197,7 +197,7 @@ def test_a_lake_without_a_tokenizer_skips_the_stage_and_says_so(tmp_path):
     stages = tk.build_stages(lake)
     assert stages == [] and stages.skipped == "no tokenizer"
     assert tk.tokenize_after_build(lake, stages, "build-x") == {"tokenized": 0, "tokenize_skipped": "no tokenizer"}
-    assert tk.find_tokenizer(lake) is None
+    assert lake.find_checkpoint("tokenizer") is None
 
 
 def add_robot_steps(lake: Lake) -> None:

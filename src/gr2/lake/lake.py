@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gr2.errors import Gr2Error
-from gr2.lake import schema
+from gr2.lake import models, schema
 from gr2.lake.uri import is_remote, local_path, storage_options
 
 
@@ -189,9 +189,6 @@ class Lake:
             else:
                 ds.tags.create(name, version)
 
-    def versions(self, table: str) -> list[dict]:
-        return self.dataset(table).versions()
-
     def latest_build(self, flow: str | None = None) -> dict | None:
         """The most recently finished build (optionally of one flow), with its funnel decoded."""
         builds = self.read("builds")
@@ -204,6 +201,27 @@ class Lake:
         row["config"] = json.loads(row.pop("config_json") or "{}")
         row["versions"] = json.loads(row.pop("versions_json") or "{}")
         return row
+
+
+    # -- the models registry (models.py holds the layout) -------------------------------------------
+
+    def models_dir(self, kind: str) -> str:
+        """Where checkpoints of `kind` ("tokenizer" or "gr2") live."""
+        return models.directory(self.root, kind)
+
+    def checkpoints(self, kind: str) -> list[models.Saved]:
+        """Every complete checkpoint of `kind` in the lake, oldest first."""
+        return models.listing(self.root, kind)
+
+    def find_checkpoint(self, kind: str, ref: str | None = None) -> str | None:
+        """The directory of checkpoint `ref` of `kind` (an id or a unique prefix; None: the latest saved),
+        or None when the lake has none such; LakeError when a prefix begins several ids."""
+        found = self.checkpoints(kind)
+        matches = found if ref is None else models.matching(found, ref)
+        ids = sorted({s.checkpoint_id for s in matches})
+        if ref is not None and len(ids) > 1:
+            raise LakeError(f"{kind} {ref} is ambiguous under {self.models_dir(kind)}: it begins {', '.join(ids)}")
+        return matches[-1].path if matches else None
 
 
 def _as_table(rows: list[dict] | pa.Table) -> pa.Table:

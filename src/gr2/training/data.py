@@ -17,11 +17,8 @@ read the same way.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import math
-import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,7 +35,6 @@ from gr2.robot import actions as act
 
 STAGES = ("pretrain", "finetune")
 ENTROPY_SAMPLE = 20_000  # clips whose tokens the unigram entropy is counted over
-TOKENIZER_FORMAT = "gr2.tokenizer/1"  # what gr2.tokenizers writes into a checkpoint's config.json
 
 
 class TrainingDataError(Gr2Error):
@@ -99,29 +95,6 @@ class DataSpec:
 # -- the driver: can this lake train, and on what --------------------------------------------------
 
 
-def find_tokenizer(lake_root: str, tokenizer_id: str) -> str | None:
-    """The directory under <lake>/models holding tokenizer checkpoint `tokenizer_id`, if any."""
-    if "://" in lake_root:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(lake_root)
-        configs = fs.glob(f"{root}/models/**/config.json")
-        opener = fs.open
-        prefix = lake_root.split("://")[0] + "://"
-    else:
-        configs = glob.glob(os.path.join(lake_root, "models", "**", "config.json"), recursive=True)
-        opener, prefix = open, ""
-    for path in sorted(configs):
-        try:
-            with opener(path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if meta.get("format") == TOKENIZER_FORMAT and meta.get("checkpoint_id") == tokenizer_id:
-            return prefix + path.rsplit("/", 1)[0] if prefix else os.path.dirname(path)
-    return None
-
-
 def tokenizer_codebook(path: str) -> int:
     """The number of codes of the tokenizer checkpoint at `path`."""
     from gr2.tokenizers import read_config
@@ -153,11 +126,11 @@ def _resolve_tokenizer(lake: Lake, ids: set, where: str, tokenizer: str | None, 
         raise TrainingDataError(f"{where} in lake {lake.root} hold tokens of {len(ids)} tokenizers "
                                 f"({', '.join(sorted(ids))}); re-tokenize with one before training")
     tokenizer_id = next(iter(ids))
-    path = tokenizer or find_tokenizer(lake.root, tokenizer_id)
+    path = tokenizer or lake.find_checkpoint("tokenizer", tokenizer_id)
     if path is None:
         raise TrainingDataError(
             f"{where} in lake {lake.root} were tokenized with tokenizer {tokenizer_id}, whose checkpoint is not "
-            f"under {lake.root}/models: pass its directory as the tokenizer setting")
+            f"under {lake.models_dir('tokenizer')}: pass its directory as the tokenizer setting")
     from gr2.tokenizers import read_config
 
     _, found_id, _ = read_config(path)

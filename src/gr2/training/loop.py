@@ -170,7 +170,7 @@ def plan(lake: Lake | str, config: TrainConfig) -> dict:
     run_id = run_id_for(config, spec, init_meta["checkpoint_id"] if init_meta else None)
     return {"lake": lake.root, "config": config, "spec": spec, "model": model_config, "init": init_dir,
             "init_id": init_meta["checkpoint_id"] if init_meta else None, "run_id": run_id,
-            "run_dir": f"{ckpt.models_dir(lake.root)}/{run_id}"}
+            "run_dir": f"{lake.models_dir('gr2')}/{run_id}"}
 
 
 def train(lake: Lake | str, config: TrainConfig = TrainConfig(),

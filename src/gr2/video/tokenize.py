@@ -6,7 +6,7 @@ resolution and encoded into a uint16 grid [T, h, w], stored row-major beside its
 checkpoint id. Whichever path tokenizes a clip (the build's stage or `tokenize_lake`), the same
 checkpoint gives the same tokens.
 
-Checkpoints live under <lake>/models/tokenizers/<checkpoint id>/ (gr2.tokenizers.checkpoint).
+Checkpoints live where the lake's models registry keeps tokenizers (Lake.models_dir("tokenizer")).
 A lake keeps one tokenizer at a time: the build uses the one its clips already carry (the latest
 trained when none do), and `tokenize_lake` moves every accepted clip onto the checkpoint it is given.
 """
@@ -18,9 +18,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timezone
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +29,6 @@ from gr2.lake.lake import Lake, LakeError, worker_env
 from gr2.lake.query import sql_literal
 from gr2.video import decode, probe
 
-MODELS_DIR = "models/tokenizers"
 DEFAULT_FRAME_SIZE = 128  # BuildConfig's default, for a clip whose frame size nothing records
 TOKEN_COLUMNS = ("tokenizer_id", "tokens", "token_shape")
 
@@ -40,57 +37,7 @@ class TokenizeError(Gr2Error):
     """A clip that cannot be shown or tokenized as asked; the message names the clip."""
 
 
-# -- where a lake's tokenizers are -----------------------------------------------------------------
-
-
-def tokenizers_dir(lake: Lake) -> str:
-    return f"{lake.root}/{MODELS_DIR}"
-
-
-def list_tokenizers(lake: Lake) -> list[dict]:
-    """Checkpoints under <lake>/models/tokenizers, oldest first: {checkpoint_id, path, trained_at, info}.
-
-    A directory without config.json is a save that never finished (weights are written first) and
-    is left out; a config.json that does not parse is listed under its directory's name, so that
-    loading it fails with the checkpoint's own error rather than another one being picked silently.
-    """
-    fs, root = fsspec.core.url_to_fs(tokenizers_dir(lake))
-    prefix = lake.root[: len(lake.root) - len(lake.root.split("://", 1)[-1])]
-    out = []
-    for config in sorted(fs.glob(f"{root}/*/config.json")):
-        directory = config.rsplit("/", 1)[0]
-        entry = {"checkpoint_id": directory.rsplit("/", 1)[-1], "path": prefix + directory,
-                 "trained_at": "", "info": {}}
-        try:
-            with fs.open(config) as f:
-                meta = json.load(f)
-            entry["checkpoint_id"] = str(meta.get("checkpoint_id") or entry["checkpoint_id"])
-            entry["info"] = dict(meta.get("info") or {})
-            entry["trained_at"] = str(entry["info"].get("trained_at") or "")
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-        if not entry["trained_at"]:
-            modified = fs.modified(config)
-            entry["trained_at"] = modified.astimezone(timezone.utc).isoformat() if modified.tzinfo else modified.isoformat()
-        out.append(entry)
-    return sorted(out, key=lambda e: e["trained_at"])
-
-
-def find_tokenizer(lake: Lake, tokenizer_id: str | None = None) -> str | None:
-    """The checkpoint directory of `tokenizer_id` (an id or a unique prefix) or, without one, of the
-    latest trained tokenizer; None when the lake has none. An id the lake lacks is a CheckpointError."""
-    from gr2.tokenizers import CheckpointError
-
-    found = list_tokenizers(lake)
-    if tokenizer_id is None:
-        return found[-1]["path"] if found else None
-    exact = [e for e in found if e["checkpoint_id"] == tokenizer_id]
-    matches = exact or [e for e in found if len(tokenizer_id) >= 4 and e["checkpoint_id"].startswith(tokenizer_id)]
-    if len(matches) == 1:
-        return matches[0]["path"]
-    have = ", ".join(e["checkpoint_id"] for e in found) or "none"
-    what = "is ambiguous" if matches else "is not"
-    raise CheckpointError(f"tokenizer {tokenizer_id} {what} under {tokenizers_dir(lake)} (tokenizers there: {have})")
+# -- which tokenizer a lake's clips use ------------------------------------------------------------
 
 
 def lake_tokenizer_ids(lake: Lake) -> Counter:
@@ -102,14 +49,20 @@ def lake_tokenizer_ids(lake: Lake) -> Counter:
 
 
 def current_tokenizer(lake: Lake, tokenizer_id: str | None = None) -> str | None:
-    """The checkpoint a build should tokenize with: `tokenizer_id` when given, else the one the lake's
-    clips already carry (so a build never mixes tokenizers in one lake), else the latest trained."""
-    if tokenizer_id is not None:
-        return find_tokenizer(lake, tokenizer_id)
-    in_use = lake_tokenizer_ids(lake)
-    if in_use:
-        return find_tokenizer(lake, in_use.most_common(1)[0][0])
-    return find_tokenizer(lake)
+    """The checkpoint a build should tokenize with: `tokenizer_id` when given (an id or a unique prefix;
+    TokenizeError when the lake lacks it), else the one the lake's clips already carry (so a build never
+    mixes tokenizers in one lake), else the latest trained; None when the lake has none."""
+    if tokenizer_id is None:
+        in_use = lake_tokenizer_ids(lake)
+        if not in_use:
+            return lake.find_checkpoint("tokenizer")
+        tokenizer_id = in_use.most_common(1)[0][0]
+    path = lake.find_checkpoint("tokenizer", tokenizer_id)
+    if path is None:
+        have = ", ".join(s.checkpoint_id for s in lake.checkpoints("tokenizer")) or "none"
+        raise TokenizeError(f"tokenizer {tokenizer_id} is not under {lake.models_dir('tokenizer')} "
+                            f"(tokenizers there: {have})")
+    return path
 
 
 # -- frames as the tokenizer sees them ------------------------------------------------------------
@@ -427,7 +380,7 @@ def reconstruction_sheet(lake: Lake, clip_id: str, min_side: int = 128) -> tuple
     if row.get("tokens") is None or not row.get("tokenizer_id") or not len(row["tokens"]):
         hint = "it was not accepted" if row["status"] != "accepted" else "run `gr2 tokenize` first"
         raise TokenizeError(f"clip {row['clip_id']} has no tokens (status {row['status']}; {hint})")
-    checkpoint = load_checkpoint(find_tokenizer(lake, row["tokenizer_id"]))
+    checkpoint = load_checkpoint(current_tokenizer(lake, row["tokenizer_id"]))
     t, h, w = (int(x) for x in row["token_shape"])
     grid = np.asarray(row["tokens"], np.int64).reshape(t, h, w)
     recon = (checkpoint.tokenizer.decode(grid).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
