@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import lance
 import pyarrow as pa
@@ -188,6 +189,24 @@ class Lake:
                 ds.tags.update(name, version)
             else:
                 ds.tags.create(name, version)
+
+    # -- the builds ledger -------------------------------------------------------------------------
+
+    def record_build(self, build_id: str, flow: str, sources: list[str], config_json: str, config_hash: str,
+                     funnel: dict, started: datetime, tables: tuple[str, ...]) -> dict[str, int]:
+        """Tag every table a build touched with its id and write its row in `builds`; returns the
+        {table: version} the row records."""
+        versions = {}
+        for table in tables:
+            if self.exists(table):
+                self.tag(table, build_id)
+                versions[table] = self.dataset(table).version
+        self.commit("builds", [{
+            "build_id": build_id, "flow": flow, "started_at": started, "finished_at": datetime.now(timezone.utc),
+            "sources": list(sources), "config_json": config_json, "config_hash": config_hash,
+            "funnel_json": json.dumps(funnel), "versions_json": json.dumps(versions),
+        }])
+        return versions
 
     def latest_build(self, flow: str | None = None) -> dict | None:
         """The most recently finished build (optionally of one flow), with its funnel decoded."""
