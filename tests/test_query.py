@@ -275,34 +275,20 @@ if __name__ == "__main__":
 
 
 def test_a_real_build_embeds_captions_dedups_and_can_be_queried(ray_local, sthv2_dir, tmp_path, capsys):
-    ray = ray_local
     from conftest import ffmpeg_encode
 
-    from gr2.video import sources
     from gr2.video.build import run_build
-    from gr2.video.caption import Captioner
     from gr2.video.config import BuildConfig
-    from gr2.video.dedup import Deduplicator
-    from gr2.video.embed import ClipEmbedder
 
     copy = ffmpeg_encode(tmp_path / "push_again.mp4", "-i", str(sthv2_dir / "1113.webm"), "-vf", "scale=-2:160",
                          "-c:v", "libx264", "-crf", "28", "-pix_fmt", "yuv420p")
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"uri": str(sthv2_dir / name), "caption": caption}) + "\n" for name, caption in
                                 [("1113.webm", "pushing box from left to right"), ("1870.webm", "uncovering tweezers")]))
-    inputs = sources.list_inputs([str(manifest), str(copy)])
     lake = Lake(str(tmp_path / "lake"))
-    config = BuildConfig(frame_size=128, frames_per_clip=6)
-    stages = [
-        (Captioner, dict(fn_constructor_kwargs={"model_name": "coca_ViT-B-32", "max_tokens": 4},
-                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.3, batch_size=8)),
-        (ClipEmbedder, dict(fn_constructor_kwargs={"model_name": "ViT-B-32", "pretrained": "none"},
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.3, batch_size=8)),
-        (gallery.previews, dict(batch_size=8)),
-        (Deduplicator, dict(fn_constructor_kwargs={"lake_root": lake.root, "max_distance": 0.005},
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.05, batch_size=8)),
-    ]
-    run_build(inputs, lake, config, extra_stages=stages, log=lambda *_: None)
+    # The default models (random-init CoCa and CLIP), short captions, a tight near-duplicate distance.
+    config = BuildConfig(frame_size=128, frames_per_clip=6, caption_max_tokens=4, dedup_max_distance=0.005)
+    run_build([str(manifest), str(copy)], lake, config, log=lambda *_: None)
     clips = lake.read("clips").to_pylist()
     by_video: dict[str, list[dict]] = {}
     for c in clips:

@@ -168,44 +168,29 @@ class TokenizeClips:
         return {**batch, "tokens": tokens, "token_shape": shapes, "tokenizer_id": ids}
 
 
-class BuildStages(list):
-    """The (stage, map_batches kwargs) pairs the build appends; empty, with `skipped` saying why,
-    when the lake has no tokenizer."""
-
-    def __init__(self, stages=(), checkpoint_dir: str | None = None, tokenizer_id: str | None = None,
-                 skipped: str | None = None):
-        super().__init__(stages)
-        self.checkpoint_dir, self.tokenizer_id, self.skipped = checkpoint_dir, tokenizer_id, skipped
-
-
-def build_stages(lake: Lake, tokenizer_id: str | None = None, actors: int | tuple[int, int] = 1,
-                 batch_size: int = 8) -> BuildStages:
-    """The build's tokenize stage with the lake's current tokenizer (see `current_tokenizer`).
-
-    The checkpoint is loaded and verified here, on the driver, so a corrupt one stops the build
-    before any video is read. `actors`: the pool's size, or (min, max) to let Ray scale it; each
-    actor holds one model.
-    """
+def build_tokenizer(lake: Lake, tokenizer_id: str | None = None) -> str | None:
+    """The checkpoint the build's tokenize stage uses (see `current_tokenizer`), or None when the lake
+    has none. It is loaded and verified here, on the driver, so a corrupt one stops the build before
+    any video is read."""
     from gr2.tokenizers import load_checkpoint
 
     path = current_tokenizer(lake, tokenizer_id)
-    if path is None:
-        return BuildStages(skipped="no tokenizer")
-    checkpoint = load_checkpoint(path)
-    kwargs = {"fn_constructor_args": (path,), "compute": _actor_pool(actors), "batch_size": batch_size}
-    return BuildStages([(TokenizeClips, kwargs)], path, checkpoint.checkpoint_id)
+    if path is not None:
+        load_checkpoint(path)
+    return path
 
 
-def tokenize_after_build(lake: Lake, stages: BuildStages, build_id: str, log=print) -> dict:
+def tokenize_after_build(lake: Lake, checkpoint_dir: str | None, build_id: str, log=print) -> dict:
     """After a build: tokenize the accepted clips the build did not pass through its stage (clips of
     earlier builds, or of another tokenizer); returns the funnel's entries."""
-    if not stages:
-        return {"tokenized": 0, "tokenize_skipped": stages.skipped or "no tokenizer"}
-    rest = tokenize_lake(lake, stages.checkpoint_dir, only_missing=True, log=log)
+    if checkpoint_dir is None:
+        return {"tokenized": 0, "tokenize_skipped": "no tokenizer"}
+    rest = tokenize_lake(lake, checkpoint_dir, only_missing=True, log=log)
     in_build = lake.dataset("clips").count_rows(
-        f"build_id = {sql_literal(build_id)} AND tokenizer_id = {sql_literal(stages.tokenizer_id)}") if lake.exists("clips") else 0
+        f"build_id = {sql_literal(build_id)} AND tokenizer_id = {sql_literal(rest.tokenizer_id)}") \
+        if lake.exists("clips") else 0
     earlier = rest.tokenized - rest.by_build.get(build_id, 0)  # this build's own clips are in `in_build`
-    entry = {"tokenized": in_build + earlier, "tokenized_from_earlier_builds": earlier, "tokenizer": stages.tokenizer_id}
+    entry = {"tokenized": in_build + earlier, "tokenized_from_earlier_builds": earlier, "tokenizer": rest.tokenizer_id}
     if rest.failed:
         entry["tokenize_failed"] = rest.failed
     return entry
@@ -267,7 +252,7 @@ def clip_items(lake: Lake, where: str, columns: tuple[str, ...] = ()) -> list[di
 
 def _thumbnail_side(jpeg: bytes | None) -> int | None:
     """The side of a clip's square thumbnail: its sampled frames' size when no build row records it
-    (a build run without the flow, e.g. `run_build` alone)."""
+    (a build killed before it wrote its row in the builds ledger)."""
     if not jpeg:
         return None
     try:
