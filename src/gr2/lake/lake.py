@@ -96,11 +96,6 @@ class Lake:
             return empty.select(columns) if columns else empty
         return self.dataset(table, version).to_table(columns=columns, filter=filter)
 
-    def ids(self, table: str) -> set[str]:
-        """Every id already in `table`."""
-        key = schema.TABLE_IDS[table]
-        return set(self.read(table, columns=[key]).column(key).to_pylist())
-
     # -- writing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
