@@ -258,8 +258,10 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
     model = {"pool": "actor", "cpus": 0.25, "batch_size": 8}
     embeds = config.clip_model is not None
     return [
+        # once per input video
         Stage(hash_inputs),
         Stage(survey_videos, batch_size=1, kwargs=with_config),
+        # once per candidate clip
         Stage(read_clip_frames, kwargs=with_config),
         Stage(gate_clips, kwargs=with_config),
         Stage(thumbnails),
@@ -320,8 +322,8 @@ def run_build(sources: list[str], lake: Lake, config: BuildConfig = BuildConfig(
     check_models(config, lake)
     tokenizer = build_tokenizer(lake, config.tokenizer)  # a bad checkpoint stops the build before any video is read
     build_id = build_id or new_build_id()
-    *pipeline, typing = stages(lake, config, tokenizer)
-    funnel = _run_stages(list_inputs(sources), lake, config, build_id, [*pipeline, *extra_stages, typing],
+    *pipeline, to_rows = stages(lake, config, tokenizer)
+    funnel = _run_stages(list_inputs(sources), lake, config, build_id, [*pipeline, *extra_stages, to_rows],
                          retry_failed, log)
     funnel.update(model_counts(lake, build_id))
     funnel.update(tokenize_after_build(lake, tokenizer, build_id, log=log))
