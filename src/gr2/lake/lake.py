@@ -216,7 +216,6 @@ class Lake:
         row["versions"] = json.loads(row.pop("versions_json") or "{}")
         return row
 
-
     # -- the models registry (models.py holds the layout) -------------------------------------------
 
     def models_dir(self, kind: str) -> str:
