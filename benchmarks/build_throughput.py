@@ -39,17 +39,14 @@ def build_fps(sources: list[str], workers: int, repeat: int) -> dict:
     from gr2.lake.lake import Lake
     from gr2.video.build import run_build
     from gr2.video.config import BuildConfig
-    from gr2.video.sources import list_inputs
-
     ensure_ray(num_cpus=workers)
-    inputs = list_inputs(sources) * 1
     best = None
     for _ in range(repeat):
         d = tempfile.mkdtemp()
         try:
             # Decode, cut and gate only: the model stages are measured by their own benchmarks.
             config = BuildConfig(workers=workers, clip_model=None, caption_model=None)
-            res = run_build(inputs, Lake(d), config, log=lambda *_: None)
+            res = run_build(sources, Lake(d), config, log=lambda *_: None)
         finally:
             shutil.rmtree(d)
         if best is None or res.funnel["elapsed_s"] < best["elapsed_s"]:

@@ -158,7 +158,7 @@ def lance_merge_race(uri: str) -> tuple[int, list]:
     """Two threads, bare merge_insert of the same 50 new ids; (rows those ids end with, errors)."""
     import lance
 
-    from gr2.lake.lake import storage_options
+    from gr2.lake.uri import storage_options
 
     opts = storage_options(uri)
     lance.write_dataset(_ids(0, 10), uri, storage_options=opts)
@@ -441,7 +441,6 @@ def fault_s3_source_replaced(media: dict, tmp: Path) -> dict:
     from gr2.video.build import run_build
     from gr2.video.config import BuildConfig
     from gr2.video.probe import file_id
-    from gr2.video.sources import list_inputs
 
     t0 = time.time()
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
@@ -449,9 +448,9 @@ def fault_s3_source_replaced(media: dict, tmp: Path) -> dict:
     uri = f"s3://{bucket}/videos/clip.mp4"
     lake = Lake(f"s3://{bucket}/lake")
     s3.upload_file(str(media["cut"]), bucket, "videos/clip.mp4")
-    run_build(list_inputs([uri]), lake, BuildConfig(**FAST), log=lambda *_: None)
+    run_build([uri], lake, BuildConfig(**FAST), log=lambda *_: None)
     s3.upload_file(str(media["bars"]), bucket, "videos/clip.mp4")
-    second = run_build(list_inputs([uri]), lake, BuildConfig(**FAST), log=lambda *_: None)
+    second = run_build([uri], lake, BuildConfig(**FAST), log=lambda *_: None)
     ids = set(lake.read("videos", columns=["video_id"])["video_id"].to_pylist())
     new_id = file_id(str(media["bars"]))[0]
     seen = new_id in ids
@@ -464,17 +463,16 @@ def fault_s3_source_replaced(media: dict, tmp: Path) -> dict:
 
 def fault_worker_kill(media: dict, tmp: Path) -> dict:
     from gr2.lake.lake import Lake
-    from gr2.video.build import run_build
+    from gr2.video.build import Stage, run_build
     from gr2.video.config import BuildConfig
-    from gr2.video.sources import list_inputs
 
     t0 = time.time()
     marker = str(tmp / "worker-killed")
     lake = Lake(str(tmp / "worker-kill-lake"))
-    inputs = list_inputs([str(media["cut"]), str(media["webm"]), str(media["avi"])])
-    res = run_build(inputs, lake, BuildConfig(**FAST), extra_stages=[(kill_worker_once(marker), {"batch_size": 2})],
+    sources = [str(media["cut"]), str(media["webm"]), str(media["avi"])]
+    res = run_build(sources, lake, BuildConfig(**FAST), extra_stages=(Stage(kill_worker_once(marker), batch_size=2),),
                     log=lambda *_: None)
-    c = lake_checks(lake, len(inputs))
+    c = lake_checks(lake, len(sources))
     injected = os.path.exists(marker)
     held = injected and lake_holds(c) and c["status"] == {"accepted": 3} and res.funnel["clips"] == c["clips"]
     outcome = (f"worker pid {Path(marker).read_text() if injected else '-'} killed; videos {c['videos']}/3 accepted "
@@ -488,19 +486,17 @@ def fault_vanishing(media: dict, tmp: Path) -> dict:
     from gr2.lake.lake import Lake
     from gr2.video.build import run_build
     from gr2.video.config import BuildConfig
-    from gr2.video.sources import list_inputs
 
     t0 = time.time()
     gone = tmp / "gone.webm"
     shutil.copy(media["webm"], gone)
-    inputs = list_inputs([str(gone), str(media["avi"])])
-    gone.unlink()
+    gone.unlink()  # named by its user, gone by the time the build reads it
     lake = Lake(str(tmp / "vanish-lake"))
-    res = run_build(inputs, lake, BuildConfig(**FAST), log=lambda *_: None)
+    res = run_build([str(gone), str(media["avi"])], lake, BuildConfig(**FAST), log=lambda *_: None)
     failed = lake.read("videos", filter="status = 'failed'").to_pylist()
     reason = failed[0]["reason"] if failed else None
     held = (res.funnel["failed"], res.funnel["accepted"]) == (1, 1) and reason and "gone.webm" in reason
-    return row("Faults", "source file deleted after listing", "local", f"failed row: {reason!r}",
+    return row("Faults", "source file gone before the build reads it", "local", f"failed row: {reason!r}",
                "survived" if held else "BROKEN", time.time() - t0, funnel={k: res.funnel[k] for k in
                                                                          ("inputs", "accepted", "rejected", "failed")})
 
@@ -613,10 +609,10 @@ def section_hostile(media: dict, tmp: Path) -> list[dict]:
             listed[what] = str(e)
         except Exception as e:  # a traceback a user would see: exactly what this section looks for
             listed[what] = f"UNCAUGHT {type(e).__name__}: {e}"
-    inputs = [i for v in listed.values() if isinstance(v, list) for i in v]
     t0 = time.time()
     lake = Lake(str(tmp / "hostile-lake"))
-    res = run_build(inputs, lake, BuildConfig(**FAST), log=lambda *_: None)
+    res = run_build([src for what, src in cases if isinstance(listed[what], list)], lake, BuildConfig(**FAST),
+                    log=lambda *_: None)
     build_s = time.time() - t0
     by_uri = latest_by_uri(lake)
     captions = {r["uri"]: r["caption"] for r in lake.read("videos", columns=["uri", "caption"]).to_pylist()}
@@ -709,7 +705,7 @@ def main() -> None:
                     ensure_ray(num_cpus=2)
                     if "faults" in only:
                         rows += guarded("Faults", "Ray worker SIGKILLed mid-build", "local", fault_worker_kill, media, tmp)
-                        rows += guarded("Faults", "source file deleted after listing", "local", fault_vanishing, media, tmp)
+                        rows += guarded("Faults", "source file gone before the build reads it", "local", fault_vanishing, media, tmp)
                         rows += guarded("Faults", "lake leased past the timeout, flow retried", "local",
                                         fault_lease_held, media, tmp)
                         rows += guarded("Faults", "S3 source object overwritten between builds", "s3",

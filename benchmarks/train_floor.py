@@ -137,7 +137,6 @@ def video_lake_phase(work: str, tokenizer: str) -> tuple[str, dict]:
     import shutil
 
     from gr2.lake.lake import Lake
-    from gr2.video import sources
     from gr2.video.build import run_build
     from gr2.video.config import BuildConfig
     from gr2.video.tokenize import tokenize_lake
@@ -152,7 +151,7 @@ def video_lake_phase(work: str, tokenizer: str) -> tuple[str, dict]:
               *sorted(glob.glob(str(repo / "tests" / "data" / "robot" / "*" / "videos" / "**" / "*.mp4"), recursive=True))]
     funnel = {}
     if not lake.exists("clips"):
-        funnel = run_build(sources.list_inputs(inputs), lake, BuildConfig(clip_s=1.0, frames_per_clip=8)).funnel
+        funnel = run_build(inputs, lake, BuildConfig(clip_s=1.0, frames_per_clip=8, clip_model=None, caption_model=None)).funnel
     copy = os.path.join(root, "models", "tokenizers", os.path.basename(tokenizer))
     if not os.path.exists(copy):
         shutil.copytree(tokenizer, copy)

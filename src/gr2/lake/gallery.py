@@ -16,6 +16,8 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 
+from gr2.lake.uri import is_remote, local_path
+
 PREVIEW_SIZE = 96  # pixels, square: ~5 KB a clip as WebP
 GALLERY_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "start_s", "end_s", "uri", "dataset",
                    "status", "reason", "thumbnail", "preview")
@@ -49,7 +51,7 @@ def source_link(uri: str | None, start_s: float | None = None, end_s: float | No
     """A link to the source video at the clip's span (a media fragment, #t=start,end)."""
     if not uri:
         return None
-    url = uri if "://" in uri else "file://" + quote(os.path.abspath(uri))
+    url = uri if is_remote(uri) else "file://" + quote(os.path.abspath(local_path(uri)))
     if start_s is not None:
         url += f"#t={start_s:.2f}" + (f",{end_s:.2f}" if end_s is not None else "")
     return url

@@ -71,8 +71,3 @@ def _create_vector_index(ds, rows: int, target_partition_size: int | None, num_s
     subvectors = num_sub_vectors or max(1, dim // 16)
     ds.create_index(VECTOR_COLUMN, index_type="IVF_PQ", name=VECTOR_INDEX, metric="cosine", replace=True,
                     target_partition_size=target, num_sub_vectors=subvectors)
-
-
-def has_vector_index(ds) -> bool:
-    """Whether the clips dataset `ds` has the embedding index."""
-    return any(i.name == VECTOR_INDEX for i in ds.describe_indices())

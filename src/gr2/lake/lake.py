@@ -16,58 +16,20 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from gr2.errors import Gr2Error
-from gr2.lake import schema
+from gr2.lake import models, schema
+from gr2.lake.uri import is_remote, local_path, storage_options
 
 
 class LakeError(Gr2Error):
     """A lake that cannot be opened, read or written."""
 
-
-def storage_options(uri: str) -> dict[str, str]:
-    """Lance storage options for `uri`, from the usual AWS environment variables."""
-    if not uri.startswith("s3://"):
-        return {}
-    env = {
-        "aws_access_key_id": "AWS_ACCESS_KEY_ID",
-        "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-        "aws_session_token": "AWS_SESSION_TOKEN",
-        "aws_region": "AWS_DEFAULT_REGION",
-        "aws_endpoint": "AWS_ENDPOINT_URL",
-    }
-    opts = {k: os.environ[v] for k, v in env.items() if os.environ.get(v)}
-    if "aws_region" not in opts and os.environ.get("AWS_REGION"):
-        opts["aws_region"] = os.environ["AWS_REGION"]
-    if opts.get("aws_endpoint", "").startswith("http://"):
-        opts["allow_http"] = "true"
-    return opts
-
-
-
-def arrow_filesystem(uri: str):
-    """(pyarrow filesystem, path) for `uri`, with the object store's settings spelled out.
-
-    Such a filesystem pickles with its settings, so a Ray actor that never saw this process's AWS
-    variables (Ray Train's controller, which resolves a run's storage itself) reaches the same store.
-    """
-    import pyarrow.fs as pafs
-
-    if not uri.startswith("s3://"):
-        return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{os.path.abspath(uri)}")
-    opts = storage_options(uri)
-    kwargs = {"region": opts.get("aws_region")}
-    if opts.get("aws_access_key_id") and opts.get("aws_secret_access_key"):
-        kwargs.update(access_key=opts["aws_access_key_id"], secret_key=opts["aws_secret_access_key"],
-                      session_token=opts.get("aws_session_token"))
-    if opts.get("aws_endpoint"):
-        scheme, _, host = opts["aws_endpoint"].partition("://")
-        kwargs.update(scheme=scheme, endpoint_override=host.rstrip("/"))
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), uri[len("s3://"):].rstrip("/")
 
 # The settings a Ray worker needs to reach the same object store as the driver.
 _WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -96,15 +58,15 @@ class Lake:
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/")
-        if "://" not in self.root:
-            self.root = os.path.abspath(self.root)
+        if not is_remote(self.root):
+            self.root = os.path.abspath(local_path(self.root))
         self._opts = storage_options(self.root)
 
     # -- reading -----------------------------------------------------------------------------
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.root or self.root.startswith("file://")
+        return not is_remote(self.root)
 
     def uri(self, table: str) -> str:
         return f"{self.root}/{table}.lance"
@@ -133,11 +95,6 @@ class Lake:
             empty = schema.empty(table) if table in schema.SCHEMAS else pa.table({})
             return empty.select(columns) if columns else empty
         return self.dataset(table, version).to_table(columns=columns, filter=filter)
-
-    def ids(self, table: str) -> set[str]:
-        """Every id already in `table`."""
-        key = schema.TABLE_IDS[table]
-        return set(self.read(table, columns=[key]).column(key).to_pylist())
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -228,8 +185,23 @@ class Lake:
             else:
                 ds.tags.create(name, version)
 
-    def versions(self, table: str) -> list[dict]:
-        return self.dataset(table).versions()
+    # -- the builds ledger -------------------------------------------------------------------------
+
+    def record_build(self, build_id: str, flow: str, sources: list[str], config_json: str, config_hash: str,
+                     funnel: dict, started: datetime, tables: tuple[str, ...]) -> dict[str, int]:
+        """Tag every table a build touched with its id and write its row in `builds`; returns the
+        {table: version} the row records."""
+        versions = {}
+        for table in tables:
+            if self.exists(table):
+                self.tag(table, build_id)
+                versions[table] = self.dataset(table).version
+        self.commit("builds", [{
+            "build_id": build_id, "flow": flow, "started_at": started, "finished_at": datetime.now(timezone.utc),
+            "sources": list(sources), "config_json": config_json, "config_hash": config_hash,
+            "funnel_json": json.dumps(funnel), "versions_json": json.dumps(versions),
+        }])
+        return versions
 
     def latest_build(self, flow: str | None = None) -> dict | None:
         """The most recently finished build (optionally of one flow), with its funnel decoded."""
@@ -243,6 +215,26 @@ class Lake:
         row["config"] = json.loads(row.pop("config_json") or "{}")
         row["versions"] = json.loads(row.pop("versions_json") or "{}")
         return row
+
+    # -- the models registry (models.py holds the layout) -------------------------------------------
+
+    def models_dir(self, kind: str) -> str:
+        """Where checkpoints of `kind` ("tokenizer" or "gr2") live."""
+        return models.directory(self.root, kind)
+
+    def checkpoints(self, kind: str) -> list[models.Saved]:
+        """Every complete checkpoint of `kind` in the lake, oldest first."""
+        return models.listing(self.root, kind)
+
+    def find_checkpoint(self, kind: str, ref: str | None = None) -> str | None:
+        """The directory of checkpoint `ref` of `kind` (an id or a unique prefix; None: the latest saved),
+        or None when the lake has none such; LakeError when a prefix begins several ids."""
+        found = self.checkpoints(kind)
+        matches = found if ref is None else models.matching(found, ref)
+        ids = sorted({s.checkpoint_id for s in matches})
+        if ref is not None and len(ids) > 1:
+            raise LakeError(f"{kind} {ref} is ambiguous under {self.models_dir(kind)}: it begins {', '.join(ids)}")
+        return matches[-1].path if matches else None
 
 
 def _as_table(rows: list[dict] | pa.Table) -> pa.Table:

@@ -82,7 +82,7 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
     columns = [c for c in (columns or DEFAULT_COLUMNS) if c in names and c not in ("clip_id", "score")]
     filters = [f"({where})"] if where else []
     if status:
-        filters.append(f"status = {_sql_str(status)}")
+        filters.append(f"status = {sql_literal(status)}")
 
     if like:
         vector = _clip_vector(ds, like, lake)
@@ -115,7 +115,7 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
 
 
 def _clip_vector(ds, clip_id: str, lake: Lake) -> np.ndarray:
-    rows = _run(ds, None, dict(columns=["embedding"], filter=f"clip_id = {_sql_str(clip_id)}", limit=1)).to_pylist()
+    rows = _run(ds, None, dict(columns=["embedding"], filter=f"clip_id = {sql_literal(clip_id)}", limit=1)).to_pylist()
     if not rows:
         raise QueryError(f"no clip {clip_id!r} in lake {lake.root}")
     if rows[0]["embedding"] is None or not np.isfinite(rows[0]["embedding"]).all():
@@ -147,7 +147,8 @@ def _with_score(table: pa.Table, score: pa.Array) -> pa.Table:
     return table.append_column("score", score)
 
 
-def _sql_str(value: str) -> str:
+def sql_literal(value: str) -> str:
+    """`value` as an SQL string literal for a Lance filter (quotes doubled)."""
     return "'" + str(value).replace("'", "''") + "'"
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-STATUSES = ("accepted", "rejected", "failed")
-
 # Tables and the column each one merges on.
 TABLE_IDS = {
     "videos": "video_id",
@@ -46,9 +44,6 @@ VIDEOS = pa.schema(
         pa.field("processed_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-
-# Every gate's score has its own column, so a data scientist can re-threshold without re-running.
-CLIP_SCORES = ("black_score", "blank_score", "motion_score")
 
 # CLIP image embeddings are fixed-size lists (what Lance's vector indexes need), so their width is
 # part of the schema. A lake holds one CLIP model's embeddings; its width is read from the rows.

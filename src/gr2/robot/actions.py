@@ -23,8 +23,9 @@ import json
 
 import numpy as np
 
+from gr2.lake.uri import arrow_filesystem
+
 ACTION_SPACE = "ee_delta"
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 
 
 # -- rotations ----------------------------------------------------------------------------------
@@ -69,14 +70,6 @@ def quat_to_rotvec(q: np.ndarray) -> np.ndarray:
     return xyz * scale[..., None]
 
 
-def rotvec_to_quat(r: np.ndarray) -> np.ndarray:
-    r = np.asarray(r, dtype=np.float64)
-    angle = np.linalg.norm(r, axis=-1)
-    small = angle < 1e-8
-    scale = np.where(small, 0.5 - angle**2 / 48.0, np.sin(angle / 2) / np.where(small, 1.0, angle))
-    return np.concatenate([r * scale[..., None], np.cos(angle / 2)[..., None]], axis=-1)
-
-
 def quat_from_euler(angles: np.ndarray, order: str = "xyz") -> np.ndarray:
     """Extrinsic Euler angles (radians; `order` is the axis sequence, e.g. roll-pitch-yaw 'xyz')."""
     angles = np.asarray(angles, dtype=np.float64)
@@ -114,15 +107,6 @@ def ee_delta_actions(pos: np.ndarray, quat: np.ndarray, effector: np.ndarray) ->
     return np.concatenate([dpos, drot, effector[:-1]], axis=-1)
 
 
-def integrate_ee_delta(pos0: np.ndarray, quat0: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Poses reached from (pos0, quat0) by applying ee_delta `actions`: the inverse of ee_delta_actions."""
-    pos, quat = [np.asarray(pos0, np.float64)], [quat_normalize(quat0)]
-    for a in np.asarray(actions, np.float64):
-        pos.append(pos[-1] + a[:3])
-        quat.append(quat_normalize(quat_multiply(rotvec_to_quat(a[3:6]), quat[-1])))
-    return np.stack(pos), np.stack(quat)
-
-
 # -- normalisation statistics -------------------------------------------------------------------
 
 
@@ -137,31 +121,6 @@ def compute_stats(values: np.ndarray, quantiles: tuple[float, ...] = (0.01, 0.99
     return {**out, "count": int(len(x))}
 
 
-def normalize(x: np.ndarray, stats: dict, mode: str = "mean_std", eps: float = 1e-8) -> np.ndarray:
-    """Scale by the statistics: mean_std -> zero mean unit std; q01_q99 / min_max -> [-1, 1]."""
-    x = np.asarray(x, dtype=np.float64)
-    if mode == "mean_std":
-        return (x - np.asarray(stats["mean"])) / (np.asarray(stats["std"]) + eps)
-    lo, hi = _range(stats, mode)
-    return 2.0 * (x - lo) / np.maximum(hi - lo, eps) - 1.0
-
-
-def unnormalize(y: np.ndarray, stats: dict, mode: str = "mean_std", eps: float = 1e-8) -> np.ndarray:
-    y = np.asarray(y, dtype=np.float64)
-    if mode == "mean_std":
-        return y * (np.asarray(stats["std"]) + eps) + np.asarray(stats["mean"])
-    lo, hi = _range(stats, mode)
-    return (y + 1.0) / 2.0 * np.maximum(hi - lo, eps) + lo
-
-
-def _range(stats: dict, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    keys = {"q01_q99": ("q01", "q99"), "min_max": ("min", "max")}
-    if mode not in keys:
-        raise ValueError(f"unknown normalisation mode {mode!r}: mean_std, q01_q99 or min_max")
-    lo, hi = keys[mode]
-    return np.asarray(stats[lo], np.float64), np.asarray(stats[hi], np.float64)
-
-
 def stats_uri(lake_root: str, dataset: str) -> str:
     """Where a dataset's statistics live: beside the tables, as LeRobot keeps meta/stats.json."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset) or "default"
@@ -170,25 +129,13 @@ def stats_uri(lake_root: str, dataset: str) -> str:
 
 def write_stats(lake, dataset: str, stats: dict) -> str:
     """Write `stats` ({"action": {...}, "state": {...}, ...}) for `dataset` under the lake's lease."""
-    import pyarrow.fs as pafs
-
     uri = stats_uri(lake.root, dataset)
-    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{uri}")
+    fs, path = arrow_filesystem(uri)
     with lake.lease():
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(json.dumps({"dataset": dataset, **stats}, indent=1).encode())
     return uri
-
-
-def read_stats(lake_root: str, dataset: str) -> dict:
-    """A dataset's statistics as written by write_stats."""
-    import pyarrow.fs as pafs
-
-    uri = stats_uri(lake_root, dataset)
-    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{uri}")
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
 
 
 # -- windows and chunks, at read time -------------------------------------------------------------
@@ -211,28 +158,4 @@ def window_indices(length: int, history: int, chunk: int) -> dict[str, np.ndarra
         "history_is_pad": hist < 0,
         "chunk_index": np.clip(fut, 0, length - 1),
         "chunk_is_pad": fut > length - 1,
-    }
-
-
-def episode_windows(steps, history: int, chunk: int, state: str = "state", action: str = "action") -> dict[str, np.ndarray]:
-    """History windows of states and chunks of actions for one episode's steps (a pyarrow Table).
-
-    Rows are ordered by `step`; a null action (the last step of an ee_delta episode) counts as
-    padding in `action_is_pad`.
-    """
-    import pyarrow.compute as pc
-
-    steps = steps.take(pc.sort_indices(steps, [("step", "ascending")]))
-    n = len(steps)
-    idx = window_indices(n, history, chunk)
-    states = np.asarray(steps.column(state).to_pylist(), dtype=np.float32)
-    acts = steps.column(action).to_pylist()
-    width = max((len(a) for a in acts if a is not None), default=0)
-    missing = np.array([a is None for a in acts])
-    actions = np.stack([np.asarray(a if a is not None else [0.0] * width, np.float32) for a in acts])
-    return {
-        "state": states[idx["history_index"]],
-        "state_is_pad": idx["history_is_pad"],
-        "action": actions[idx["chunk_index"]],
-        "action_is_pad": idx["chunk_is_pad"] | missing[idx["chunk_index"]],
     }

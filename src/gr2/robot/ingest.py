@@ -17,12 +17,11 @@ driver and fetches each episode's files on the worker that loads it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -31,6 +30,8 @@ import pyarrow as pa
 
 from gr2.lake import schema
 from gr2.lake.lake import worker_env
+from gr2.lake.provenance import settings_hash
+from gr2.lake.uri import is_remote, local_path
 from gr2.robot import actions as act
 from gr2.robot import annotated_json, calvin, hdf5, lerobot, remote
 from gr2.robot.align import (
@@ -88,10 +89,9 @@ class IngestConfig:
             min_correlation=self.min_correlation,
         )
 
-    def config_hash(self) -> str:
+    def hash(self) -> str:
         """Hash of everything that shapes rows (not of how many workers made them)."""
-        shaping = {k: v for k, v in asdict(self).items() if k not in ("concurrency", "commit_every")}
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=list).encode()).hexdigest()[:16]
+        return settings_hash({k: v for k, v in asdict(self).items() if k not in ("concurrency", "commit_every")})
 
 
 @dataclass
@@ -119,9 +119,9 @@ def list_sources(sources: Iterable[str]) -> tuple[list[EpisodeRef], list[dict]]:
     """Every episode of every source, and a failed-episode row for each source that cannot be listed."""
     refs, failed = [], []
     for source in sources:
-        source = os.path.abspath(source) if "://" not in source else source.rstrip("/")
+        source = source.rstrip("/") if is_remote(source) else os.path.abspath(local_path(source))
         try:
-            if remote.is_remote(source):
+            if is_remote(source):
                 found = remote.list_episodes(source, DETECT)
             elif not os.path.exists(source):
                 raise EpisodeError(f"{source}: no such file or directory")
@@ -204,7 +204,7 @@ def _failed_row(ref: EpisodeRef, episode_id: str, reason: str, config: IngestCon
         "dataset": ref.dataset or None,
         "status": "failed",
         "reason": reason,
-        "config_hash": config.config_hash() if config else None,
+        "config_hash": config.hash() if config else None,
         "build_id": build_id,
         "processed_at": datetime.now(timezone.utc),
     }
@@ -229,7 +229,7 @@ def _rows(episode: Episode, episode_id: str, config: IngestConfig, build_id: str
         space = act.ACTION_SPACE
     else:
         actions, space = np.asarray(episode.action, np.float64), "native"
-    config_hash = config.config_hash()
+    config_hash = config.hash()
     row = {
         "episode_id": episode_id,
         "source": ref.source,
@@ -448,88 +448,119 @@ def estimate_source_offsets(refs: list[EpisodeRef], config: IngestConfig) -> tup
     return offsets, errors
 
 
-def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), build_id: str | None = None,
-           progress: Callable[[dict], None] | None = None) -> IngestResult:
+def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), build_id: str | None = None) -> IngestResult:
     """Ingest every episode of `sources` into `lake`; returns the funnel and the versions committed."""
-    import ray
-
     build_id = build_id or datetime.now(timezone.utc).strftime("robot-%Y%m%dT%H%M%S%fZ")
     refs, listing_failures = list_sources(sources)
-    done = _done_ids(lake)
     offsets, offset_errors = estimate_source_offsets(refs, config)
-
-    counts: Counter = Counter()
-    reasons: list[str] = []
-    versions: dict[str, int] = {}
-    pending_eps: list[pa.Table] = []
-    pending_steps: list[pa.Table] = []
-    touched: set[str] = set()
-    seen: set[str] = set()
-
-    def flush() -> None:
-        if pending_steps:
-            versions["steps"] = lake.commit("steps", pa.concat_tables(pending_steps), update=False)
-        if pending_eps:
-            versions["episodes"] = lake.commit("episodes", pa.concat_tables(pending_eps))
-        pending_steps.clear()
-        pending_eps.clear()
-
+    tally, committer = Tally(), Committer(lake, config.commit_every)
     for row in listing_failures:
-        counts["failed"] += 1
-        reasons.append(row["reason"])
-        pending_eps.append(schema.conform("episodes", [{**row, "config_hash": config.config_hash(), "build_id": build_id}]))
+        tally.listing_failed(row)
+        committer.add(schema.conform("episodes", [{**row, "config_hash": config.hash(), "build_id": build_id}]))
+    for out in episode_outputs(refs, config, build_id, _done_ids(lake), offsets, offset_errors):
+        rows = tally.take(out)
+        if rows is not None:
+            committer.add(*rows)
+    committer.flush()
+    stats = {d: refresh_stats(lake, d) for d in sorted(tally.datasets)}
+    return IngestResult(build_id, tally.funnel(len(refs), len(listing_failures), offsets), committer.versions, stats,
+                        tally.reasons)
 
-    if refs:
-        ds = ray.data.from_items([_ref_item(r) for r in refs]).map_batches(
-            EpisodeRows,
-            fn_constructor_kwargs={"config": config, "build_id": build_id, "done": done,
-                                   "offsets": offsets, "offset_errors": offset_errors},
-            batch_size=1, batch_format="pyarrow", num_cpus=1, **worker_env(),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(config.concurrency, len(refs)))),
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for out in batch.to_pylist():
-                if out["status"] == "skipped":
-                    counts[json.loads(out["episode"])["lake_status"]] += 1
-                    counts["already_in_lake"] += 1
-                    continue
-                episode = _from_ipc(out["episode"])
-                status = out["status"]
-                counts[status] += 1
-                if status == "accepted" and out["episode_id"] in seen:
-                    counts["duplicates"] += 1  # the same content under two names: its rows once
-                    continue
-                seen.add(out["episode_id"])
-                counts["new"] += 1
-                if status != "accepted":
-                    reasons.append(f"{status}: {episode.column('reason')[0].as_py()}")
-                else:
-                    touched.add(episode.column("dataset")[0].as_py() or "default")
-                    steps = _from_ipc(out["steps"])
-                    counts["steps"] += len(steps)
-                    counts["flagged_steps"] += int(episode.column("flagged_steps")[0].as_py() or 0)
-                    pending_steps.append(steps)
-                pending_eps.append(episode)
-                if len(pending_eps) >= config.commit_every:
-                    flush()
-                if progress:
-                    progress(dict(counts))
-    flush()
-    stats = {d: refresh_stats(lake, d) for d in sorted(touched)}
-    funnel = {
-        "episodes": len(refs) + len(listing_failures),
-        "inputs": len(refs) + len(listing_failures),  # the lake-wide name: inputs = accepted + rejected + failed
-        "accepted": counts["accepted"],
-        "rejected": counts["rejected"],
-        "failed": counts["failed"],
-        "new": counts["new"] + len(listing_failures),
-        "already_in_lake": counts["already_in_lake"],
-        "duplicates": counts["duplicates"],  # accepted episodes whose content another source already gave
-        "steps_added": counts["steps"],
-        "flagged_steps_added": counts["flagged_steps"],
-        "offsets_estimated": {s: o for s, o in offsets.items()},
-    }
-    return IngestResult(build_id, funnel, versions, stats, reasons)
+
+def episode_outputs(refs: list[EpisodeRef], config: IngestConfig, build_id: str, done: dict[str, str],
+                    offsets: dict, offset_errors: dict) -> Iterator[dict]:
+    """Every episode of `refs` through `EpisodeRows` on a Ray actor pool, one output row each, as they come."""
+    import ray
+
+    if not refs:
+        return
+    ds = ray.data.from_items([_ref_item(r) for r in refs]).map_batches(
+        EpisodeRows,
+        fn_constructor_kwargs={"config": config, "build_id": build_id, "done": done,
+                               "offsets": offsets, "offset_errors": offset_errors},
+        batch_size=1, batch_format="pyarrow", num_cpus=1, **worker_env(),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(config.concurrency, len(refs)))),
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from batch.to_pylist()
+
+
+@dataclass
+class Tally:
+    """The funnel, counted as episodes come back: outcomes, reasons, and the datasets that gained episodes."""
+
+    counts: Counter = field(default_factory=Counter)
+    reasons: list[str] = field(default_factory=list)  # one line per failed or rejected episode
+    datasets: set[str] = field(default_factory=set)  # with new accepted episodes: their stats are refreshed
+    seen: set[str] = field(default_factory=set)
+
+    def listing_failed(self, row: dict) -> None:
+        self.counts["failed"] += 1
+        self.reasons.append(row["reason"])
+
+    def take(self, out: dict) -> tuple[pa.Table, pa.Table | None] | None:
+        """Count one `EpisodeRows` output; its (episode row, steps or None) to commit, None when it adds nothing."""
+        if out["status"] == "skipped":
+            self.counts[json.loads(out["episode"])["lake_status"]] += 1
+            self.counts["already_in_lake"] += 1
+            return None
+        episode, status = _from_ipc(out["episode"]), out["status"]
+        self.counts[status] += 1
+        if status == "accepted" and out["episode_id"] in self.seen:
+            self.counts["duplicates"] += 1  # the same content under two names: its rows once
+            return None
+        self.seen.add(out["episode_id"])
+        self.counts["new"] += 1
+        if status != "accepted":
+            self.reasons.append(f"{status}: {episode.column('reason')[0].as_py()}")
+            return episode, None
+        self.datasets.add(episode.column("dataset")[0].as_py() or "default")
+        steps = _from_ipc(out["steps"])
+        self.counts["steps"] += len(steps)
+        self.counts["flagged_steps"] += int(episode.column("flagged_steps")[0].as_py() or 0)
+        return episode, steps
+
+    def funnel(self, listed: int, listing_failures: int, offsets: dict) -> dict:
+        c = self.counts
+        return {
+            "episodes": listed + listing_failures,
+            "inputs": listed + listing_failures,  # the lake-wide name: inputs = accepted + rejected + failed
+            "accepted": c["accepted"],
+            "rejected": c["rejected"],
+            "failed": c["failed"],
+            "new": c["new"] + listing_failures,
+            "already_in_lake": c["already_in_lake"],
+            "duplicates": c["duplicates"],  # accepted episodes whose content another source already gave
+            "steps_added": c["steps"],
+            "flagged_steps_added": c["flagged_steps"],
+            "offsets_estimated": dict(offsets),
+        }
+
+
+class Committer:
+    """The driver's one committer: every `every` episodes, their steps, then their episode rows (so an
+    accepted episode row always has its steps)."""
+
+    def __init__(self, lake, every: int):
+        self.lake, self.every = lake, every
+        self.episodes: list[pa.Table] = []
+        self.steps: list[pa.Table] = []
+        self.versions: dict[str, int] = {}  # table -> Lance version this run committed
+
+    def add(self, episode: pa.Table, steps: pa.Table | None = None) -> None:
+        self.episodes.append(episode)
+        if steps is not None:
+            self.steps.append(steps)
+        if len(self.episodes) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.steps:
+            self.versions["steps"] = self.lake.commit("steps", pa.concat_tables(self.steps), update=False)
+        if self.episodes:
+            self.versions["episodes"] = self.lake.commit("episodes", pa.concat_tables(self.episodes))
+        self.steps.clear()
+        self.episodes.clear()
 
 
 def _done_ids(lake) -> dict[str, str]:

@@ -20,10 +20,11 @@ from dataclasses import replace
 
 import fsspec
 
+from gr2.lake.uri import join
 from gr2.robot.episode import EpisodeError, EpisodeRef
-from gr2.video.probe import ProbeError, is_remote, local_copy
+from gr2.video.probe import ProbeError, local_copy
 
-__all__ = ["is_remote", "list_episodes", "local_ref"]
+__all__ = ["list_episodes", "local_ref"]
 
 
 def _split(source: str) -> tuple[str, str]:
@@ -31,10 +32,6 @@ def _split(source: str) -> tuple[str, str]:
     scheme, _, rest = source.partition("://")
     parent, _, name = rest.rstrip("/").rpartition("/")
     return f"{scheme}://{parent}", name
-
-
-def _join(parent: str, rel: str) -> str:
-    return f"{parent}/{rel}" if not parent.endswith("://") else f"{parent}{rel}"
 
 
 def list_files(source: str) -> list[str]:
@@ -62,7 +59,7 @@ def fetched(source: str, files: Sequence[str]) -> Iterator[str]:
     try:
         for rel in dict.fromkeys(files):
             try:
-                blob = local_copy(_join(parent, rel))
+                blob = local_copy(join(parent, rel))
             except ProbeError as e:  # "cannot read <object uri>: <why>"
                 raise EpisodeError(str(e)) from None
             link = os.path.join(root, rel)

@@ -31,6 +31,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from gr2.errors import Gr2Error
+from gr2.lake.lake import Lake
+from gr2.lake.uri import glob, join
 from gr2.training.model import GR2, GR2Config
 
 FORMAT = "gr2.model/1"
@@ -47,14 +49,6 @@ class Loaded(NamedTuple):
     model: GR2
     meta: dict[str, Any]  # config.json: checkpoint_id, step, tokenizer_id, stats, data, ...
     optimizer_state: dict | None  # for torch.optim.Optimizer.load_state_dict
-
-
-def models_dir(lake_root: str) -> str:
-    return f"{lake_root.rstrip('/')}/models/gr2"
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts)
 
 
 def _fs(path: str):
@@ -102,16 +96,16 @@ def save_checkpoint(directory: str, model: GR2, optimizer: torch.optim.Optimizer
     cid = content_id(model.config, state)
     fs, root = _fs(directory)
     fs.makedirs(root, exist_ok=True)
-    with fs.open(_join(root, WEIGHTS), "wb") as f:
+    with fs.open(join(root, WEIGHTS), "wb") as f:
         f.write(save_safetensors(state, metadata={"checkpoint_id": cid, "format": FORMAT}))
     groups = None
     if optimizer is not None:
         tensors, groups = _optimizer_tensors(optimizer)
-        with fs.open(_join(root, OPTIMIZER), "wb") as f:
+        with fs.open(join(root, OPTIMIZER), "wb") as f:
             f.write(save_safetensors(tensors, metadata={"checkpoint_id": cid}))
     config = {"format": FORMAT, "checkpoint_id": cid, "model": dataclasses.asdict(model.config),
               "saved_at": time.time(), "optimizer_param_groups": groups, **(meta or {})}
-    with fs.open(_join(root, CONFIG), "w") as f:
+    with fs.open(join(root, CONFIG), "w") as f:
         json.dump(config, f, indent=1, sort_keys=True)
     return cid
 
@@ -119,7 +113,7 @@ def save_checkpoint(directory: str, model: GR2, optimizer: torch.optim.Optimizer
 def read_meta(directory: str) -> dict[str, Any]:
     """A checkpoint's config.json, checked to be one."""
     fs, root = _fs(directory)
-    path = _join(root, CONFIG)
+    path = join(root, CONFIG)
     try:
         with fs.open(path) as f:
             meta = json.load(f)
@@ -149,7 +143,7 @@ def load_checkpoint(directory: str, device: str | torch.device = "cpu", with_opt
     meta = read_meta(directory)
     config = GR2Config(**meta["model"])
     fs, root = _fs(directory)
-    tensors = _read_tensors(fs, _join(root, WEIGHTS))
+    tensors = _read_tensors(fs, join(root, WEIGHTS))
     if content_id(config, tensors) != meta["checkpoint_id"]:
         raise CheckpointError(f"{directory}: weights do not hash to the recorded id {meta['checkpoint_id']}: "
                               f"changed after saving")
@@ -160,7 +154,7 @@ def load_checkpoint(directory: str, device: str | torch.device = "cpu", with_opt
         raise CheckpointError(f"{directory}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     optimizer_state = None
     if with_optimizer and meta.get("optimizer_param_groups") is not None:
-        optimizer_state = _optimizer_state(_read_tensors(fs, _join(root, OPTIMIZER)), meta["optimizer_param_groups"])
+        optimizer_state = _optimizer_state(_read_tensors(fs, join(root, OPTIMIZER)), meta["optimizer_param_groups"])
     return Loaded(model.to(device).eval(), meta, optimizer_state)
 
 
@@ -174,7 +168,7 @@ def init_from(model: GR2, directory: str) -> dict[str, list[str]]:
     Returns {"copied": [...], "partial": [...], "skipped": [...]}."""
     meta = read_meta(directory)
     fs, root = _fs(directory)
-    source = _read_tensors(fs, _join(root, WEIGHTS))
+    source = _read_tensors(fs, join(root, WEIGHTS))
     target = model.state_dict()
     report: dict[str, list[str]] = {"copied": [], "partial": [], "skipped": []}
     with torch.no_grad():
@@ -206,12 +200,7 @@ def init_from(model: GR2, directory: str) -> dict[str, list[str]]:
 
 def list_checkpoints(run_dir: str) -> list[str]:
     """The complete checkpoints of a run (those with a config.json), oldest step first."""
-    fs, root = _fs(run_dir)
-    if not fs.exists(root):
-        return []
-    done = [p.rsplit("/", 1)[0] for p in fs.glob(_join(root, "step-*", CONFIG))]
-    prefix = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
-    return [prefix + d if prefix and not d.startswith(prefix) else d for d in sorted(done)]
+    return [c.rsplit("/", 1)[0] for c in glob(join(run_dir, "step-*", CONFIG))]
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -219,43 +208,25 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def all_checkpoints(lake_root: str) -> list[dict]:
-    """Every complete checkpoint under the lake: {"path", "checkpoint_id", "run_id", "step", "saved_at", "stage"}."""
-    fs, root = _fs(models_dir(lake_root))
-    if not fs.exists(root):
-        return []
-    prefix = lake_root.split("://")[0] + "://" if "://" in lake_root else ""
-    out = []
-    for path in fs.glob(_join(root, "*", "step-*", CONFIG)):
-        directory = path.rsplit("/", 1)[0]
-        try:
-            meta = read_meta(prefix + directory if prefix else directory)
-        except CheckpointError:
-            continue
-        out.append({"path": prefix + directory if prefix else directory, "checkpoint_id": meta["checkpoint_id"],
-                    "run_id": meta.get("run_id"), "step": meta.get("step"), "saved_at": meta.get("saved_at", 0),
-                    "stage": meta.get("stage")})
-    return sorted(out, key=lambda c: c["saved_at"])
-
-
 def resolve_checkpoint(lake_root: str, ref: str | None = None, stage: str | None = None) -> str:
-    """The directory of checkpoint `ref`: a directory, a checkpoint id, or None for the latest saved
-    (of `stage`, when given)."""
+    """The directory of checkpoint `ref`: a directory, a checkpoint id (or a unique prefix of one), or
+    None for the latest saved (of `stage`, when given)."""
     if ref is not None:
         fs, root = _fs(ref)
-        if fs.exists(_join(root, CONFIG)):
+        if fs.exists(join(root, CONFIG)):
             return ref
-    found = all_checkpoints(lake_root)
+    lake = Lake(lake_root)
+    where = lake.models_dir("gr2")
     if ref is None:
-        found = [c for c in found if stage is None or c["stage"] == stage]
+        found = [s for s in lake.checkpoints("gr2") if stage is None or s.meta.get("stage") == stage]
         if not found:
             raise CheckpointError(f"lake {lake_root} has no GR-2 checkpoint{f' of stage {stage}' if stage else ''} "
-                                  f"under {models_dir(lake_root)}: train one first")
-        return found[-1]["path"]
-    matches = [c for c in found if c["checkpoint_id"] == ref or c["checkpoint_id"].startswith(ref)]
-    if not matches:
-        raise CheckpointError(f"no checkpoint {ref!r}: not a checkpoint directory, nor an id under {models_dir(lake_root)}")
-    return matches[-1]["path"]
+                                  f"under {where}: train one first")
+        return found[-1].path
+    path = lake.find_checkpoint("gr2", ref)
+    if path is None:
+        raise CheckpointError(f"no checkpoint {ref!r}: not a checkpoint directory, nor an id under {where}")
+    return path
 
 
 def prune(run_dir: str, keep: int) -> None:

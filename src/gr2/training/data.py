@@ -17,11 +17,8 @@ read the same way.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import math
-import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,11 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
+from gr2.lake.query import sql_literal
 from gr2.robot import actions as act
 
 STAGES = ("pretrain", "finetune")
 ENTROPY_SAMPLE = 20_000  # clips whose tokens the unigram entropy is counted over
-TOKENIZER_FORMAT = "gr2.tokenizer/1"  # what gr2.tokenizers writes into a checkpoint's config.json
 
 
 class TrainingDataError(Gr2Error):
@@ -98,29 +95,6 @@ class DataSpec:
 # -- the driver: can this lake train, and on what --------------------------------------------------
 
 
-def find_tokenizer(lake_root: str, tokenizer_id: str) -> str | None:
-    """The directory under <lake>/models holding tokenizer checkpoint `tokenizer_id`, if any."""
-    if "://" in lake_root:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(lake_root)
-        configs = fs.glob(f"{root}/models/**/config.json")
-        opener = fs.open
-        prefix = lake_root.split("://")[0] + "://"
-    else:
-        configs = glob.glob(os.path.join(lake_root, "models", "**", "config.json"), recursive=True)
-        opener, prefix = open, ""
-    for path in sorted(configs):
-        try:
-            with opener(path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if meta.get("format") == TOKENIZER_FORMAT and meta.get("checkpoint_id") == tokenizer_id:
-            return prefix + path.rsplit("/", 1)[0] if prefix else os.path.dirname(path)
-    return None
-
-
 def tokenizer_codebook(path: str) -> int:
     """The number of codes of the tokenizer checkpoint at `path`."""
     from gr2.tokenizers import read_config
@@ -152,11 +126,11 @@ def _resolve_tokenizer(lake: Lake, ids: set, where: str, tokenizer: str | None, 
         raise TrainingDataError(f"{where} in lake {lake.root} hold tokens of {len(ids)} tokenizers "
                                 f"({', '.join(sorted(ids))}); re-tokenize with one before training")
     tokenizer_id = next(iter(ids))
-    path = tokenizer or find_tokenizer(lake.root, tokenizer_id)
+    path = tokenizer or lake.find_checkpoint("tokenizer", tokenizer_id)
     if path is None:
         raise TrainingDataError(
             f"{where} in lake {lake.root} were tokenized with tokenizer {tokenizer_id}, whose checkpoint is not "
-            f"under {lake.root}/models: pass its directory as the tokenizer setting")
+            f"under {lake.models_dir('tokenizer')}: pass its directory as the tokenizer setting")
     from gr2.tokenizers import read_config
 
     _, found_id, _ = read_config(path)
@@ -254,7 +228,7 @@ def _plan_steps(lake: Lake, history: int, chunk: int, config: DataConfig, tokeni
     train, held = _split(ids, config.holdout)
 
     first = steps.to_table(columns=["views", "state", config.action_column],
-                           filter=f"episode_id = {_quote(train[0])}", limit=64)
+                           filter=f"episode_id = {sql_literal(train[0])}", limit=64)
     shapes = {tuple(v["token_shape"]) for vs in first.column("views").to_pylist() for v in vs
               if v["camera"] in cameras and v["token_shape"]}
     if len(shapes) != 1:
@@ -274,7 +248,7 @@ def _robot_stats(steps, train: tuple[str, ...], config: DataConfig) -> tuple[dic
     choice of columns and dims, over its own split; the stats go into every checkpoint so the policy
     undoes exactly this. The gripper stays raw: its sign is the label (model.py)."""
     t = steps.to_table(columns=["episode_id", "state", config.action_column],
-                       filter=f"episode_id IN ({', '.join(_quote(i) for i in train)})")
+                       filter=f"episode_id IN ({', '.join(sql_literal(i) for i in train)})")
     state = _select(np.asarray(t.column("state").to_pylist(), np.float64), config.state_dims, "state")
     actions = [a for a in t.column(config.action_column).to_pylist() if a is not None]
     if not actions:
@@ -297,10 +271,6 @@ def _select(state: np.ndarray, dims: tuple[int, ...] | None, what: str) -> np.nd
     if state.ndim != 2 or max(dims) >= state.shape[1]:
         raise TrainingDataError(f"{what} dims {list(dims)} do not exist in {what} of width {state.shape[-1]}")
     return state[:, list(dims)]
-
-
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 # -- a rank's samples -----------------------------------------------------------------------------
@@ -370,7 +340,7 @@ def _clip_samples(spec: DataSpec, rank: int, world: int, split: str, seed: int, 
     # batch that leaves a rank no rows: pyarrow cannot take an empty, null-typed index list).
     offset = (seed if shuffle else 0) + rank
     scanner = ds.scanner(columns=columns, batch_size=spec.config.clips_per_read, scan_in_order=True,
-                         filter=f"status = 'accepted' AND tokens IS NOT NULL AND tokenizer_id = {_quote(spec.tokenizer_id)}")
+                         filter=f"status = 'accepted' AND tokens IS NOT NULL AND tokenizer_id = {sql_literal(spec.tokenizer_id)}")
     i = 0
     for batch in scanner.to_batches():
         for row in batch.to_pylist():
@@ -400,7 +370,7 @@ def _episode_samples(spec: DataSpec, rank: int, world: int, split: str, seed: in
     group = spec.config.episodes_per_read
     for start in range(0, len(mine), group):
         chunk_ids = mine[start:start + group]
-        table = ds.to_table(columns=columns, filter=f"episode_id IN ({', '.join(_quote(i) for i in chunk_ids)})")
+        table = ds.to_table(columns=columns, filter=f"episode_id IN ({', '.join(sql_literal(i) for i in chunk_ids)})")
         table = table.take(pc.sort_indices(table, [("episode_id", "ascending"), ("step", "ascending")]))
         episode_col = table.column("episode_id").to_numpy(zero_copy_only=False)
         for episode_id in chunk_ids:

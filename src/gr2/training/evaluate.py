@@ -23,7 +23,7 @@ import torch
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
 from gr2.training import checkpoint as ckpt
-from gr2.training.data import DataConfig, DataSpec, find_tokenizer, iter_batches, plan_data, unnormalize
+from gr2.training.data import DataConfig, DataSpec, iter_batches, plan_data, unnormalize
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def load_tokenizer(meta: dict, lake_root: str):
 
     path = meta.get("tokenizer_path")
     if not path or not os.path.exists(os.path.join(path, "config.json")):
-        path = find_tokenizer(lake_root, meta["tokenizer_id"])
+        path = Lake(lake_root).find_checkpoint("tokenizer", meta["tokenizer_id"])
     if path is None:
         raise EvaluationError(f"tokenizer {meta['tokenizer_id']} of checkpoint {meta['checkpoint_id']} is not under "
                               f"{lake_root}/models")

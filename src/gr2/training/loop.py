@@ -15,7 +15,6 @@ a worker group after a worker died (FailureConfig): every worker looks for it wh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gr2.errors import Gr2Error
-from gr2.lake.lake import Lake, arrow_filesystem, worker_env
+from gr2.lake.lake import Lake, worker_env
+from gr2.lake.provenance import settings_hash
+from gr2.lake.uri import arrow_filesystem, is_remote
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
 from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
@@ -148,7 +149,7 @@ def check_init(init_dir: str, spec: DataSpec, model_config: GR2Config) -> dict:
 def run_id_for(config: TrainConfig, spec: DataSpec, init_id: str | None) -> str:
     facts = {"config": config.shaping(), "init": init_id, "tokenizer": spec.tokenizer_id,
              "table_version": spec.table_version, "lake": spec.lake}
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    digest = settings_hash(facts)[:10]
     return f"{config.stage}-{config.size}-{digest}"
 
 
@@ -169,7 +170,7 @@ def plan(lake: Lake | str, config: TrainConfig) -> dict:
     run_id = run_id_for(config, spec, init_meta["checkpoint_id"] if init_meta else None)
     return {"lake": lake.root, "config": config, "spec": spec, "model": model_config, "init": init_dir,
             "init_id": init_meta["checkpoint_id"] if init_meta else None, "run_id": run_id,
-            "run_dir": f"{ckpt.models_dir(lake.root)}/{run_id}"}
+            "run_dir": f"{lake.models_dir('gr2')}/{run_id}"}
 
 
 def train(lake: Lake | str, config: TrainConfig = TrainConfig(),
@@ -183,7 +184,7 @@ def train(lake: Lake | str, config: TrainConfig = TrainConfig(),
     started = time.perf_counter()
     last = ckpt.latest_checkpoint(run_dir)
     stop, follower = threading.Event(), None
-    if progress is not None and "://" not in run_dir:
+    if progress is not None and not is_remote(run_dir):
         follower = follow(os.path.join(run_dir, METRICS), progress, stop, start_at_end=True)
     try:
         _fit(p, config, last)
@@ -229,7 +230,7 @@ def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResu
 
 
 def _ray_storage(run_dir: str) -> dict:
-    if "://" not in run_dir:
+    if not is_remote(run_dir):
         return {"storage_path": os.path.abspath(os.path.join(run_dir, "ray"))}
     # An explicit filesystem: Ray Train's controller actor resolves a bare URI with its own
     # environment, which never saw this driver's AWS settings (endpoint, credentials).

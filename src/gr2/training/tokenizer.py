@@ -22,9 +22,10 @@ import numpy as np
 from PIL import Image
 
 from gr2.errors import Gr2Error
-from gr2.lake.lake import Lake, arrow_filesystem, worker_env
+from gr2.lake.lake import Lake, worker_env
+from gr2.lake.uri import arrow_filesystem, is_remote
 from gr2.video import shots
-from gr2.video.tokenize import clip_items, decode_clip_frames, to_resolution, tokenizers_dir
+from gr2.video.tokenize import clip_items, decode_clip_frames, to_resolution
 
 
 class TokenizerTrainingError(Gr2Error):
@@ -235,7 +236,7 @@ def train_tokenizer(lake: Lake, config, steps: int, train_config=None, workers: 
     log(f"tokenizer frames: {frames.counts}")
     run = f"tokenizer-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:6]}"
     args = {"config": config.to_dict(), "train_config": dataclasses.asdict(train_config), "steps": steps,
-            "models": tokenizers_dir(lake), "lake": lake.root, "counts": frames.counts, "workers": workers,
+            "models": lake.models_dir("tokenizer"), "lake": lake.root, "counts": frames.counts, "workers": workers,
             "cpus_per_worker": cpus_per_worker, "run": run}
     if workers == 1:
         def progress(step: int, record: dict) -> None:
@@ -279,14 +280,12 @@ def _train_and_save(args: dict, train_frames: np.ndarray, held_out: np.ndarray, 
 
 def _saved_by(lake: Lake, run: str) -> dict:
     """What rank 0 of training run `run` saved, read back from its checkpoint's info."""
-    from gr2.video.tokenize import list_tokenizers
-
-    for entry in reversed(list_tokenizers(lake)):
-        info = entry["info"]
+    for entry in reversed(lake.checkpoints("tokenizer")):
+        info = entry.info
         if info.get("run") == run:
-            return {"checkpoint_id": entry["checkpoint_id"], "checkpoint": entry["path"], "eval": info["held_out"],
+            return {"checkpoint_id": entry.checkpoint_id, "checkpoint": entry.path, "eval": info["held_out"],
                     "steps": info["steps"], "final_loss": info["final_loss"]}
-    raise TokenizerTrainingError(f"training run {run} finished without saving a checkpoint under {tokenizers_dir(lake)}")
+    raise TokenizerTrainingError(f"training run {run} finished without saving a checkpoint under {lake.models_dir('tokenizer')}")
 
 
 def _worker(args: dict) -> None:
@@ -324,7 +323,7 @@ def _storage(models: str) -> dict:
     listing reads (a leading dot). On object storage with an explicit filesystem: Ray Train's
     controller actor would resolve a bare URI with its own environment, without the driver's AWS
     settings (as training/loop.py does)."""
-    if "://" not in models:
+    if not is_remote(models):
         return {"storage_path": os.path.abspath(f"{models}/.ray-train")}
     fs, path = arrow_filesystem(f"{models}/.ray-train")
     return {"storage_path": path, "storage_filesystem": fs}

@@ -1,8 +1,12 @@
 """The video build: a Ray Data graph of small stages from inputs to rows in the lake.
 
-    inputs --hash--> (skip what the lake already finished) --survey: probe, gates, shots-->
-    clip specs --frames--> gates --thumbnails--> [later stages] --> driver commits clips,
-    then each video's row once all of its clips are in.
+    sources --list--> inputs --hash--> (skip what the lake already finished) --survey: probe,
+    gates, shots--> clip specs --frames--> gates --thumbnails--> captions --> embeddings -->
+    previews --> near-duplicates --> tokens --> driver commits clips, then each video's row once
+    all of its clips are in --> tokens for earlier clips, indexes, the builds ledger.
+
+`stages` declares that list, with how Ray runs each stage; `run_build` runs all of it, so a build
+from Python and one from `gr2 build-videos` make the same lake.
 
 A video's row is written last, so it marks the video finished: a build killed half-way leaves some
 clips and no video row, and the next run redoes that video, merging its clips on their ids.
@@ -16,6 +20,7 @@ import io
 import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -25,9 +30,19 @@ import pyarrow.compute as pc
 import ray
 from PIL import Image
 
+from gr2.lake import gallery, schema
+from gr2.lake.index import build_indexes
 from gr2.lake.lake import Lake, worker_env
-from gr2.video import decode, gates, probe, shots
+from gr2.lake.query import sql_literal
+from gr2.video import caption, decode, dedup, gates, probe, shots
+from gr2.video.caption import Captioner
 from gr2.video.config import BuildConfig
+from gr2.video.dedup import Deduplicator
+from gr2.video.embed import ClipEmbedder, check_lake_model, resolve_weights
+from gr2.video.sources import list_inputs
+from gr2.video.tokenize import TokenizeClips, build_tokenizer, tokenize_after_build
+
+FLOW = "build-videos"  # a video build's name in the builds ledger
 
 SHOT_FRAME_SIZE = (64, 36)  # frames for cut detection: small, every one of them decoded
 
@@ -127,13 +142,7 @@ def gate_clips(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, n
     """Stage: score every clip (black, blank, motion) and reject the ones a gate catches."""
     batch = clean(batch)
     scores = [gates.clip_scores(f) for f in batch["frames"]]
-    status, reason = list(batch["status"]), list(batch["reason"])
-    for i, s in enumerate(scores):
-        if status[i] == "accepted":
-            why = gates.clip_gate(s, float(batch["duration_s"][i]), config)
-            if why:
-                status[i], reason[i] = "rejected", why
-    out = {**batch, "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object)}
+    out = gates.reject(batch, [gates.clip_gate(s, float(d), config) for s, d in zip(scores, batch["duration_s"])])
     for k in ("black_score", "blank_score", "motion_score"):
         out[k] = np.array([s[k] for s in scores], dtype=np.float32)
     return out
@@ -174,8 +183,6 @@ def clean(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def lake_rows(batch: dict[str, np.ndarray], table: str = "clips") -> pa.Table:
     """Last stage: the batch as rows of `table`'s exact schema (extra working columns dropped)."""
-    from gr2.lake import schema
-
     names = set(schema.SCHEMAS[table].names)
     rows = _rows({k: v for k, v in batch.items() if k in names})
     for row in rows:
@@ -206,7 +213,90 @@ def _objects(items: list) -> np.ndarray:
     return arr
 
 
-# -- the graph ---------------------------------------------------------------------------------
+# -- the build, declared ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the build: a plain callable over a batch, and how Ray runs it.
+
+    A function runs on a task pool; a class (pool="actor") loads its model once per actor in __init__.
+    """
+
+    fn: Callable
+    pool: str = "task"  # task | actor
+    cpus: float | None = None  # per task or actor; None: Ray's one CPU
+    memory_gb: float | None = None  # model actors: what one holds, so Ray starts it only where that fits
+    batch_size: int | None = 4  # rows per call; None: a whole block (no concatenating blocks)
+    kwargs: dict = field(default_factory=dict)  # the function's keyword arguments, or the class's constructor's
+
+    def apply(self, ds: ray.data.Dataset, workers: int) -> ray.data.Dataset:
+        """`ds` with this stage mapped over it."""
+        if self.pool == "actor":
+            args = {"compute": ray.data.ActorPoolStrategy(size=1), "fn_constructor_kwargs": self.kwargs}
+        else:
+            args = {"compute": ray.data.TaskPoolStrategy(workers), "fn_kwargs": self.kwargs}
+        if self.cpus is not None:
+            args["num_cpus"] = self.cpus
+        if self.memory_gb is not None:
+            args["memory"] = int(self.memory_gb * 2**30)
+        return ds.map_batches(self.fn, batch_size=self.batch_size, **args, **worker_env())
+
+
+def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> list[Stage]:
+    """The whole build, in order, as datatrove writes a pipeline; `tokenizer`: the tokenize stage's checkpoint.
+
+    The first two stages run once per input video; between them the driver skips what the lake
+    already holds, and after them it cuts accepted videos into clip specs, which every later stage
+    sees. The last stage types the rows for the lake; the driver commits them.
+    """
+    with_config = {"config": config}
+    # Model actors hold a fraction of a CPU: whole-CPU actors on a 2-CPU machine would leave no CPU
+    # for the decode tasks feeding them, and the graph would stall. Their memory is what a B-32
+    # model's actor was measured to hold on CPU (weights, activations of a batch, the worker itself).
+    model = {"pool": "actor", "cpus": 0.25, "batch_size": 8}
+    embeds = config.clip_model is not None
+    return [
+        # once per input video
+        Stage(hash_inputs),
+        Stage(survey_videos, batch_size=1, kwargs=with_config),
+        # once per candidate clip
+        Stage(read_clip_frames, kwargs=with_config),
+        Stage(gate_clips, kwargs=with_config),
+        Stage(thumbnails),
+        Stage(Captioner, **model, memory_gb=2.0 if config.caption_model else None, kwargs={
+            "model_name": config.caption_model, "pretrained": config.caption_pretrained,
+            "max_tokens": config.caption_max_tokens}),
+        *([Stage(ClipEmbedder, **model, memory_gb=1.5, kwargs={
+            "model_name": config.clip_model, "pretrained": config.clip_pretrained,
+            "min_text_score": config.min_text_score})] if embeds else []),
+        Stage(gallery.previews, batch_size=8),
+        # One dedup actor sees every clip of the build in turn (dedup.py).
+        *([Stage(Deduplicator, **{**model, "cpus": 0.05}, kwargs={
+            "lake_root": lake.root, "max_distance": config.dedup_max_distance})]
+          if embeds and config.dedup_max_distance is not None else []),
+        *([Stage(TokenizeClips, **model, kwargs={"checkpoint_dir": tokenizer})] if tokenizer else []),
+        Stage(lake_rows, batch_size=None),
+    ]
+
+
+def check_models(config: BuildConfig, lake: Lake) -> None:
+    """Stop before any work when the weights asked for are not on this machine (ModelWeightsError)."""
+    for model, pretrained in ((config.clip_model, config.clip_pretrained),
+                              (config.caption_model, config.caption_pretrained)):
+        if model:
+            resolve_weights(model, pretrained)
+    if config.clip_model:
+        check_lake_model(lake, config.clip_model, config.clip_pretrained)  # one embedding space per lake
+
+
+# Inside the clip pipeline these text columns hold "" for "none", never None: Ray turns a column of
+# only None into float, and a float block cannot be concatenated with a text block. lake_rows
+# turns "" back into null. Stages added later keep to the same rule.
+TEXT_COLUMNS = ("reason", "caption", "dataset", "caption_model", "duplicate_of")
+
+
+# -- the build, run ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -216,6 +306,105 @@ class BuildResult:
     build_id: str
     funnel: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+
+
+def run_build(sources: list[str], lake: Lake, config: BuildConfig = BuildConfig(), build_id: str | None = None,
+              retry_failed: bool = False, extra_stages: tuple[Stage, ...] = (), log=print) -> BuildResult:
+    """The whole build: `sources` (directories, globs, manifests, URIs) through `stages` into `lake`,
+    then tokens for accepted clips earlier builds left without, the indexes, and the build's row in
+    the builds ledger; returns the funnel and the table versions.
+
+    `extra_stages` run after the declared clip stages, before the rows are typed for the lake (a
+    stage of your own, a fault to inject).
+    """
+    started = datetime.now(timezone.utc)
+    check_models(config, lake)
+    tokenizer = build_tokenizer(lake, config.tokenizer)  # a bad checkpoint stops the build before any video is read
+    build_id = build_id or new_build_id()
+    *pipeline, to_rows = stages(lake, config, tokenizer)
+    funnel = _run_stages(list_inputs(sources), lake, config, build_id, [*pipeline, *extra_stages, to_rows],
+                         retry_failed, log)
+    funnel.update(model_counts(lake, build_id))
+    funnel.update(tokenize_after_build(lake, tokenizer, build_id, log=log))
+    if lake.exists("clips"):
+        funnel["indexes"] = build_indexes(lake)
+    versions = lake.record_build(build_id, FLOW, sources, config.model_dump_json(), config.hash(), funnel, started,
+                                 ("videos", "clips"))
+    return BuildResult(build_id, funnel, versions)
+
+
+def _run_stages(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str, pipeline: list[Stage],
+                retry_failed: bool, log) -> dict:
+    """Inputs through the pipeline's stages into the lake's videos and clips; returns the funnel."""
+    t0 = time.time()
+    workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    hashing, surveying, *per_clip = pipeline
+    hashed = _run_stage(hashing, inputs, workers)
+    finished = _finished_videos(lake, {r["video_id"] for r in hashed}, retry_failed)
+    failed_before = _failed_uris(lake) if retry_failed else set()
+    todo, seen_ids = [], set()
+    for r in hashed:
+        if r["video_id"] not in finished and r["video_id"] not in seen_ids:
+            todo.append(r)
+        seen_ids.add(r["video_id"])
+    log(f"{build_id}: {len(inputs)} inputs, {len(todo)} to process, {len(hashed) - len(todo)} already in the lake")
+
+    surveyed = _run_stage(surveying, todo, workers)
+    video_rows = {v["video_id"]: v for v in map(_plain, surveyed)}
+    clips = _commit_clips(lake, video_rows, config, build_id, per_clip, workers)
+    clips.frames_decoded += sum(int(v.get("frames_decoded") or 0) for v in surveyed)
+    funnel = _funnel(inputs, hashed, finished, lake, video_rows, clips, time.time() - t0, retry_failed)
+    if retry_failed:
+        retried = [video_rows[r["video_id"]]["status"] for r in todo if r["uri"] in failed_before]
+        funnel["retried"] = len(retried)
+        funnel["retried_outcomes"] = dict(Counter(retried))
+    return funnel
+
+
+def _run_stage(stage: Stage, items: list[dict], workers: int) -> list[dict]:
+    """`stage` over `items` on Ray, gathered on the driver."""
+    if not items:
+        return []
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), workers * 4)))
+    return stage.apply(ds, workers).take_all()
+
+
+@dataclass
+class ClipCounts:
+    """What the clip stages did, for the funnel."""
+
+    status: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    frames_decoded: int = 0
+
+
+def _commit_clips(lake: Lake, video_rows: dict[str, dict], config: BuildConfig, build_id: str,
+                  per_clip: list[Stage], workers: int) -> ClipCounts:
+    """Every accepted video's clips through the clip stages into the lake, each video's row once all
+    of its clips are in (a video without clips at once)."""
+    specs = [spec for v in video_rows.values() if v["status"] == "accepted" for spec in clip_specs(v, config, build_id)]
+    remaining = Counter(s["video_id"] for s in specs)
+    clip_count = Counter(remaining)
+    _commit_videos(lake, [v for vid, v in video_rows.items() if remaining[vid] == 0], clip_count, config, build_id)
+    counts = ClipCounts()
+    if not specs:
+        return counts
+    ds = ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), workers * 8)))
+    for stage in per_clip:
+        ds = stage.apply(ds, workers)
+    for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
+        lake.commit("clips", batch)
+        counts.frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
+        done_videos = []
+        for row in batch.select(["video_id", "status", "reason"]).to_pylist():
+            counts.status[row["status"]] += 1
+            if row["reason"]:
+                counts.reasons[f"{row['status']}:{_gate(row['reason'])}"] += 1
+            remaining[row["video_id"]] -= 1
+            if remaining[row["video_id"]] == 0:
+                done_videos.append(video_rows[row["video_id"]])
+        _commit_videos(lake, done_videos, clip_count, config, build_id)
+    return counts
 
 
 def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
@@ -234,131 +423,13 @@ def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
     ]
 
 
-CLIP_STAGES = (read_clip_frames, gate_clips)
-
-
-def model_stages(lake: Lake, config: BuildConfig) -> list:
-    """The model stages after the gates, as (stage, map_batches kwargs): caption, embed (+ text
-    gate), animated preview, near-duplicates. Each model is loaded once per Ray actor; the dedup
-    actor is one, so it sees every clip of the build in turn."""
-    from gr2.lake import gallery
-    from gr2.video.caption import Captioner
-    from gr2.video.dedup import Deduplicator
-    from gr2.video.embed import ClipEmbedder
-
-    # Actors hold a fraction of a CPU each: whole-CPU actors on a 2-CPU machine would leave no CPU
-    # for the decode tasks feeding them, and the graph would stall.
-    actor = {"compute": ray.data.ActorPoolStrategy(size=1), "num_cpus": 0.25, "batch_size": 8}
-    stages = [(Captioner, {**actor, "fn_constructor_kwargs": {
-        "model_name": config.caption_model, "pretrained": config.caption_pretrained,
-        "max_tokens": config.caption_max_tokens}})]
-    if config.clip_model:
-        stages.append((ClipEmbedder, {**actor, "fn_constructor_kwargs": {
-            "model_name": config.clip_model, "pretrained": config.clip_pretrained,
-            "min_text_score": config.min_text_score}}))
-    stages.append((gallery.previews, {"batch_size": 8}))
-    if config.clip_model and config.dedup_max_distance is not None:
-        stages.append((Deduplicator, {**actor, "num_cpus": 0.05, "fn_constructor_kwargs": {
-            "lake_root": lake.root, "max_distance": config.dedup_max_distance}}))
-    return stages
-
-
-def check_models(config: BuildConfig, lake: Lake | None = None) -> None:
-    """Stop before any work when the weights asked for are not on this machine (ModelWeightsError)."""
-    from gr2.video.embed import check_lake_model, resolve_weights
-
-    for model, pretrained in ((config.clip_model, config.clip_pretrained),
-                              (config.caption_model, config.caption_pretrained)):
-        if model:
-            resolve_weights(model, pretrained)
-    if lake is not None and config.clip_model:
-        check_lake_model(lake, config.clip_model, config.clip_pretrained)  # one embedding space per lake
-
-# Inside the clip pipeline these text columns hold "" for "none", never None: Ray turns a column of
-# only None into float, and a float block cannot be concatenated with a text block. lake_rows
-# turns "" back into null. Stages added later keep to the same rule.
-TEXT_COLUMNS = ("reason", "caption", "dataset", "caption_model", "duplicate_of")
-
-
-def run_build(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str | None = None,
-              extra_stages: list | None = None, retry_failed: bool = False, log=print) -> BuildResult:
-    """Run the build over `inputs` (from sources.list_inputs) into `lake`; returns the funnel.
-
-    `extra_stages` are (callable-or-class, map_batches kwargs) pairs appended after the gates, e.g.
-    embedding and tokenizing actors.
-    """
-    build_id = build_id or new_build_id()
-    t0 = time.time()
-    workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    hashed = (
-        ray.data.from_items(inputs, override_num_blocks=max(1, min(len(inputs), workers * 4)))
-        .map_batches(hash_inputs, batch_size=4, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
-        .take_all()
-    ) if inputs else []
-
-    finished = _finished_videos(lake, {r["video_id"] for r in hashed}, retry_failed)
-    failed_before = _failed_uris(lake) if retry_failed else set()
-    todo, seen_ids = [], set()
-    for r in hashed:
-        if r["video_id"] not in finished and r["video_id"] not in seen_ids:
-            todo.append(r)
-        seen_ids.add(r["video_id"])
-    log(f"{build_id}: {len(inputs)} inputs, {len(todo)} to process, {len(hashed) - len(todo)} already in the lake")
-
-    surveyed = (
-        ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), workers * 4)))
-        .map_batches(survey_videos, fn_kwargs={"config": config}, batch_size=1,
-                     compute=ray.data.TaskPoolStrategy(workers),
-                     **worker_env())
-        .take_all()
-    ) if todo else []
-
-    video_rows, specs = {}, []
-    for v in map(_plain, surveyed):
-        video_rows[v["video_id"]] = v
-        if v["status"] == "accepted":
-            specs += clip_specs(v, config, build_id)
-    remaining = Counter(s["video_id"] for s in specs)
-    clip_count = Counter(remaining)
-    for vid, v in video_rows.items():
-        if remaining[vid] == 0:
-            _commit_videos(lake, [v], clip_count, config, build_id)
-
-    clip_status: Counter = Counter()
-    clip_reasons: Counter = Counter()
-    frames_decoded = sum(int(v.get("frames_decoded") or 0) for v in surveyed)
-    if specs:
-        ds = ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), workers * 8)))
-        for stage in CLIP_STAGES:
-            ds = ds.map_batches(stage, fn_kwargs={"config": config}, batch_size=4,
-                                compute=ray.data.TaskPoolStrategy(workers),
-                                **worker_env())
-        ds = ds.map_batches(thumbnails, batch_size=4, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
-        for stage, kwargs in extra_stages or []:
-            ds = ds.map_batches(stage, **{**worker_env(), **kwargs})
-        # batch_size=None: per block, so no concatenation of blocks
-        ds = ds.map_batches(lake_rows, batch_size=None, compute=ray.data.TaskPoolStrategy(workers), **worker_env())
-        for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
-            lake.commit("clips", batch)
-            frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
-            done_videos = []
-            for row in batch.select(["video_id", "status", "reason"]).to_pylist():
-                clip_status[row["status"]] += 1
-                if row["reason"]:
-                    clip_reasons[f"{row['status']}:{_gate(row['reason'])}"] += 1
-                remaining[row["video_id"]] -= 1
-                if remaining[row["video_id"]] == 0:
-                    done_videos.append(video_rows[row["video_id"]])
-            _commit_videos(lake, done_videos, clip_count, config, build_id)
-
-    elapsed = time.time() - t0
-    funnel = _funnel(inputs, hashed, finished, lake, video_rows, clip_status, clip_reasons, frames_decoded,
-                     elapsed, retry_failed)
-    if retry_failed:
-        retried = [video_rows[r["video_id"]]["status"] for r in todo if r["uri"] in failed_before]
-        funnel["retried"] = len(retried)
-        funnel["retried_outcomes"] = dict(Counter(retried))
-    return BuildResult(build_id, funnel)
+def model_counts(lake: Lake, build_id: str) -> dict:
+    """Caption sources and near-duplicates among this build's clips, for the funnel."""
+    if not lake.exists("clips"):
+        return {}
+    rows = lake.read("clips", columns=["caption_source", "duplicate_of"],
+                     filter=f"build_id = {sql_literal(build_id)}").to_pylist()
+    return {**caption.counts(rows), **dedup.counts(rows)}
 
 
 def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str, str]:
@@ -388,18 +459,12 @@ def _commit_videos(lake: Lake, rows: list[dict], clip_count: Counter, config: Bu
     if not rows:
         return
     now = datetime.now(timezone.utc)
-    keep = set(lake_columns("videos")) - {"clip_count", "config_hash", "build_id", "processed_at"}
+    keep = set(schema.VIDEOS.names) - {"clip_count", "config_hash", "build_id", "processed_at"}
     lake.commit("videos", [
         {**{k: v for k, v in r.items() if k in keep}, "clip_count": clip_count[r["video_id"]],
          "config_hash": config.hash(), "build_id": build_id, "processed_at": now}
         for r in rows
     ])
-
-
-def lake_columns(table: str) -> list[str]:
-    from gr2.lake import schema
-
-    return schema.SCHEMAS[table].names
 
 
 def _gate(reason: str) -> str:
@@ -408,8 +473,7 @@ def _gate(reason: str) -> str:
     return head if head.replace("_", "").isalnum() and len(head) < 32 else "error"
 
 
-def _funnel(inputs, hashed, finished, lake, video_rows, clip_status, clip_reasons, frames_decoded,
-            elapsed, retry_failed) -> dict:
+def _funnel(inputs, hashed, finished, lake, video_rows, clips: ClipCounts, elapsed, retry_failed) -> dict:
     by_status: Counter = Counter()
     reasons: dict[str, Counter] = defaultdict(Counter)
     # Every input is counted once, by its outcome in this build or its standing outcome in the lake.
@@ -434,16 +498,16 @@ def _funnel(inputs, hashed, finished, lake, video_rows, clip_status, clip_reason
         "skipped_already_in_lake": len(hashed) - len(video_rows),
         "processed": len(video_rows),
         "retry_failed": retry_failed,
-        "clips": sum(clip_status.values()),
-        "clips_accepted": clip_status["accepted"],
-        "clips_rejected": clip_status["rejected"],
-        "clips_failed": clip_status["failed"],
-        "clips_by_reason": dict(clip_reasons),
+        "clips": sum(clips.status.values()),
+        "clips_accepted": clips.status["accepted"],
+        "clips_rejected": clips.status["rejected"],
+        "clips_failed": clips.status["failed"],
+        "clips_by_reason": dict(clips.reasons),
         "video_seconds": round(seconds, 2),
-        "frames_decoded": frames_decoded,
+        "frames_decoded": clips.frames_decoded,
         "elapsed_s": round(elapsed, 2),
         "videos_per_s": round(len(video_rows) / elapsed, 3) if elapsed else None,
-        "frames_per_s": round(frames_decoded / elapsed, 1) if elapsed else None,
+        "frames_per_s": round(clips.frames_decoded / elapsed, 1) if elapsed else None,
     }
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from gr2.lake.provenance import settings_hash
 
 
 class BuildConfig(BaseModel):
@@ -51,4 +50,4 @@ class BuildConfig(BaseModel):
     def hash(self) -> str:
         """A short content hash of the settings that shape rows (execution knobs excluded)."""
         shaping = self.model_dump(exclude={"workers", "commit_every", "lease_timeout_s"})
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+        return settings_hash(shaping)

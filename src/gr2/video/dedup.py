@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gr2.video import gates
+
 DEFAULT_MAX_DISTANCE = 0.01  # cosine distance: re-encodes and re-uploads sit well below it
 
 
@@ -29,12 +31,11 @@ class Deduplicator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["clip_id"])
         ids = [str(c) for c in batch["clip_id"]]
-        status, reason = [str(s) for s in batch["status"]], list(batch["reason"])
         emb = np.asarray(np.stack(list(batch["embedding"])) if batch["embedding"].dtype == object else batch["embedding"],
                          dtype=np.float32)
-        dup_of = [""] * n
+        dup_of, reasons = [""] * n, [None] * n
         dist = np.full(n, np.nan, np.float32)
-        todo = [i for i in range(n) if status[i] == "accepted" and np.isfinite(emb[i]).all()]
+        todo = [i for i in range(n) if str(batch["status"][i]) == "accepted" and np.isfinite(emb[i]).all()]
         earlier = self._lake_matches(batch, [emb[i] for i in todo], [ids[i] for i in todo])
         new_ids, new_vecs = [], []
         for j, i in enumerate(todo):
@@ -49,15 +50,14 @@ class Deduplicator:
                         best = (other_ids[k], float(d[k]))
             if best is not None and best[1] <= self.max_distance:
                 dup_of[i], dist[i] = best
-                status[i] = "rejected"
-                reason[i] = f"duplicate: of {best[0]} (cosine distance {best[1]:.4f} <= {self.max_distance})"
+                reasons[i] = f"duplicate: of {best[0]} (cosine distance {best[1]:.4f} <= {self.max_distance})"
             else:
                 new_ids.append(ids[i]), new_vecs.append(emb[i])
         if new_ids:
             self.seen_ids += new_ids
             self.seen.append(np.array(new_vecs, np.float32))
-        return {**batch, "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object),
-                "duplicate_of": np.array(dup_of, dtype=object), "duplicate_distance": dist}
+        return gates.reject({**batch, "duplicate_of": np.array(dup_of, dtype=object), "duplicate_distance": dist},
+                            reasons)
 
     def _seen(self) -> np.ndarray:
         if len(self.seen) > 1:
@@ -70,7 +70,7 @@ class Deduplicator:
         if not vectors or self.lake_root is None:
             return out
         from gr2.lake.lake import Lake
-        from gr2.lake.query import NPROBES, REFINE_FACTOR
+        from gr2.lake.query import NPROBES, REFINE_FACTOR, sql_literal
 
         lake = Lake(self.lake_root)
         if not lake.exists("clips"):
@@ -81,7 +81,7 @@ class Deduplicator:
         model, weights = _one(batch, "clip_model"), _one(batch, "clip_pretrained")
         where = "status = 'accepted'"  # null embeddings are skipped by the search itself
         if model and weights:
-            where += f" AND clip_model = {_sql(model)} AND clip_pretrained = {_sql(weights)}"
+            where += f" AND clip_model = {sql_literal(model)} AND clip_pretrained = {sql_literal(weights)}"
         # k=2: the nearest may be the clip itself, committed by an earlier, interrupted run.
         hits = ds.to_table(
             columns=["clip_id", "_distance"], filter=where, prefilter=True,
@@ -104,10 +104,6 @@ def _one(batch, column: str) -> str | None:
         return None
     value = batch[column][0]
     return value if isinstance(value, str) else None
-
-
-def _sql(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def counts(rows: list[dict]) -> dict[str, int]:

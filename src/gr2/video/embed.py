@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gr2.errors import Gr2Error
+from gr2.video import gates
 
 RANDOM_INIT = "none"
 RANDOM_INIT_SEED = 0
@@ -188,9 +189,7 @@ class ClipEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["clip_id"])
-        status = [str(s) for s in batch["status"]] if "status" in batch else ["accepted"] * n
-        reason = list(batch["reason"]) if "reason" in batch else [""] * n
-        live = [i for i in range(n) if status[i] != "failed"]
+        live = [i for i in range(n) if "status" not in batch or str(batch["status"][i]) != "failed"]
         emb = np.full((n, self.dim), np.nan, np.float32)
         if live:
             frames = [np.asarray(batch["frames"][i]) for i in live]
@@ -206,16 +205,13 @@ class ClipEmbedder:
         if scored:
             text = self.embed_text([captions[i] for i in scored])
             scores[scored] = np.einsum("nd,nd->n", text, emb[scored])
-        if self.min_text_score is not None:
-            for i in scored:
-                if status[i] == "accepted" and scores[i] < self.min_text_score:
-                    status[i], reason[i] = "rejected", f"text: score {scores[i]:.3f} < {self.min_text_score}"
-        return {
+        low = self.min_text_score
+        too_low = {i: f"text: score {scores[i]:.3f} < {low}" for i in scored if low is not None and scores[i] < low}
+        return gates.reject({
             **batch, "embedding": emb, "text_score": scores,
             "clip_model": np.array([self.model_name] * n, dtype=object),
             "clip_pretrained": np.array([self.weights.tag] * n, dtype=object),
-            "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object),
-        }
+        }, [too_low.get(i) for i in range(n)])
 
 
 def check_lake_model(lake, model_name: str, pretrained: str) -> None:

@@ -22,6 +22,20 @@ def video_gate(info: dict, config: BuildConfig) -> str | None:
     return None
 
 
+def reject(batch: dict[str, np.ndarray], reasons: list[str | None]) -> dict[str, np.ndarray]:
+    """The batch with every accepted row a gate gave a reason rejected, with it; other rows as they were.
+
+    The one place a gate's verdict becomes `status` and `reason` (a batch without them is all accepted).
+    """
+    n = len(reasons)
+    status = [str(s) for s in batch["status"]] if "status" in batch else ["accepted"] * n
+    reason = list(batch["reason"]) if "reason" in batch else [""] * n
+    for i, why in enumerate(reasons):
+        if why and status[i] == "accepted":
+            status[i], reason[i] = "rejected", why
+    return {**batch, "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object)}
+
+
 def luma(frames: np.ndarray) -> np.ndarray:
     """BT.601 luma of uint8 RGB frames [T, H, W, 3] as float32 [T, H, W]."""
     f = frames.astype(np.float32)

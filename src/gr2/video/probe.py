@@ -12,16 +12,13 @@ import ffmpeg
 import fsspec
 
 from gr2.errors import Gr2Error
+from gr2.lake.uri import is_remote, local_path
 
 CHUNK = 1 << 20
 
 
 class ProbeError(Gr2Error):
     """An input that is not a readable video; the message says which and why."""
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
 
 
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
@@ -31,7 +28,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     node into a cache keyed by the uri.
     """
     if not is_remote(uri):
-        return uri[len("file://"):] if uri.startswith("file://") else uri
+        return local_path(uri)
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "gr2-cache")
     os.makedirs(cache_dir, exist_ok=True)
     # Keyed by the object's version too (ETag, size, mtime): an object overwritten in place is new

@@ -7,10 +7,10 @@ instead of losing it.
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
+from glob import glob as local_glob
 
 import fsspec
 import pyarrow as pa
@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from gr2.errors import Gr2Error
+from gr2.lake.uri import find, glob, is_remote, join, local_path
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".gif")
 MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
@@ -25,10 +26,6 @@ MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
 
 class SourceError(Gr2Error):
     """A source that cannot be listed at all (a manifest that does not parse, a missing path)."""
-
-
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
 
 
 def _input(uri, caption=None, dataset=None, error=None) -> dict:
@@ -53,13 +50,12 @@ def _expand(source: str) -> list[dict]:
         return read_manifest(source)
     if any(ch in source for ch in "*?["):
         return [_input(u) for u in _glob(source)]
-    if _is_remote(source):
+    if is_remote(source):
         fs, path = fsspec.core.url_to_fs(source)
         if fs.isdir(path):
-            proto = source.split("://")[0]
-            return [_input(f"{proto}://{p}") for p in sorted(fs.find(path)) if p.lower().endswith(VIDEO_EXTENSIONS)]
+            return [_input(u) for u in find(source) if u.lower().endswith(VIDEO_EXTENSIONS)]
         return [_input(source)]
-    path = source[len("file://"):] if source.startswith("file://") else source
+    path = local_path(source)
     if os.path.isdir(path):
         found = []
         for dirpath, _, files in os.walk(path):
@@ -70,11 +66,9 @@ def _expand(source: str) -> list[dict]:
 
 
 def _glob(pattern: str) -> list[str]:
-    if _is_remote(pattern):
-        fs, path = fsspec.core.url_to_fs(pattern)
-        proto = pattern.split("://")[0]
-        return [f"{proto}://{p}" for p in sorted(fs.glob(path))]
-    return [os.path.abspath(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+    if is_remote(pattern):
+        return glob(pattern)
+    return [os.path.abspath(p) for p in sorted(local_glob(pattern, recursive=True)) if os.path.isfile(p)]
 
 
 def read_manifest(uri: str) -> list[dict]:
@@ -103,10 +97,10 @@ def read_manifest(uri: str) -> list[dict]:
         if "\x00" in u:
             inputs.append(_input(where, error=f"{where}: uri contains a NUL byte"))
             continue
-        if not _is_remote(u) and not os.path.isabs(u) and not _is_remote(base):
+        if not is_remote(u) and not os.path.isabs(u) and not is_remote(base):
             u = os.path.abspath(os.path.join(base, u))
-        elif not _is_remote(u) and not u.startswith("/") and _is_remote(base):
-            u = f"{base}/{u}"
+        elif not is_remote(u) and not u.startswith("/") and is_remote(base):
+            u = join(base, u)
         inputs.append(_input(u, _text(caption), _text(dataset)))
     return inputs
 

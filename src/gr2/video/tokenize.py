@@ -6,7 +6,7 @@ resolution and encoded into a uint16 grid [T, h, w], stored row-major beside its
 checkpoint id. Whichever path tokenizes a clip (the build's stage or `tokenize_lake`), the same
 checkpoint gives the same tokens.
 
-Checkpoints live under <lake>/models/tokenizers/<checkpoint id>/ (gr2.tokenizers.checkpoint).
+Checkpoints live where the lake's models registry keeps tokenizers (Lake.models_dir("tokenizer")).
 A lake keeps one tokenizer at a time: the build uses the one its clips already carry (the latest
 trained when none do), and `tokenize_lake` moves every accepted clip onto the checkpoint it is given.
 """
@@ -18,9 +18,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timezone
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,9 +26,9 @@ from PIL import Image
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake, LakeError, worker_env
+from gr2.lake.query import sql_literal
 from gr2.video import decode, probe
 
-MODELS_DIR = "models/tokenizers"
 DEFAULT_FRAME_SIZE = 128  # BuildConfig's default, for a clip whose frame size nothing records
 TOKEN_COLUMNS = ("tokenizer_id", "tokens", "token_shape")
 
@@ -39,57 +37,7 @@ class TokenizeError(Gr2Error):
     """A clip that cannot be shown or tokenized as asked; the message names the clip."""
 
 
-# -- where a lake's tokenizers are -----------------------------------------------------------------
-
-
-def tokenizers_dir(lake: Lake) -> str:
-    return f"{lake.root}/{MODELS_DIR}"
-
-
-def list_tokenizers(lake: Lake) -> list[dict]:
-    """Checkpoints under <lake>/models/tokenizers, oldest first: {checkpoint_id, path, trained_at, info}.
-
-    A directory without config.json is a save that never finished (weights are written first) and
-    is left out; a config.json that does not parse is listed under its directory's name, so that
-    loading it fails with the checkpoint's own error rather than another one being picked silently.
-    """
-    fs, root = fsspec.core.url_to_fs(tokenizers_dir(lake))
-    prefix = lake.root[: len(lake.root) - len(lake.root.split("://", 1)[-1])]
-    out = []
-    for config in sorted(fs.glob(f"{root}/*/config.json")):
-        directory = config.rsplit("/", 1)[0]
-        entry = {"checkpoint_id": directory.rsplit("/", 1)[-1], "path": prefix + directory,
-                 "trained_at": "", "info": {}}
-        try:
-            with fs.open(config) as f:
-                meta = json.load(f)
-            entry["checkpoint_id"] = str(meta.get("checkpoint_id") or entry["checkpoint_id"])
-            entry["info"] = dict(meta.get("info") or {})
-            entry["trained_at"] = str(entry["info"].get("trained_at") or "")
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-        if not entry["trained_at"]:
-            modified = fs.modified(config)
-            entry["trained_at"] = modified.astimezone(timezone.utc).isoformat() if modified.tzinfo else modified.isoformat()
-        out.append(entry)
-    return sorted(out, key=lambda e: e["trained_at"])
-
-
-def find_tokenizer(lake: Lake, tokenizer_id: str | None = None) -> str | None:
-    """The checkpoint directory of `tokenizer_id` (an id or a unique prefix) or, without one, of the
-    latest trained tokenizer; None when the lake has none. An id the lake lacks is a CheckpointError."""
-    from gr2.tokenizers import CheckpointError
-
-    found = list_tokenizers(lake)
-    if tokenizer_id is None:
-        return found[-1]["path"] if found else None
-    exact = [e for e in found if e["checkpoint_id"] == tokenizer_id]
-    matches = exact or [e for e in found if len(tokenizer_id) >= 4 and e["checkpoint_id"].startswith(tokenizer_id)]
-    if len(matches) == 1:
-        return matches[0]["path"]
-    have = ", ".join(e["checkpoint_id"] for e in found) or "none"
-    what = "is ambiguous" if matches else "is not"
-    raise CheckpointError(f"tokenizer {tokenizer_id} {what} under {tokenizers_dir(lake)} (tokenizers there: {have})")
+# -- which tokenizer a lake's clips use ------------------------------------------------------------
 
 
 def lake_tokenizer_ids(lake: Lake) -> Counter:
@@ -101,14 +49,20 @@ def lake_tokenizer_ids(lake: Lake) -> Counter:
 
 
 def current_tokenizer(lake: Lake, tokenizer_id: str | None = None) -> str | None:
-    """The checkpoint a build should tokenize with: `tokenizer_id` when given, else the one the lake's
-    clips already carry (so a build never mixes tokenizers in one lake), else the latest trained."""
-    if tokenizer_id is not None:
-        return find_tokenizer(lake, tokenizer_id)
-    in_use = lake_tokenizer_ids(lake)
-    if in_use:
-        return find_tokenizer(lake, in_use.most_common(1)[0][0])
-    return find_tokenizer(lake)
+    """The checkpoint a build should tokenize with: `tokenizer_id` when given (an id or a unique prefix;
+    TokenizeError when the lake lacks it), else the one the lake's clips already carry (so a build never
+    mixes tokenizers in one lake), else the latest trained; None when the lake has none."""
+    if tokenizer_id is None:
+        in_use = lake_tokenizer_ids(lake)
+        if not in_use:
+            return lake.find_checkpoint("tokenizer")
+        tokenizer_id = in_use.most_common(1)[0][0]
+    path = lake.find_checkpoint("tokenizer", tokenizer_id)
+    if path is None:
+        have = ", ".join(s.checkpoint_id for s in lake.checkpoints("tokenizer")) or "none"
+        raise TokenizeError(f"tokenizer {tokenizer_id} is not under {lake.models_dir('tokenizer')} "
+                            f"(tokenizers there: {have})")
+    return path
 
 
 # -- frames as the tokenizer sees them ------------------------------------------------------------
@@ -214,44 +168,29 @@ class TokenizeClips:
         return {**batch, "tokens": tokens, "token_shape": shapes, "tokenizer_id": ids}
 
 
-class BuildStages(list):
-    """The (stage, map_batches kwargs) pairs the build appends; empty, with `skipped` saying why,
-    when the lake has no tokenizer."""
-
-    def __init__(self, stages=(), checkpoint_dir: str | None = None, tokenizer_id: str | None = None,
-                 skipped: str | None = None):
-        super().__init__(stages)
-        self.checkpoint_dir, self.tokenizer_id, self.skipped = checkpoint_dir, tokenizer_id, skipped
-
-
-def build_stages(lake: Lake, tokenizer_id: str | None = None, actors: int | tuple[int, int] = 1,
-                 batch_size: int = 8) -> BuildStages:
-    """The build's tokenize stage with the lake's current tokenizer (see `current_tokenizer`).
-
-    The checkpoint is loaded and verified here, on the driver, so a corrupt one stops the build
-    before any video is read. `actors`: the pool's size, or (min, max) to let Ray scale it; each
-    actor holds one model.
-    """
+def build_tokenizer(lake: Lake, tokenizer_id: str | None = None) -> str | None:
+    """The checkpoint the build's tokenize stage uses (see `current_tokenizer`), or None when the lake
+    has none. It is loaded and verified here, on the driver, so a corrupt one stops the build before
+    any video is read."""
     from gr2.tokenizers import load_checkpoint
 
     path = current_tokenizer(lake, tokenizer_id)
-    if path is None:
-        return BuildStages(skipped="no tokenizer")
-    checkpoint = load_checkpoint(path)
-    kwargs = {"fn_constructor_args": (path,), "compute": _actor_pool(actors), "batch_size": batch_size}
-    return BuildStages([(TokenizeClips, kwargs)], path, checkpoint.checkpoint_id)
+    if path is not None:
+        load_checkpoint(path)
+    return path
 
 
-def tokenize_after_build(lake: Lake, stages: BuildStages, build_id: str, log=print) -> dict:
+def tokenize_after_build(lake: Lake, checkpoint_dir: str | None, build_id: str, log=print) -> dict:
     """After a build: tokenize the accepted clips the build did not pass through its stage (clips of
     earlier builds, or of another tokenizer); returns the funnel's entries."""
-    if not stages:
-        return {"tokenized": 0, "tokenize_skipped": stages.skipped or "no tokenizer"}
-    rest = tokenize_lake(lake, stages.checkpoint_dir, only_missing=True, log=log)
+    if checkpoint_dir is None:
+        return {"tokenized": 0, "tokenize_skipped": "no tokenizer"}
+    rest = tokenize_lake(lake, checkpoint_dir, only_missing=True, log=log)
     in_build = lake.dataset("clips").count_rows(
-        f"build_id = {_quote(build_id)} AND tokenizer_id = {_quote(stages.tokenizer_id)}") if lake.exists("clips") else 0
+        f"build_id = {sql_literal(build_id)} AND tokenizer_id = {sql_literal(rest.tokenizer_id)}") \
+        if lake.exists("clips") else 0
     earlier = rest.tokenized - rest.by_build.get(build_id, 0)  # this build's own clips are in `in_build`
-    entry = {"tokenized": in_build + earlier, "tokenized_from_earlier_builds": earlier, "tokenizer": stages.tokenizer_id}
+    entry = {"tokenized": in_build + earlier, "tokenized_from_earlier_builds": earlier, "tokenizer": rest.tokenizer_id}
     if rest.failed:
         entry["tokenize_failed"] = rest.failed
     return entry
@@ -313,7 +252,7 @@ def clip_items(lake: Lake, where: str, columns: tuple[str, ...] = ()) -> list[di
 
 def _thumbnail_side(jpeg: bytes | None) -> int | None:
     """The side of a clip's square thumbnail: its sampled frames' size when no build row records it
-    (a build run without the flow, e.g. `run_build` alone)."""
+    (a build killed before it wrote its row in the builds ledger)."""
     if not jpeg:
         return None
     try:
@@ -350,7 +289,7 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
     result.accepted = ds.count_rows("status = 'accepted'")
     where = "status = 'accepted'"
     if only_missing:
-        where += f" AND (tokenizer_id IS NULL OR tokenizer_id != {_quote(tid)})"
+        where += f" AND (tokenizer_id IS NULL OR tokenizer_id != {sql_literal(tid)})"
     items = clip_items(lake, where)
     result.already = result.accepted - len(items)
     log(f"tokenizer {tid}: {len(items)} of {result.accepted} accepted clips to tokenize")
@@ -426,12 +365,12 @@ def reconstruction_sheet(lake: Lake, clip_id: str, min_side: int = 128) -> tuple
     if row.get("tokens") is None or not row.get("tokenizer_id") or not len(row["tokens"]):
         hint = "it was not accepted" if row["status"] != "accepted" else "run `gr2 tokenize` first"
         raise TokenizeError(f"clip {row['clip_id']} has no tokens (status {row['status']}; {hint})")
-    checkpoint = load_checkpoint(find_tokenizer(lake, row["tokenizer_id"]))
+    checkpoint = load_checkpoint(current_tokenizer(lake, row["tokenizer_id"]))
     t, h, w = (int(x) for x in row["token_shape"])
     grid = np.asarray(row["tokens"], np.int64).reshape(t, h, w)
     recon = (checkpoint.tokenizer.decode(grid).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     size = recon.shape[1]
-    item = clip_items(lake, f"clip_id = {_quote(row['clip_id'])}")[0]
+    item = clip_items(lake, f"clip_id = {sql_literal(row['clip_id'])}")[0]
     try:
         original = clip_frames(probe.local_copy(item["uri"]), item["width"], item["height"], item["indices"],
                                item["frame_size"], size)
@@ -454,7 +393,7 @@ def _one_clip(lake: Lake, clip_id: str) -> dict:
         raise TokenizeError(f"{clip_id!r} is not a clip id")
     names = lake.dataset("clips").schema.names
     columns = ["clip_id", "status", *[c for c in TOKEN_COLUMNS if c in names]]
-    rows = lake.read("clips", columns=columns, filter=f"clip_id LIKE '{clip_id}%'").to_pylist()
+    rows = lake.read("clips", columns=columns, filter=f"clip_id LIKE {sql_literal(clip_id + '%')}").to_pylist()
     exact = [r for r in rows if r["clip_id"] == clip_id]
     rows = exact or rows
     if not rows:
@@ -469,10 +408,6 @@ def _actor_pool(actors: int | tuple[int, int]):
 
     low, high = (actors, actors) if isinstance(actors, int) else actors
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _objects(items: list) -> np.ndarray:
