@@ -29,7 +29,7 @@ Frames = np.ndarray | torch.Tensor  # uint8 [N, 3, H, W] or [N, H, W, 3]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TokenizerTrainConfig:
     """How to train; unlike TokenizerConfig, none of this shapes the weights' layout."""
 
     batch_size: int = 32  # per rank
@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def for_steps(cls, steps: int, **changes: Any) -> "TrainConfig":
+    def for_steps(cls, steps: int, **changes: Any) -> "TokenizerTrainConfig":
         """The schedule fitted to a run of `steps`: lr warm-up over the first 10% (at most 100
         steps), the re-encode loss from 20% (at most 200), the consistency phase for the last 30%.
         `changes` override any field."""
@@ -171,7 +171,7 @@ def perturbed_grids(grids: torch.Tensor, fraction: float, swap: float, gen: torc
     return out
 
 
-def _lr_lambda(cfg: TrainConfig, steps: int) -> Callable[[int], float]:
+def _lr_lambda(cfg: TokenizerTrainConfig, steps: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -190,7 +190,7 @@ def train(
     config: TokenizerConfig = TokenizerConfig(),
     steps: int = 1000,
     *,
-    train_config: TrainConfig = TrainConfig(),
+    train_config: TokenizerTrainConfig = TokenizerTrainConfig(),
     eval_frames: Frames | None = None,
     model: Tokenizer | None = None,
     device: str | torch.device | None = None,

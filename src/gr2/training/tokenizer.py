@@ -223,9 +223,9 @@ def train_tokenizer(lake: Lake, config, steps: int, train_config=None, workers: 
                     log=print) -> TrainedTokenizer:
     """Sample frames from `lake`, train a tokenizer of `config` (a TokenizerConfig) for `steps`, save it
     under <lake>/models/tokenizers/<checkpoint id>/; with workers > 1 through Ray Train (torch DDP)."""
-    from gr2.tokenizers import TrainConfig
+    from gr2.tokenizers import TokenizerTrainConfig
 
-    train_config = train_config or TrainConfig.for_steps(steps)
+    train_config = train_config or TokenizerTrainConfig.for_steps(steps)
     if workers < 1:
         raise TokenizerTrainingError(f"workers must be at least 1, got {workers}")
     if workers > 1:
@@ -256,11 +256,11 @@ def _train_and_save(args: dict, train_frames: np.ndarray, held_out: np.ndarray, 
     """Train (under DDP when torch.distributed is up) and, on rank 0, save; returns what to report."""
     import torch.distributed as dist
 
-    from gr2.tokenizers import TokenizerConfig, TrainConfig, checkpoint_id, save_checkpoint, train
+    from gr2.tokenizers import TokenizerConfig, TokenizerTrainConfig, checkpoint_id, save_checkpoint, train
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     config = TokenizerConfig.from_dict(args["config"])
-    train_config = TrainConfig(**args["train_config"])
+    train_config = TokenizerTrainConfig(**args["train_config"])
     # Each rank draws its batches from its own shard; held-out frames are sharded inside `evaluate`.
     tokenizer, metrics = train(train_frames[rank::world], config, args["steps"], train_config=train_config,
                                eval_frames=held_out if len(held_out) else None, callback=callback)
