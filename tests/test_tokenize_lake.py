@@ -165,8 +165,9 @@ def test_train_tokenizer_on_two_ray_train_workers(built):
     config = TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY)
     with pytest.raises(TokenizerTrainingError, match="3 workers x 1 CPU need 3 CPUs"):
         train_tokenizer(built.lake, config, 2, workers=3)
-    result = train_tokenizer(built.lake, config, 3, TokenizerTrainConfig(batch_size=4, warmup_steps=1, reencode_start=2),
-                             workers=2, sample=SampleConfig(frames_per_clip=4), log=lambda *_: None)
+    schedule = TokenizerTrainConfig(batch_size=4, warmup_steps=1, reencode_start=2)
+    result = train_tokenizer(built.lake, config, 3, schedule, workers=2, sample=SampleConfig(frames_per_clip=4),
+                             log=lambda *_: None)
     loaded = load_checkpoint(result.checkpoint)
     assert loaded.checkpoint_id == result.checkpoint_id and loaded.info["workers"] == 2
     assert loaded.info["frames_seen"] == 3 * 4 * 2  # steps x per-rank batch x ranks

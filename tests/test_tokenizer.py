@@ -121,7 +121,8 @@ def test_ema_codebook_restarts_dead_codes_onto_the_data():
 @pytest.mark.parametrize("quantizer", ["ema", "fsq"])
 def test_training_reduces_the_loss(frames, quantizer):
     cfg = TokenizerConfig(**{**TINY.to_dict(), "quantizer": quantizer, "fsq_levels": (4, 4, 4)})
-    _, metrics = train(frames, cfg, 40, train_config=TokenizerTrainConfig(batch_size=8, lr=3e-3, warmup_steps=5, log_every=5))
+    schedule = TokenizerTrainConfig(batch_size=8, lr=3e-3, warmup_steps=5, log_every=5)
+    _, metrics = train(frames, cfg, 40, train_config=schedule)
     losses = [r["recon"] for r in metrics.history]
     assert metrics.steps == 40
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
@@ -176,7 +177,8 @@ def test_the_consistency_phase_fixes_the_codebook_while_encoder_and_decoder_lear
         if step == 5:  # after step 5's update; the phase starts with step 6
             snapshot.update({k: v.clone() for k, v in tok.state_dict().items()})
 
-    cfg = TokenizerTrainConfig(batch_size=8, warmup_steps=1, log_every=1, reencode_start=2, reencode_ramp=1, consistency_at=6)
+    cfg = TokenizerTrainConfig(batch_size=8, warmup_steps=1, log_every=1, reencode_start=2, reencode_ramp=1,
+                               consistency_at=6)
     _, metrics = train(frames, TINY, 10, train_config=cfg, model=tok, callback=keep)
     after = tok.state_dict()
     assert all(torch.equal(after[k], snapshot[k]) for k in after if k.startswith("quantizer."))
