@@ -380,7 +380,7 @@ def _worker(args: dict) -> None:
             if log:
                 log.flush()
                 directory = f"{run_dir}/step-{step:06d}"
-                ckpt.save_checkpoint(directory, model, optimizer, checkpoint_meta(args, spec, config, step, record))
+                ckpt.save_checkpoint(model, directory, optimizer, checkpoint_meta(args, spec, config, step, record))
                 ckpt.prune(run_dir, config.keep_checkpoints)
         if step % config.report_every == 0 or last:
             if log:
