@@ -29,9 +29,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gr2.errors import Gr2Error
-from gr2.lake.lake import Lake, arrow_filesystem, worker_env
+from gr2.lake.lake import Lake
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
+from gr2.training.launcher import check_cluster, launch
 from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
 from gr2.training.model import GR2, GR2Config
 
@@ -100,19 +101,9 @@ class TrainResult:
 
 
 def check_resources(config: TrainConfig) -> None:
-    """Refuse more workers than the Ray cluster has room for, before anything waits on them."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-    have = ray.cluster_resources()
-    cpus = config.workers * config.cpus_per_worker
-    if cpus > have.get("CPU", 0):
-        raise TrainingConfigError(
-            f"{config.workers} workers x {config.cpus_per_worker:g} CPU need {cpus:g} CPUs; the Ray cluster has "
-            f"{have.get('CPU', 0):g}. Ask for fewer workers (or fewer CPUs each).")
-    if config.use_gpu and config.workers > have.get("GPU", 0):
-        raise TrainingConfigError(f"{config.workers} GPU workers asked for; the Ray cluster has {have.get('GPU', 0):g} GPUs")
+    """Refuse more workers than the Ray cluster has room for, or a batch they cannot split, before
+    anything waits on them."""
+    check_cluster(config.workers, config.cpus_per_worker, config.use_gpu, TrainingConfigError)
     if config.batch_size % config.workers:
         raise TrainingConfigError(f"batch size {config.batch_size} does not split evenly over {config.workers} workers")
 
@@ -195,24 +186,12 @@ def train(lake: Lake | str, config: TrainConfig = TrainConfig(),
 
 
 def _fit(p: dict, config: TrainConfig, last: str | None) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     run_dir = p["run_dir"]
     if last is None or ckpt.read_meta(last)["step"] < config.steps:
         args = {"config": config.model_dump(), "spec": p["spec"].to_dict(), "model": dataclasses.asdict(p["model"]),
                 "init": p["init"], "run_id": p["run_id"], "run_dir": run_dir}
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config=args,
-            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                         resources_per_worker={"CPU": config.cpus_per_worker,
-                                                               **({"GPU": 1} if config.use_gpu else {})}),
-            run_config=RunConfig(name=p["run_id"], **_ray_storage(run_dir),
-                                 worker_runtime_env=worker_env().get("runtime_env"),
-                                 failure_config=FailureConfig(max_failures=config.max_failures)),
-        )
-        trainer.fit()
+        launch(_worker, args, workers=config.workers, cpus_per_worker=config.cpus_per_worker, use_gpu=config.use_gpu,
+               storage=f"{run_dir}/ray", name=p["run_id"], max_failures=config.max_failures)
 
 
 def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResult:
@@ -226,15 +205,6 @@ def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResu
                        stage=meta["stage"], steps=meta["step"], resumed_from=starts[-1]["from_step"] if starts else 0,
                        metrics=records[-1] if records else {}, unigram_entropy_nats=meta.get("unigram_entropy_nats"),
                        seconds=seconds, workers=workers)
-
-
-def _ray_storage(run_dir: str) -> dict:
-    if "://" not in run_dir:
-        return {"storage_path": os.path.abspath(os.path.join(run_dir, "ray"))}
-    # An explicit filesystem: Ray Train's controller actor resolves a bare URI with its own
-    # environment, which never saw this driver's AWS settings (endpoint, credentials).
-    fs, path = arrow_filesystem(f"{run_dir}/ray")
-    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _write_run(p: dict) -> None:
