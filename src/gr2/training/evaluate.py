@@ -22,8 +22,9 @@ import torch
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
+from gr2.robot.actions import normalize, unnormalize
 from gr2.training import checkpoint as ckpt
-from gr2.training.data import DataConfig, DataSpec, find_tokenizer, iter_batches, plan_data, unnormalize
+from gr2.training.data import DataConfig, DataSpec, find_tokenizer, iter_batches, plan_data
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class MetaWorldPolicy:
         x, y, z, gripper = observation["observation.state"]
         seen = {"x": x, "y": y, "z": z, "gripper": gripper}
         raw = np.array([seen.get(n, self.state_fill[n]) for n in self.state_names])
-        return ((raw - np.asarray(self.stats["state"]["mean"])) / np.asarray(self.stats["state"]["std"])).astype(np.float32)
+        return normalize(raw, self.stats["state"]).astype(np.float32)
 
     @torch.no_grad()
     def __call__(self, observation: dict) -> np.ndarray:
