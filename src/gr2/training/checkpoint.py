@@ -37,6 +37,7 @@ from gr2.tokenizers.checkpoint import (
     write_checkpoint,
 )
 from gr2.training.model import GR2, GR2Config
+from gr2.training.text import text_encoder_for
 
 FORMAT = "gr2.model/1"
 OPTIMIZER = "optimizer.safetensors"
@@ -115,14 +116,16 @@ def read_meta(directory: str) -> dict[str, Any]:
 
 def load_checkpoint(directory: str, device: str | torch.device = "cpu", with_optimizer: bool = False,
                     text_encoder=None) -> Loaded:
-    """The model saved in `directory` (eval mode), verified against its recorded id."""
+    """The model saved in `directory` (eval mode), verified against its recorded id.
+
+    text_encoder: a built text tower to share; else the one its config names is built."""
     meta = read_meta(directory)
     config = GR2Config(**meta["model"])
     tensors = read_tensors(directory, WEIGHTS)
     if _checkpoint_id(config, tensors) != meta["checkpoint_id"]:
         raise CheckpointError(f"{directory}: weights do not hash to the recorded id {meta['checkpoint_id']}: "
                               f"changed after saving")
-    model = GR2(config, text_encoder=text_encoder)
+    model = GR2(config, text_encoder=text_encoder or text_encoder_for(config))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k != TIED and not k.startswith(FROZEN)]
     if missing or unexpected:

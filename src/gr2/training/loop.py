@@ -35,6 +35,7 @@ from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batc
 from gr2.training.launcher import check_cluster, launch
 from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
 from gr2.training.model import GR2, GR2Config
+from gr2.training.text import TextEmbeddings, text_encoder_for
 
 
 class TrainingConfigError(Gr2Error):
@@ -242,29 +243,6 @@ def make_optimizer(model: GR2, config: TrainConfig) -> torch.optim.Optimizer:
                               {"params": other, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
 
 
-class TextEmbeddings:
-    """Batch text -> CLIP embeddings through the model's frozen tower, each distinct string once.
-
-    Robot data repeats one instruction per task and web clips repeat captions across windows, so
-    caching saves a text-tower forward per step. Without a tower the embedding is zeros (no text)."""
-
-    def __init__(self, model: GR2, device: torch.device, max_size: int = 100_000):
-        self.encoder, self.device, self.max_size = model.text_encoder, device, max_size
-        self.dim = model.config.text_dim
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        if self.encoder is None:
-            return torch.zeros(len(texts), self.dim, device=self.device)
-        new = sorted({t for t in texts if t not in self.cache})
-        if new:
-            if len(self.cache) + len(new) > self.max_size:
-                self.cache.clear()
-            for t, e in zip(new, self.encoder(new).to(self.device)):
-                self.cache[t] = e
-        return torch.stack([self.cache[t] for t in texts])
-
-
 def to_device(batch: dict, device: torch.device, text: TextEmbeddings) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     out["text_embedding"] = text(batch["text"])
@@ -292,7 +270,8 @@ def _worker(args: dict) -> None:
         loaded = ckpt.load_checkpoint(resume, with_optimizer=True)
         model, optimizer_state, start = loaded.model, loaded.optimizer_state, loaded.meta["step"]
     else:
-        model = GR2(GR2Config(**args["model"]))
+        model_config = GR2Config(**args["model"])
+        model = GR2(model_config, text_encoder_for(model_config))
         if args["init"]:
             ckpt.init_from(model, args["init"])
     model.to(device).train()

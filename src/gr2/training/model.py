@@ -25,14 +25,11 @@ what counts (> 0 closes), learned as a binary label and returned as -1/+1.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from gr2.errors import Gr2Error
 
 SIZES = {
     # CPU tests and the Meta-World floor: one corner camera and a wrist camera at 64x64, f=8.
@@ -62,7 +59,7 @@ class GR2Config:
     state_dim: int = 7  # 3 pos + 3 rot + 1 gripper; Meta-World: 3 pos + 1 gripper
     action_dim: int = 7  # same layout as the state
     text_dim: int = 512  # width of the CLIP text embedding
-    clip_model: str | None = None  # open_clip model name; None: batches carry text_embedding
+    clip_model: str | None = None  # open_clip text tower (training/text.py); None: batches carry text_embedding
     clip_pretrained: str | None = None  # open_clip tag or local file; None: random init
     latent_dim: int = 32
     vae_n_embd: int = 256
@@ -83,10 +80,6 @@ class GR2Config:
         if size not in SIZES:
             raise ValueError(f"unknown GR-2 size {size!r}; known: {sorted(SIZES)}")
         return replace(cls(**SIZES[size]), **overrides)
-
-
-class WeightsNotFoundError(Gr2Error, FileNotFoundError):
-    """Pretrained weights that were asked for are not on this machine; nothing is downloaded."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,80 +136,6 @@ def block_causal_mask(n_steps: int, per_step: int, device=None) -> torch.Tensor:
     step = torch.arange(n_steps, device=device).repeat_interleave(per_step)
     step = torch.cat([step.new_full((1,), -1), step])
     return step[None, :] <= step[:, None]
-
-
-# --------------------------------------------------------------------------------------------
-# Language: a frozen open_clip text tower.
-
-
-def clip_checkpoint_path(model_name: str, pretrained: str) -> str:
-    """The local file holding `pretrained`: a path, or an open_clip tag already in the cache."""
-    import open_clip
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    if os.path.isfile(pretrained):
-        return pretrained
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not cfg:
-        raise WeightsNotFoundError(
-            f"CLIP weights {pretrained!r} for {model_name}: no such file, and not an open_clip tag "
-            f"of that model (tags: {open_clip.list_pretrained_tags_by_model(model_name)})")
-    looked = []
-    if cfg.get("file"):
-        if os.path.isfile(cfg["file"]):
-            return cfg["file"]
-        looked.append(cfg["file"])
-    if cfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or HF_WEIGHTS_NAME
-        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else (
-            os.path.splitext(filename)[0] + ".safetensors")
-        for name in (safe, filename):
-            cached = try_to_load_from_cache(repo, name)
-            if isinstance(cached, str):
-                return cached
-            looked.append(f"{repo}/{name} in the Hugging Face cache")
-    if cfg.get("url"):
-        # where open_clip itself keeps what it fetched from a URL
-        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
-        if os.path.isfile(path):
-            return path
-        looked.append(path)
-    raise WeightsNotFoundError(
-        f"CLIP weights {model_name} / {pretrained!r} are not on this machine (looked for: "
-        f"{'; '.join(looked)}). Nothing is downloaded at run time: fetch them beforehand or pass "
-        f"the path of a local checkpoint file.")
-
-
-class TextEncoder(nn.Module):
-    """A frozen open_clip text tower: strings -> L2-normalised (B, embed_dim) embeddings."""
-
-    def __init__(self, model_name: str, pretrained: str | None = None):
-        super().__init__()
-        import open_clip
-
-        checkpoint, quick_gelu = None, False
-        if pretrained is not None:
-            checkpoint = clip_checkpoint_path(model_name, pretrained)
-            # a tag resolved to a file loses the tag's activation; carry it over
-            quick_gelu = open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)
-        clip = open_clip.create_model(model_name, pretrained=checkpoint, pretrained_text=False,
-                                      force_quick_gelu=quick_gelu)
-        clip.visual = None  # only the text tower is used; don't carry the image tower's weights
-        self.clip = clip.requires_grad_(False).eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
-        self.model_name, self.pretrained = model_name, pretrained
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        return super().train(False)  # frozen: dropout stays off whatever the parent does
-
-    @torch.no_grad()
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        device = next(self.clip.parameters()).device
-        return self.clip.encode_text(self.tokenizer(list(texts)).to(device), normalize=True).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +196,8 @@ class ActionVAE(nn.Module):
 
 
 class GR2(nn.Module):
-    def __init__(self, config: GR2Config, text_encoder: TextEncoder | None = None):
-        """text_encoder: a prebuilt (frozen) tower to share; else built from config.clip_model."""
+    def __init__(self, config: GR2Config, text_encoder: nn.Module | None = None):
+        """text_encoder: the frozen tower that embeds raw `text` (training/text.py), if batches carry any."""
         super().__init__()
         self.config = c = config
         self.tok_emb = nn.Embedding(c.codebook_size, c.n_embd)
@@ -308,8 +227,6 @@ class GR2(nn.Module):
             torch.nn.init.normal_(p, mean=0.0, std=0.02)
 
         # attached after the init above, which must not touch pretrained CLIP weights
-        if text_encoder is None and c.clip_model is not None:
-            text_encoder = TextEncoder(c.clip_model, c.clip_pretrained)
         if text_encoder is not None and text_encoder.embed_dim != c.text_dim:
             raise ValueError(f"{text_encoder.model_name} embeds text in {text_encoder.embed_dim} "
                              f"dimensions but config.text_dim is {c.text_dim}")
