@@ -306,42 +306,47 @@ class GR2(nn.Module):
         Without (pre-training, video only): next-frame CE alone."""
         c = self.config
         frames = self._frames(batch)
-        B, T, V, N = frames.shape
-        if T < 2 and "action" not in batch:
+        if frames.shape[1] < 2 and "action" not in batch:
             raise ValueError("pre-training needs windows of at least 2 steps: nothing to predict")
         if "action" in batch and "state" not in batch:
             raise ValueError("fine-tuning batches need 'state' beside 'action'")
         h = self._trunk(batch)
-        step_is_pad = batch.get("step_is_pad")
-        out = {}
-
-        loss_image = h.new_zeros(())
-        if T > 1:
-            # step t's view outputs predict step t+1's tokens
-            logits = self.frame_head(h[:, :-1, :V * N])
-            target = frames[:, 1:].flatten(2)
-            ce = F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(),
-                                 reduction="none").view(B, T - 1, V * N).mean(-1)
-            hit = (logits.argmax(-1) == target).float().mean(-1)
-            valid = torch.ones_like(ce, dtype=torch.bool)
-            if step_is_pad is not None:
-                valid = ~step_is_pad[:, :-1] & ~step_is_pad[:, 1:]
-            loss_image = _masked_mean(ce, valid)
-            out["loss_image"] = loss_image
-            out["token_accuracy"] = _masked_mean(hit, valid)
-
+        out = self._next_frame_losses(h, frames, batch.get("step_is_pad"))
+        loss_image = out.get("loss_image", h.new_zeros(()))
         if "action" not in batch:
             out["loss"] = loss_image
             return out
+        action = self._action_losses(h, batch)
+        out.update(loss=(c.arm_weight * action["loss_arm"] + c.gripper_weight * action["loss_gripper"]
+                         + c.kl_weight * action["loss_kl"] + c.image_weight * loss_image), **action)
+        return out
 
+    def _next_frame_losses(self, h: torch.Tensor, frames: torch.Tensor, step_is_pad: torch.Tensor | None) -> dict:
+        """Cross-entropy and accuracy of each step's view outputs against the next step's tokens."""
+        B, T, V, N = frames.shape
+        if T < 2:
+            return {}
+        logits = self.frame_head(h[:, :-1, :V * N])
+        target = frames[:, 1:].flatten(2)
+        ce = F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(),
+                             reduction="none").view(B, T - 1, V * N).mean(-1)
+        hit = (logits.argmax(-1) == target).float().mean(-1)
+        valid = torch.ones_like(ce, dtype=torch.bool)
+        if step_is_pad is not None:
+            valid = ~step_is_pad[:, :-1] & ~step_is_pad[:, 1:]
+        return {"loss_image": _masked_mean(ce, valid), "token_accuracy": _masked_mean(hit, valid)}
+
+    def _action_losses(self, h: torch.Tensor, batch: dict) -> dict:
+        """The cVAE's losses for each step's chunk, decoded from its action query's output."""
+        c = self.config
         action = batch["action"].float()
         k, A = action.shape[2], action.shape[3]
         if (k, A) != (c.chunk, c.action_dim):
             raise ValueError(f"action of shape {tuple(action.shape)}: expected (B, T, {c.chunk}, {c.action_dim})")
         pad = batch.get("action_is_pad")
         pad = torch.zeros(action.shape[:3], dtype=torch.bool, device=action.device) if pad is None else pad.bool()
-        if step_is_pad is not None:
-            pad = pad | step_is_pad[:, :, None]
+        if batch.get("step_is_pad") is not None:
+            pad = pad | batch["step_is_pad"][:, :, None]
         context = h[:, :, -1].flatten(0, 1)
         action, pad = action.flatten(0, 1), pad.flatten(0, 1)
 
@@ -355,19 +360,15 @@ class GR2(nn.Module):
 
         valid = ~pad
         arm_target, closed = action[..., :-1], (action[..., -1] > 0).float()
-        loss_arm = _masked_mean(F.smooth_l1_loss(arm, arm_target, reduction="none").mean(-1), valid)
-        loss_gripper = _masked_mean(
-            F.binary_cross_entropy_with_logits(gripper_logit, closed, reduction="none"), valid)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
-        loss_kl = _masked_mean(kl, valid.any(-1))
-        out.update(
-            loss=(c.arm_weight * loss_arm + c.gripper_weight * loss_gripper + c.kl_weight * loss_kl
-                  + c.image_weight * loss_image),
-            loss_arm=loss_arm, loss_gripper=loss_gripper, loss_kl=loss_kl,
-            action_l1=_masked_mean((arm - arm_target).abs().mean(-1), valid),
-            gripper_accuracy=_masked_mean(((gripper_logit > 0).float() == closed).float(), valid),
-        )
-        return out
+        return {
+            "loss_arm": _masked_mean(F.smooth_l1_loss(arm, arm_target, reduction="none").mean(-1), valid),
+            "loss_gripper": _masked_mean(
+                F.binary_cross_entropy_with_logits(gripper_logit, closed, reduction="none"), valid),
+            "loss_kl": _masked_mean(kl, valid.any(-1)),
+            "action_l1": _masked_mean((arm - arm_target).abs().mean(-1), valid),
+            "gripper_accuracy": _masked_mean(((gripper_logit > 0).float() == closed).float(), valid),
+        }
 
     @torch.no_grad()
     def select_action(self, obs: dict) -> torch.Tensor:
