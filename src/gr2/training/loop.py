@@ -253,18 +253,57 @@ def _worker(args: dict) -> None:
     """One Ray Train worker: resume or init, then train to `steps`, rank 0 logging and checkpointing."""
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     config = TrainConfig(**args["config"])
     spec = DataSpec.from_dict(args["spec"])
-    run_dir = args["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
+    resume = ckpt.latest_checkpoint(args["run_dir"])  # also after Ray restarted this worker group
+    model, optimizer, start = _model_and_optimizer(args, config, resume, device)
+    # pre-training leaves the state and action layers out of the graph; DDP must be told
+    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": spec.stage == "pretrain"})
 
-    resume = ckpt.latest_checkpoint(run_dir)  # also after Ray restarted this worker group
+    text = TextEmbeddings(model, device)
+    per_rank = config.batch_size // world
+    # a resumed run draws a fresh order rather than replaying the first steps' batches
+    batches = iter_batches(spec, per_rank, rank, world, seed=config.seed + 7919 * start)
+    log = _start_log(args["run_dir"], start, resume, world) if rank == 0 else None
+    meter = Throughput()
+    started, cpu_started = time.monotonic(), time.process_time()
+    tokens_per_sample = None
+    for step in range(start + 1, config.steps + 1):
+        lr = lr_at(step, config)
+        batch = to_device(next(batches), device, text)
+        if tokens_per_sample is None:
+            tokens_per_sample = int(batch["frames"][0].numel())
+        out, grad_norm = _optimizer_step(net, model, optimizer, batch, lr, config.grad_clip, device)
+        record = {"step": step, "lr": lr, **_mean_over_ranks(out, world),
+                  **meter.tick(per_rank * world, per_rank * world * tokens_per_sample),
+                  "elapsed_s": time.monotonic() - started, "cpu_s": time.process_time() - cpu_started}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if log:
+            log.write(record)
+        out_of_time = _out_of_time(config, record, world)
+        last = step == config.steps or out_of_time
+        if log and (step % config.checkpoint_every == 0 or last):
+            log.flush()
+            _save(model, optimizer, args, spec, config, step, record)
+        if step % config.report_every == 0 or last:
+            if log:
+                log.flush()
+            ray.train.report(record)  # a barrier: every rank reports at the same steps
+        if last:
+            break
+
+
+def _model_and_optimizer(args: dict, config: TrainConfig, resume: str | None,
+                         device: torch.device) -> tuple[GR2, torch.optim.Optimizer, int]:
+    """The model and optimizer this attempt starts from, and their step: the run's last checkpoint,
+    else a new model (from the `init` checkpoint's weights, when given)."""
     start, optimizer_state = 0, None
     if resume:
         loaded = ckpt.load_checkpoint(resume, with_optimizer=True)
@@ -278,65 +317,62 @@ def _worker(args: dict) -> None:
     optimizer = make_optimizer(model, config)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    # pre-training leaves the state and action layers out of the graph; DDP must be told
-    net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": spec.stage == "pretrain"})
+    return model, optimizer, start
 
-    text = TextEmbeddings(model, device)
-    per_rank = config.batch_size // world
-    # a resumed run draws a fresh order rather than replaying the first steps' batches
-    batches = iter_batches(spec, per_rank, rank, world, seed=config.seed + 7919 * start)
-    log = MetricsLog(run_dir) if rank == 0 else None
-    if log:
-        log.write({"event": "start", "from_step": start, "checkpoint": resume, "world": world, "pid": os.getpid(),
-                   "time": time.time()})
-        log.flush()
-    meter = Throughput()
-    started, cpu_started = time.monotonic(), time.process_time()
-    tokens_per_sample = None
-    for step in range(start + 1, config.steps + 1):
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = to_device(next(batches), device, text)
-        if tokens_per_sample is None:
-            tokens_per_sample = int(batch["frames"][0].numel())
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = net(batch)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip else None
-        optimizer.step()
 
-        keys = sorted(out)
-        values = torch.stack([out[k].detach().float() for k in keys])
-        if world > 1:
-            dist.all_reduce(values)  # the global batch's numbers, however many workers
-            values /= world
-        record = {"step": step, "lr": lr, **{k: float(v) for k, v in zip(keys, values)},
-                  **meter.tick(per_rank * world, per_rank * world * tokens_per_sample),
-                  "elapsed_s": time.monotonic() - started, "cpu_s": time.process_time() - cpu_started}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if log:
-            log.write(record)
-        out_of_time = torch.tensor(float(
-            (config.max_minutes is not None and record["elapsed_s"] > 60 * config.max_minutes)
-            or (config.max_cpu_minutes is not None and record["cpu_s"] > 60 * config.max_cpu_minutes)))
-        if world > 1:
-            dist.broadcast(out_of_time, 0)  # rank 0's clock decides, so every rank stops at one step
-        last = step == config.steps or bool(out_of_time)
-        if step % config.checkpoint_every == 0 or last:
-            if log:
-                log.flush()
-                directory = f"{run_dir}/step-{step:06d}"
-                ckpt.save_checkpoint(model, directory, optimizer, checkpoint_meta(args, spec, config, step, record))
-                ckpt.prune(run_dir, config.keep_checkpoints)
-        if step % config.report_every == 0 or last:
-            if log:
-                log.flush()
-            ray.train.report(record)  # a barrier: every rank reports at the same steps
-        if last:
-            break
+def _start_log(run_dir: str, start: int, resume: str | None, world: int) -> MetricsLog:
+    """Rank 0's metrics log, opened with a record of where this attempt starts."""
+    log = MetricsLog(run_dir)
+    log.write({"event": "start", "from_step": start, "checkpoint": resume, "world": world, "pid": os.getpid(),
+               "time": time.time()})
+    log.flush()
+    return log
+
+
+def _optimizer_step(net: torch.nn.Module, model: GR2, optimizer: torch.optim.Optimizer, batch: dict, lr: float,
+                    grad_clip: float, device: torch.device) -> tuple[dict, torch.Tensor | None]:
+    """Forward, backward and one step at `lr`; the model's outputs and the gradient norm (None: no clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = net(batch)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    optimizer.step()
+    return out, grad_norm
+
+
+def _mean_over_ranks(out: dict, world: int) -> dict[str, float]:
+    """The outputs as the global batch's numbers, however many workers."""
+    import torch.distributed as dist
+
+    keys = sorted(out)
+    values = torch.stack([out[k].detach().float() for k in keys])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return {k: float(v) for k, v in zip(keys, values)}
+
+
+def _out_of_time(config: TrainConfig, record: dict, world: int) -> bool:
+    """Whether this attempt's wall-clock or CPU budget is spent."""
+    import torch.distributed as dist
+
+    spent = torch.tensor(float(
+        (config.max_minutes is not None and record["elapsed_s"] > 60 * config.max_minutes)
+        or (config.max_cpu_minutes is not None and record["cpu_s"] > 60 * config.max_cpu_minutes)))
+    if world > 1:
+        dist.broadcast(spent, 0)  # rank 0's clock decides, so every rank stops at one step
+    return bool(spent)
+
+
+def _save(model: GR2, optimizer: torch.optim.Optimizer, args: dict, spec: DataSpec, config: TrainConfig, step: int,
+          record: dict) -> None:
+    """Rank 0's checkpoint at `step`; all but the newest `keep_checkpoints` are then pruned."""
+    directory = f"{args['run_dir']}/step-{step:06d}"
+    ckpt.save_checkpoint(model, directory, optimizer, checkpoint_meta(args, spec, config, step, record))
+    ckpt.prune(args["run_dir"], config.keep_checkpoints)
 
 
 def checkpoint_meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, record: dict) -> dict:
