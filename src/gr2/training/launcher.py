@@ -3,7 +3,8 @@
 `check_cluster` runs first, on the driver: Ray Train asked for more CPUs or GPUs than the cluster
 has waits for them forever, so such a request is refused at once. `launch` then runs a worker
 function on N workers (torch DDP; gloo on CPU), keeps Ray Train's run records under `storage`, and
-restarts the worker group up to `max_failures` times (each worker resumes from what it finds).
+restarts the worker group up to `max_failures` times; resuming is the worker's own business (the
+GR-2 worker starts from its run's last checkpoint).
 """
 
 from __future__ import annotations
