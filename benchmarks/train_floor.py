@@ -89,7 +89,7 @@ def recorded_frames(datasets: list[str], size: int) -> np.ndarray:
 def tokenizer_phase(work: str, lake_root: str, datasets: list[str], steps: int, codebook: int) -> tuple[str, dict]:
     import torch
 
-    from gr2.tokenizers import TokenizerConfig, TrainConfig, read_config, save_checkpoint, train
+    from gr2.tokenizers import TokenizerConfig, TokenizerTrainConfig, read_config, save_checkpoint, train
 
     done = glob.glob(os.path.join(lake_root, "models", "tokenizer*", "*", "config.json"))
     if done:
@@ -107,7 +107,8 @@ def tokenizer_phase(work: str, lake_root: str, datasets: list[str], steps: int, 
     config = TokenizerConfig(resolution=64, downsample=8, codebook_size=codebook, patch_size=4, channels=64,
                              channel_mult=(1, 2))
     t = time.perf_counter()
-    tokenizer, metrics = train(train_frames, config, steps, train_config=TrainConfig(log_every=100, hflip=False),
+    schedule = TokenizerTrainConfig(log_every=100, hflip=False)
+    tokenizer, metrics = train(train_frames, config, steps, train_config=schedule,
                                eval_frames=held, callback=lambda s, r: print(f"tokenizer {r}", flush=True))
     info = {"eval": metrics.eval, "steps": metrics.steps, "seconds": round(time.perf_counter() - t, 1),
             "frames": len(train_frames), "robot_frames": len(robot), "web_frames": len(web), "data": datasets}

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from gr2.sim.env import (
-    MetaWorldError,
     RolloutConfig,
     ScriptedExpert,
+    SimError,
     make_env,
     run_rollouts_in_subprocess,
 )
@@ -56,7 +56,7 @@ def test_a_seed_is_always_the_same_episode():
 
 
 def test_unknown_task_is_refused_by_name():
-    with pytest.raises(MetaWorldError, match="drawer-opne-v3"):
+    with pytest.raises(SimError, match="drawer-opne-v3"):
         make_env("drawer-opne-v3", 0)
-    with pytest.raises(MetaWorldError, match="drawer-opne-v3"):
+    with pytest.raises(SimError, match="drawer-opne-v3"):
         ScriptedExpert("drawer-opne-v3")

@@ -5,7 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gr2.training.model import GR2, SIZES, GR2Config, TextEncoder, WeightsNotFoundError, block_causal_mask
+from gr2.training.model import GR2, SIZES, GR2Config, block_causal_mask
+from gr2.training.text import TextEncoder
+from gr2.video.embed import ModelWeightsError
 
 B, T, V = 3, 3, 2
 
@@ -192,10 +194,10 @@ def test_text_goes_through_a_frozen_random_init_open_clip_tower(config, batch):
 
 
 def test_missing_clip_weights_fail_naming_the_tag_or_file(tmp_path):
-    with pytest.raises(WeightsNotFoundError, match="openai"):
+    with pytest.raises(ModelWeightsError, match="openai"):
         TextEncoder("ViT-B-32", pretrained="openai")  # a real tag, not in this machine's cache
     missing = str(tmp_path / "clip.safetensors")
-    with pytest.raises(WeightsNotFoundError, match="clip.safetensors"):
+    with pytest.raises(ModelWeightsError, match="clip.safetensors"):
         TextEncoder("ViT-B-32", pretrained=missing)
 
 

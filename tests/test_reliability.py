@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import lance
 import numpy as np
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 from gr2.flows.build import build_video_dataset
-from gr2.lake.lake import Lake, LakeError
+from gr2.lake.lake import Lake
 from gr2.video import build
 from gr2.video.config import BuildConfig
 
@@ -251,8 +250,8 @@ def test_a_driver_killed_on_an_s3_lake_finishes_on_rerun(prefect_server, s3_buck
 
 
 def test_an_s3_lease_outlives_its_ttl_while_held_and_frees_when_its_holder_dies(s3_bucket):
-    from gr2.lake.uri import storage_options
     from gr2.lake.lease import LeaseTimeout, object_store_lease
+    from gr2.lake.uri import storage_options
 
     root = f"s3://{s3_bucket}/lake"
     opts = storage_options(root)

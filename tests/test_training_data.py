@@ -164,7 +164,7 @@ def test_a_checkpoint_from_another_tokenizer_is_refused(ray_local, tmp_path, rob
     _, other_id = save_tokenizer(other.root, codebook=32, seed=1)
     config = GR2Config.named("tiny", n_layer=1, n_embd=32, n_head=2, codebook_size=32, grid_h=2, grid_w=2,
                              vae_n_embd=32, vae_n_head=2, vae_n_layer=1)
-    foreign = ckpt.save_checkpoint(str(tmp_path / "foreign"), GR2(config), meta={"tokenizer_id": other_id, "step": 1})
+    foreign = ckpt.save_checkpoint(GR2(config), str(tmp_path / "foreign"), meta={"tokenizer_id": other_id, "step": 1})
     with pytest.raises(ckpt.CheckpointError, match=f"tokenizer {other_id} \\(codebook 32\\).*codebook {CODES}"):
         plan(robot, TrainConfig(stage="finetune", init=str(tmp_path / "foreign"), batch_size=2,
                                 model={"n_layer": 1, "n_embd": 32, "n_head": 2}))
@@ -186,7 +186,7 @@ def test_a_checkpoint_round_trips_weights_and_optimizer_state(tmp_path, small_co
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(dict(frames=torch.randint(0, CODES, (2, 2, 1, 4)), text_embedding=torch.zeros(2, 512)))["loss"].backward()
     opt.step()
-    cid = ckpt.save_checkpoint(str(tmp_path / "c"), model, opt, {"step": 1, "stage": "pretrain"})
+    cid = ckpt.save_checkpoint(model, str(tmp_path / "c"), opt, {"step": 1, "stage": "pretrain"})
     loaded = ckpt.load_checkpoint(str(tmp_path / "c"), with_optimizer=True)
     assert loaded.meta["checkpoint_id"] == cid and loaded.meta["step"] == 1
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
@@ -199,7 +199,7 @@ def test_a_checkpoint_round_trips_weights_and_optimizer_state(tmp_path, small_co
 
 
 def test_a_checkpoint_whose_weights_changed_or_whose_save_was_killed_is_refused(tmp_path, small_config):
-    ckpt.save_checkpoint(str(tmp_path / "c"), GR2(small_config))
+    ckpt.save_checkpoint(GR2(small_config), str(tmp_path / "c"))
     (tmp_path / "c" / "model.safetensors").write_bytes((tmp_path / "c" / "model.safetensors").read_bytes()[:-64])
     with pytest.raises(ckpt.CheckpointError, match="model.safetensors"):
         ckpt.load_checkpoint(str(tmp_path / "c"))
@@ -212,7 +212,7 @@ def test_fine_tuning_starts_from_pretrained_weights_where_they_fit(tmp_path, sma
     from dataclasses import replace
 
     pre = GR2(replace(small_config, n_views=1))
-    ckpt.save_checkpoint(str(tmp_path / "pre"), pre)
+    ckpt.save_checkpoint(pre, str(tmp_path / "pre"))
     fine = GR2(replace(small_config, n_views=2, state_dim=8, action_dim=7))
     report = ckpt.init_from(fine, str(tmp_path / "pre"))
     assert torch.equal(fine.tok_emb.weight, pre.tok_emb.weight) and torch.equal(fine.view_emb[:1], pre.view_emb)

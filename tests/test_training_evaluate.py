@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = GR2(model_config_for(config, spec))
     directory = f"{lake.root}/models/gr2/test-run/step-000001"
-    ckpt.save_checkpoint(directory, model, meta=checkpoint_meta({"run_id": "test-run", "init": None}, spec, config, 1, {}))
+    ckpt.save_checkpoint(model, directory, meta=checkpoint_meta({"run_id": "test-run", "init": None}, spec, config, 1, {}))
     return lake, directory, spec
 
 
@@ -83,7 +83,7 @@ def test_a_checkpoint_whose_tokenizer_left_the_lake_cannot_be_evaluated(trained,
     other = robot_lake(str(tmp_path / "other"), episodes=2, length=4, cameras=("corner",), tokenizer_seed=1)
     moved = str(tmp_path / "other" / "models" / "gr2" / "x" / "step-000001")
     loaded = ckpt.load_checkpoint(directory)
-    ckpt.save_checkpoint(moved, loaded.model, meta={**{k: v for k, v in meta.items() if k not in (
+    ckpt.save_checkpoint(loaded.model, moved, meta={**{k: v for k, v in meta.items() if k not in (
         "format", "checkpoint_id", "model", "saved_at", "optimizer_param_groups")}, "tokenizer_path": None})
     with pytest.raises(EvaluationError, match=meta["tokenizer_id"]):
         evaluate(other.root, moved, EvalConfig(episodes=0))

@@ -77,7 +77,7 @@ def test_a_checkpoint_of_another_tokenizer_fails_in_one_line(ray_local, prefect_
     lake = robot_lake(str(tmp_path / "lake"), episodes=2, length=4)
     _, other_id = save_tokenizer(str(tmp_path / "elsewhere"), codebook=128, seed=3)
     model = GR2(GR2Config.named("tiny", codebook_size=128, grid_h=2, grid_w=2, **SMALL))
-    foreign = ckpt.save_checkpoint(str(tmp_path / "foreign"), model, meta={"tokenizer_id": other_id, "step": 9})
+    foreign = ckpt.save_checkpoint(model, str(tmp_path / "foreign"), meta={"tokenizer_id": other_id, "step": 9})
     code, _, err = gr2("train", "--lake", lake.root, "--stage", "finetune", "--init", str(tmp_path / "foreign"),
                        "--config", config_file)
     assert code == 2 and f"checkpoint {foreign} was trained on tokens of tokenizer {other_id} (codebook 128)" in err

@@ -70,7 +70,7 @@ def train_tokenizer(lake: str, resolution: int = 64, codebook: int = 1024, steps
     """Train a VQ tokenizer on frames of `lake` and save it under <lake>/models/tokenizers/."""
     from gr2.flows.runtime import ensure_ray
     from gr2.lake.lake import Lake
-    from gr2.tokenizers import TrainConfig
+    from gr2.tokenizers import TokenizerTrainConfig
     from gr2.training.tokenizer import SampleConfig, TokenizerTrainingError
     from gr2.training.tokenizer import train_tokenizer as run_training
 
@@ -84,7 +84,7 @@ def train_tokenizer(lake: str, resolution: int = 64, codebook: int = 1024, steps
     logger = get_run_logger()
     ensure_ray()
     # A short run still gets its warm-up, re-encode term and frozen-encoder phase, scaled to its steps.
-    train_config = TrainConfig.for_steps(p.steps, batch_size=p.batch_size, seed=p.seed)
+    train_config = TokenizerTrainConfig.for_steps(p.steps, batch_size=p.batch_size, seed=p.seed)
     sample = SampleConfig(frames_per_clip=p.frames_per_clip, max_clip_frames=p.max_frames, seed=p.seed)
     try:
         result = run_training(the_lake, config, p.steps, train_config, workers=p.workers, sample=sample,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 from prefect import flow, get_run_logger

@@ -121,6 +121,38 @@ def compute_stats(values: np.ndarray, quantiles: tuple[float, ...] = (0.01, 0.99
     return {**out, "count": int(len(x))}
 
 
+def normalize(x: np.ndarray, stats: dict, mode: str = "mean_std", eps: float = 1e-8) -> np.ndarray:
+    """Scale by the statistics: mean_std -> zero mean unit std; q01_q99 / min_max -> [-1, 1]."""
+    x = np.asarray(x, dtype=np.float64)
+    if mode == "mean_std":
+        return (x - np.asarray(stats["mean"])) / _std(stats, eps)
+    lo, hi = _range(stats, mode)
+    return 2.0 * (x - lo) / np.maximum(hi - lo, eps) - 1.0
+
+
+def unnormalize(y: np.ndarray, stats: dict, mode: str = "mean_std", eps: float = 1e-8) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if mode == "mean_std":
+        return y * _std(stats, eps) + np.asarray(stats["mean"])
+    lo, hi = _range(stats, mode)
+    return (y + 1.0) / 2.0 * np.maximum(hi - lo, eps) + lo
+
+
+def _std(stats: dict, eps: float) -> np.ndarray:
+    # A dimension that never moves (std below eps) is centred, not blown up; every other is divided
+    # by its std exactly, so statistics that are floored already (training's) come back unchanged.
+    std = np.asarray(stats["std"], np.float64)
+    return np.where(std < eps, 1.0, std)
+
+
+def _range(stats: dict, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    keys = {"q01_q99": ("q01", "q99"), "min_max": ("min", "max")}
+    if mode not in keys:
+        raise ValueError(f"unknown normalisation mode {mode!r}: mean_std, q01_q99 or min_max")
+    lo, hi = keys[mode]
+    return np.asarray(stats[lo], np.float64), np.asarray(stats[hi], np.float64)
+
+
 def stats_uri(lake_root: str, dataset: str) -> str:
     """Where a dataset's statistics live: beside the tables, as LeRobot keeps meta/stats.json."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset) or "default"
@@ -159,3 +191,41 @@ def window_indices(length: int, history: int, chunk: int) -> dict[str, np.ndarra
         "chunk_index": np.clip(fut, 0, length - 1),
         "chunk_is_pad": fut > length - 1,
     }
+
+
+def step_arrays(steps, state: str = "state", action: str = "action",
+                action_dim: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(state [n, D], action [n, A], action_missing [n]) of one episode's steps (a pyarrow Table, in
+    its order) as float64; a null action (an ee_delta episode's last step) is zeros, and missing.
+
+    action_dim: the width of a null action; None: that of the episode's other actions."""
+    states = np.asarray(steps.column(state).to_pylist(), np.float64)
+    acts = steps.column(action).to_pylist()
+    width = action_dim if action_dim is not None else max((len(a) for a in acts if a is not None), default=0)
+    missing = np.array([a is None for a in acts])
+    actions = np.stack([np.asarray(a if a is not None else [0.0] * width, np.float64) for a in acts])
+    return states, actions, missing
+
+
+def windows(state: np.ndarray, action: np.ndarray, action_missing: np.ndarray, history: int,
+            chunk: int) -> dict[str, np.ndarray]:
+    """Every step's history window of `state` and chunk of `action`, with `*_is_pad` marking the
+    clamped entries and the missing actions; `history_index` gathers other per-step arrays alike."""
+    idx = window_indices(len(state), history, chunk)
+    return {
+        "history_index": idx["history_index"],
+        "state": state[idx["history_index"]],
+        "state_is_pad": idx["history_is_pad"],
+        "action": action[idx["chunk_index"]],
+        "action_is_pad": idx["chunk_is_pad"] | action_missing[idx["chunk_index"]],
+    }
+
+
+def episode_windows(steps, history: int, chunk: int, state: str = "state", action: str = "action") -> dict[str, np.ndarray]:
+    """History windows of states and chunks of actions (float32) for one episode's steps (a pyarrow
+    Table), rows ordered by `step`."""
+    import pyarrow.compute as pc
+
+    steps = steps.take(pc.sort_indices(steps, [("step", "ascending")]))
+    states, actions, missing = step_arrays(steps, state, action)
+    return windows(states.astype(np.float32), actions.astype(np.float32), missing, history, chunk)

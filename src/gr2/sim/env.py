@@ -1,4 +1,5 @@
-"""Closed-loop rollouts in Meta-World: a policy acts on rendered frames and state; success rate.
+"""Meta-World: the one environment factory and scripted-expert lookup (the recorder's too), and
+closed-loop rollouts: a policy acts on rendered frames and state; success rate.
 
 Run rollouts in a process of their own (`run_rollouts_in_subprocess`, or `run_rollouts` inside a
 Ray actor): with torch 2.14 and MuJoCo's osmesa renderer in one process, anything that loads
@@ -69,19 +70,25 @@ class Policy(Protocol):
     def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
-class MetaWorldError(Gr2Error, RuntimeError):
-    """A Meta-World environment or policy could not be made as asked."""
+class SimError(Gr2Error):
+    """A Meta-World environment, expert or recording that cannot be made as asked; names the task."""
+
+
+def expert_policy(env_name: str):
+    """Meta-World's hand-written policy for a task (SawyerDrawerOpenV3Policy for drawer-open-v3):
+    `get_action(simulator observation)`."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    if env_name not in ENV_POLICY_MAP:
+        raise SimError(f"no scripted Meta-World policy for {env_name!r}")
+    return ENV_POLICY_MAP[env_name]()
 
 
 class ScriptedExpert:
-    """Meta-World's hand-written policy for a task (SawyerDrawerOpenV3Policy for drawer-open-v3)."""
+    """The scripted expert as a Policy: it reads the simulator's full observation."""
 
     def __init__(self, env_name: str):
-        from metaworld.policies import ENV_POLICY_MAP
-
-        if env_name not in ENV_POLICY_MAP:
-            raise MetaWorldError(f"no scripted Meta-World policy for {env_name!r}")
-        self.policy = ENV_POLICY_MAP[env_name]()
+        self.policy = expert_policy(env_name)
 
     def reset(self) -> None:
         pass  # the scripted policies are functions of the current observation
@@ -90,8 +97,9 @@ class ScriptedExpert:
         return self.policy.get_action(observation["observation.environment_state"])
 
 
-def make_env(env_name: str, seed: int, camera: str = "corner", image_size: int = 64):
-    """A Meta-World MT1 environment for one seeded episode, rendering rgb frames of `camera`."""
+def make_env(env_name: str, seed: int, camera: str | None = "corner", image_size: int = 64):
+    """A Meta-World MT1 environment for one seeded episode, rendering rgb frames of `camera` (`render`);
+    camera None: no renderer of its own (the recorder brings one)."""
     os.environ.setdefault("MUJOCO_GL", "osmesa")  # headless; must be set before mujoco loads
     os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
     if "torch" in sys.modules:
@@ -101,9 +109,11 @@ def make_env(env_name: str, seed: int, camera: str = "corner", image_size: int =
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
     if env_name not in ALL_V3_ENVIRONMENTS:
-        raise MetaWorldError(f"unknown Meta-World task {env_name!r}")
-    return gym.make("Meta-World/MT1", env_name=env_name, seed=seed, render_mode="rgb_array",
-                    camera_name=camera, width=image_size, height=image_size)
+        raise SimError(f"unknown Meta-World task {env_name!r}")
+    rendering = {} if camera is None else dict(render_mode="rgb_array", camera_name=camera, width=image_size,
+                                                height=image_size)
+    # gymnasium's passive checker only warns; each episode makes a fresh env, so it would on every one
+    return gym.make("Meta-World/MT1", env_name=env_name, seed=seed, disable_env_checker=True, **rendering)
 
 
 def render(env, cameras: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -116,7 +126,7 @@ def render(env, cameras: tuple[str, ...]) -> dict[str, np.ndarray]:
         camera_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
         if camera_id < 0:
             names = [model.camera(i).name for i in range(model.ncam)]
-            raise MetaWorldError(f"no camera {camera!r} in {type(env.unwrapped).__name__}; has {names}")
+            raise SimError(f"no camera {camera!r} in {type(env.unwrapped).__name__}; has {names}")
         renderer.camera_id = camera_id
         frames[camera] = np.array(env.render(), copy=True)  # the renderer reuses its buffer
     return frames

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gr2.errors import Gr2Error
 from gr2.robot.lerobot import LATENCY_KEY
+from gr2.sim.env import SimError, expert_policy, make_env
 
 INSTRUCTIONS = {
     "drawer-open-v3": "open the drawer",
@@ -61,10 +61,6 @@ DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 TIMESTAMPS_PATH = "timestamps/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.parquet"
 CHUNK_SIZE = 1000
-
-
-class RecordError(Gr2Error):
-    """A recording that cannot be made (unknown task, existing dataset, simulator failure)."""
 
 
 @dataclass(frozen=True)
@@ -142,24 +138,6 @@ def choose_drops(n_frames: int, drops: int, rng: np.random.Generator) -> np.ndar
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def _make_env(task: str, seed: int):
-    import gymnasium as gym
-    import metaworld  # noqa: F401  registers the Meta-World/ environments
-
-    try:
-        return gym.make("Meta-World/MT1", env_name=task, seed=seed, disable_env_checker=True)
-    except Exception as e:  # gymnasium raises several types for an unknown env_name
-        raise RecordError(f"Meta-World cannot make task {task!r} ({type(e).__name__}: {e})") from None
-
-
-def _policy(task: str):
-    from metaworld.policies import ENV_POLICY_MAP
-
-    if task not in ENV_POLICY_MAP:
-        raise RecordError(f"no scripted expert for Meta-World task {task!r}")
-    return ENV_POLICY_MAP[task]()
-
-
 def record_episode(out: str, config: RecordConfig, task: str, episode_index: int, seed: int) -> EpisodeRecording:
     """Run the expert for one episode, render the frames its cameras' clocks call for, write them."""
     with warnings.catch_warnings():
@@ -169,11 +147,12 @@ def record_episode(out: str, config: RecordConfig, task: str, episode_index: int
 
 
 def _record_episode(out: str, config: RecordConfig, task: str, episode_index: int, seed: int) -> EpisodeRecording:
-    import mujoco
     import pandas as pd
 
-    env = _make_env(task, seed)
-    policy = _policy(task)
+    env = make_env(task, seed, camera=None)  # first: it orders the imports mujoco needs beside torch
+    import mujoco
+
+    policy = expert_policy(task)
     rng = np.random.default_rng(seed)
     u = env.unwrapped
     dt = float(u.dt)
@@ -353,9 +332,9 @@ def record(out: str, config: RecordConfig = RecordConfig()) -> dict:
     Returns info.json's content.
     """
     if os.path.exists(os.path.join(out, "meta", "info.json")):
-        raise RecordError(f"{out} already holds a dataset (meta/info.json); choose a new directory")
+        raise SimError(f"{out} already holds a dataset (meta/info.json); choose a new directory")
     for task in config.tasks:
-        _policy(task)
+        expert_policy(task)
     jobs = [
         (task, t * config.episodes + e, config.seed * 100_003 + t * 1_009 + e)
         for t, task in enumerate(config.tasks)

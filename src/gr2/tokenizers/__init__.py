@@ -3,7 +3,7 @@
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_id, load_checkpoint, read_config, save_checkpoint
 from .model import Tokenizer, TokenizerConfig
 from .quantize import FSQ, EMACodebook, codebook_stats
-from .train import TrainConfig, TrainMetrics, evaluate, train
+from .train import TokenizerTrainConfig, TrainMetrics, evaluate, train
 
 __all__ = [
     "Checkpoint",
@@ -12,7 +12,7 @@ __all__ = [
     "FSQ",
     "Tokenizer",
     "TokenizerConfig",
-    "TrainConfig",
+    "TokenizerTrainConfig",
     "TrainMetrics",
     "checkpoint_id",
     "codebook_stats",

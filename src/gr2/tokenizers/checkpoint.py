@@ -8,6 +8,10 @@ A checkpoint is a directory (local path or fsspec URI) holding
 The checkpoint id is the first 16 hex digits of sha256 over the config and every tensor's name,
 dtype, shape and bytes; rows tokenized with a checkpoint record it. Loading recomputes it, so
 weights or a config changed after saving are caught at load, never mid-build.
+
+GR-2 checkpoints (training/checkpoint.py) are the same format with other files and fields; the
+format's pieces (`content_id`, `write_checkpoint`, `read_tensors`, `read_json`) live here, on the
+floor both can reach.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ CONFIG = "config.json"
 
 
 class CheckpointError(Gr2Error):
-    """A tokenizer checkpoint that cannot be loaded; the message names the file and the fault."""
+    """A checkpoint (tokenizer or GR-2) that cannot be found, loaded or used as asked; the message names it."""
 
 
 class Checkpoint(NamedTuple):
@@ -41,17 +45,84 @@ class Checkpoint(NamedTuple):
     info: dict[str, Any]  # what the saver recorded beside the weights (metrics, steps, data)
 
 
-def _canonical_config(config: TokenizerConfig) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+# -- the format ---------------------------------------------------------------------------------------
 
 
-def _content_id(config: TokenizerConfig, tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(_canonical_config(config).encode())
+def content_id(canonical_config: str, tensors: dict[str, torch.Tensor]) -> str:
+    """16 hex digits of sha256 over a config's canonical JSON and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(canonical_config.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _join(directory: str, name: str) -> str:
+    return directory.rstrip("/") + "/" + name
+
+
+def write_checkpoint(directory: str, files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
+                     config: dict[str, Any]) -> None:
+    """Write safetensors `files` ({name: (tensors, metadata)}) into `directory` (created if needed),
+    then `config` as config.json."""
+    fs, root = fsspec.core.url_to_fs(str(directory))
+    fs.makedirs(root, exist_ok=True)
+    # Weights first, config last: a save killed half-way leaves no config.json, which load
+    # reports (and resuming skips), rather than a config pointing at half a weights file.
+    for name, (tensors, metadata) in files.items():
+        with fs.open(_join(root, name), "wb") as f:
+            f.write(save_safetensors(tensors, metadata=metadata))
+    with fs.open(_join(root, CONFIG), "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+
+
+def _path(directory: str, name: str) -> str:
+    """The path of file `name` in checkpoint `directory`, as error messages name it."""
+    return _join(fsspec.core.url_to_fs(str(directory))[1], name)
+
+
+def _read(directory: str, name: str, missing: str = "missing") -> bytes:
+    fs, root = fsspec.core.url_to_fs(str(directory))
+    path = _join(root, name)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {missing}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+
+
+def read_tensors(directory: str, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file `name` in `directory`."""
+    raw = _read(directory, name)
+    try:
+        return load_safetensors(raw)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{_path(directory, name)}: not a readable safetensors file (truncated or corrupt?): "
+                              f"{e}") from e
+
+
+def read_json(directory: str, format: str) -> tuple[str, dict[str, Any]]:
+    """(path, content) of the config.json in `directory`, checked to be a checkpoint of `format`."""
+    path = _path(directory, CONFIG)
+    raw = _read(directory, CONFIG, missing=f"missing (no {CONFIG}: not a checkpoint, or a save killed half-way)")
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != format:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: format is {got!r}, expected {format!r}")
+    return path, meta
+
+
+# -- tokenizer checkpoints ----------------------------------------------------------------------------
+
+
+def _canonical_config(config: TokenizerConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
 def _state(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
@@ -60,11 +131,7 @@ def _state(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
 
 def checkpoint_id(tokenizer: Tokenizer) -> str:
     """The id `tokenizer` would be saved under: a hash of its config and current weights."""
-    return _content_id(tokenizer.config, _state(tokenizer))
-
-
-def _join(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name
+    return content_id(_canonical_config(tokenizer.config), _state(tokenizer))
 
 
 def save_checkpoint(tokenizer: Tokenizer, directory: str, info: dict[str, Any] | None = None) -> str:
@@ -72,43 +139,16 @@ def save_checkpoint(tokenizer: Tokenizer, directory: str, info: dict[str, Any] |
 
     `info` (JSON-serialisable: metrics, steps, data provenance) is stored but not hashed.
     """
-    directory = str(directory)
     state = _state(tokenizer)
-    cid = _content_id(tokenizer.config, state)
-    fs, root = fsspec.core.url_to_fs(directory)
-    fs.makedirs(root, exist_ok=True)
-    # Weights first, config last: a save killed half-way leaves no config.json, which load
-    # reports, rather than a config pointing at half a weights file.
-    with fs.open(_join(root, WEIGHTS), "wb") as f:
-        f.write(save_safetensors(state, metadata={"checkpoint_id": cid, "format": FORMAT}))
+    cid = content_id(_canonical_config(tokenizer.config), state)
     meta = {"format": FORMAT, "checkpoint_id": cid, "config": tokenizer.config.to_dict(), "info": info or {}}
-    with fs.open(_join(root, CONFIG), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    write_checkpoint(directory, {WEIGHTS: (state, {"checkpoint_id": cid, "format": FORMAT})}, meta)
     return cid
-
-
-def _read(fs, path: str, what: str) -> bytes:
-    try:
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing ({what})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what}: {e}") from e
 
 
 def read_config(directory: str) -> tuple[TokenizerConfig, str, dict[str, Any]]:
     """(config, checkpoint id, info) from a checkpoint's config.json, without the weights."""
-    fs, root = fsspec.core.url_to_fs(str(directory))
-    path = _join(root, CONFIG)
-    raw = _read(fs, path, "the JSON config")
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    path, meta = read_json(directory, FORMAT)
     for key in ("checkpoint_id", "config"):
         if key not in meta:
             raise CheckpointError(f"{path}: no {key!r} entry")
@@ -141,16 +181,11 @@ def _check_tensors(path: str, expected: dict[str, torch.Tensor], got: dict[str, 
 def load_checkpoint(directory: str, device: str | torch.device = "cpu") -> Checkpoint:
     """Load and verify a checkpoint; any fault raises CheckpointError naming the file."""
     config, recorded_id, info = read_config(directory)
-    fs, root = fsspec.core.url_to_fs(str(directory))
-    path = _join(root, WEIGHTS)
-    raw = _read(fs, path, "the safetensors weights")
-    try:
-        tensors = load_safetensors(raw)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    tensors = read_tensors(directory)
+    path = _path(directory, WEIGHTS)
     tokenizer = Tokenizer(config)
     _check_tensors(path, tokenizer.state_dict(), tensors)
-    actual_id = _content_id(config, tensors)
+    actual_id = content_id(_canonical_config(config), tensors)
     if actual_id != recorded_id:
         raise CheckpointError(
             f"{path}: content hash {actual_id} does not match the recorded checkpoint id "

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,14 +22,14 @@ from .losses import (
     psnr,
     reconstruction_loss,
 )
-from .model import Tokenizer, TokenizerConfig, to_model_input
+from .model import Tokenizer, TokenizerConfig, TokenizerOutput, to_model_input
 from .quantize import codebook_stats
 
 Frames = np.ndarray | torch.Tensor  # uint8 [N, 3, H, W] or [N, H, W, 3]
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TokenizerTrainConfig:
     """How to train; unlike TokenizerConfig, none of this shapes the weights' layout."""
 
     batch_size: int = 32  # per rank
@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def for_steps(cls, steps: int, **changes: Any) -> "TrainConfig":
+    def for_steps(cls, steps: int, **changes: Any) -> "TokenizerTrainConfig":
         """The schedule fitted to a run of `steps`: lr warm-up over the first 10% (at most 100
         steps), the re-encode loss from 20% (at most 200), the consistency phase for the last 30%.
         `changes` override any field."""
@@ -171,7 +171,7 @@ def perturbed_grids(grids: torch.Tensor, fraction: float, swap: float, gen: torc
     return out
 
 
-def _lr_lambda(cfg: TrainConfig, steps: int) -> Callable[[int], float]:
+def _lr_lambda(cfg: TokenizerTrainConfig, steps: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -185,12 +185,135 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+class Phase(NamedTuple):
+    """What one step trains toward: the loss weights, and in the consistency phase its targets."""
+
+    reencode_weight: float
+    keep_weight: float  # of the quantizer loss: real frames' features held to their tokens
+    targets: torch.Tensor | None = None  # the frozen teacher's tokens for the batch
+    extra: torch.Tensor | None = None  # token grids no frame produced, decoded beside the batch
+    temperature: float | None = None  # of the re-encode cross-entropy; None: a distance
+
+
+def phase_at(step: int, cfg: TokenizerTrainConfig, x: torch.Tensor, teacher: Tokenizer | None,
+             last_grids: torch.Tensor | None, gen: torch.Generator) -> Phase:
+    """Before the consistency phase, the re-encode loss ramped in from `reencode_start`; in it, the
+    teacher's tokens as targets and perturbed grids built from the previous batch's."""
+    if teacher is None:
+        ramp = max(0, step - cfg.reencode_start + 1) / max(cfg.reencode_ramp, 1)
+        return Phase(cfg.reencode_weight * min(1.0, ramp), 1.0)
+    targets = teacher.tokens(x)
+    extra = None
+    if cfg.reencode_extra > 0 and last_grids is not None:
+        # Built from the previous batch's grids: real layouts, no extra encoder pass.
+        extra = perturbed_grids(last_grids, cfg.reencode_extra, cfg.reencode_swap, gen)
+    return Phase(cfg.consistency_weight, cfg.keep_weight, targets, extra, cfg.reencode_temperature)
+
+
+def freeze_teacher(tokenizer: Tokenizer) -> Tokenizer:
+    """Start the consistency phase: a frozen copy gives targets, and the codebook stops moving."""
+    teacher = copy.deepcopy(tokenizer).eval().requires_grad_(False)
+    tokenizer.quantizer.eval()  # no more EMA updates or restarts: the codebook is fixed
+    return teacher
+
+
+class Adversary:
+    """The patch discriminator from `disc_start` on: the generator's extra loss, and its own step."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, device: torch.device, world: int):
+        self.start, self.weight = cfg.disc_start, cfg.disc_weight
+        self.disc = PatchDiscriminator().to(device).train()
+        self.net = DistributedDataParallel(self.disc, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world > 1 else self.disc
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+
+    def generator_loss(self, reconstruction: torch.Tensor) -> torch.Tensor:
+        self.disc.requires_grad_(False)  # the generator's step must not touch the discriminator
+        loss = self.weight * generator_adversarial_loss(self.disc(reconstruction))
+        self.disc.requires_grad_(True)
+        return loss
+
+    def step(self, x: torch.Tensor, reconstruction: torch.Tensor) -> float:
+        """One discriminator update on real `x` against `reconstruction`; returns its loss."""
+        # Real and fake in one forward: DDP allows a module one forward per backward.
+        logits = self.net(torch.cat([x, reconstruction.detach()]))
+        loss = discriminator_hinge_loss(*logits.chunk(2))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+
+class _Run:
+    """A training run's moving parts: the model (DDP-wrapped on several ranks), its optimiser and
+    schedule, the discriminator, and the consistency phase's teacher once it starts."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: TokenizerTrainConfig, steps: int, device: torch.device, world: int):
+        self.tokenizer, self.cfg, self.net = tokenizer, cfg, tokenizer
+        if world > 1:
+            # Buffers (the EMA codebook) stay in sync by the quantizer's own all-reduce; no need for
+            # DDP to broadcast them every step.
+            self.net = DistributedDataParallel(
+                tokenizer, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.opt = torch.optim.Adam(tokenizer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, steps))
+        self.adversary = Adversary(cfg, device, world) if cfg.disc_start is not None else None
+        self.teacher: Tokenizer | None = None
+        self.last_grids: torch.Tensor | None = None
+
+    def step(self, x: torch.Tensor, step: int, gen: torch.Generator) -> tuple[TokenizerOutput, dict[str, float]]:
+        """One optimiser step (and discriminator step) on batch `x`; the output and its record."""
+        cfg = self.cfg
+        if self.teacher is None and cfg.consistency_at is not None and step >= cfg.consistency_at:
+            self.teacher = freeze_teacher(self.tokenizer)
+        phase = phase_at(step, cfg, x, self.teacher, self.last_grids, gen)
+        out = self.net(x, reencode=phase.reencode_weight > 0, extra_grids=phase.extra, targets=phase.targets,
+                       reencode_temperature=phase.temperature)
+        self.last_grids = out.indices.detach()
+        rec = reconstruction_loss(x, out.reconstruction, cfg.l1_weight, cfg.l2_weight)
+        loss = rec + phase.keep_weight * out.quantizer_loss + phase.reencode_weight * out.reencode_loss
+        adversarial = self.adversary is not None and step >= self.adversary.start
+        if adversarial:
+            loss = loss + self.adversary.generator_loss(out.reconstruction)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.tokenizer.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        record = {"step": step, "loss": loss.item(), "recon": rec.item(), "quant": out.quantizer_loss.item(),
+                  "reencode": out.reencode_loss.item(), "lr": self.sched.get_last_lr()[0]}
+        if adversarial:
+            record["disc"] = self.adversary.step(x, out.reconstruction)
+        return out, record
+
+
+def _training_input(batch: torch.Tensor, config: TokenizerConfig, device: torch.device, hflip: bool,
+                    gen: torch.Generator) -> torch.Tensor:
+    """A batch of frames as the model takes them, at random flipped left-right when `hflip`."""
+    if batch.shape[-1] != config.resolution or batch.shape[-2] != config.resolution:
+        raise ValueError(f"frames are {tuple(batch.shape[-2:])}, the config trains at {config.resolution}")
+    x = to_model_input(batch, device)
+    if hflip:
+        flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def _batch_stats(out: TokenizerOutput, tokenizer: Tokenizer) -> dict[str, float]:
+    """The batch's codebook usage and the quantizer's restarts so far, for the log."""
+    counts = torch.bincount(out.indices.flatten(), minlength=tokenizer.num_codes)
+    return {**{f"batch_{k}": v for k, v in codebook_stats(counts).items()},
+            "restarts": getattr(tokenizer.quantizer, "restarts", 0)}
+
+
 def train(
     frames: Frames | Iterable,
     config: TokenizerConfig = TokenizerConfig(),
     steps: int = 1000,
     *,
-    train_config: TrainConfig = TrainConfig(),
+    train_config: TokenizerTrainConfig = TokenizerTrainConfig(),
     eval_frames: Frames | None = None,
     model: Tokenizer | None = None,
     device: str | torch.device | None = None,
@@ -212,117 +335,48 @@ def train(
     device = torch.device(device) if device is not None else _default_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts anyway)
     tokenizer = (model or Tokenizer(config)).to(device).train()
-    config = tokenizer.config
-    net = tokenizer
-    if world > 1:
-        # Buffers (the EMA codebook) stay in sync by the quantizer's own all-reduce; no need for
-        # DDP to broadcast them every step.
-        net = DistributedDataParallel(
-            tokenizer, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
-    opt = torch.optim.Adam(tokenizer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-
-    disc = disc_net = disc_opt = None
-    if cfg.disc_start is not None:
-        disc = PatchDiscriminator().to(device).train()
-        disc_net = DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else disc
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="tokenizer", unit="step")
+    run = _Run(tokenizer, cfg, steps, device, world)
+    bar = _progress_bar(steps) if progress and rank == 0 else None
     history: list[dict[str, float]] = []
     eval_metrics: dict[str, float] = {}
     batches = _batches(frames, cfg.batch_size, cfg.seed, frames_key)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919 * rank)
     t0, seen, loss_value, step = time.perf_counter(), 0, float("nan"), 0
-    last_grids: torch.Tensor | None = None
-    teacher: Tokenizer | None = None  # the frozen copy that gives targets in the consistency phase
     for step in range(1, steps + 1):
         try:
             batch = next(batches)
         except StopIteration:
             step -= 1
             break
-        if batch.shape[-1] != config.resolution or batch.shape[-2] != config.resolution:
-            raise ValueError(f"frames are {tuple(batch.shape[-2:])}, the config trains at {config.resolution}")
-        x = to_model_input(batch, device)
-        if cfg.hflip:
-            flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = _training_input(batch, tokenizer.config, device, cfg.hflip, gen)
         seen += x.shape[0]
-
-        if teacher is None and cfg.consistency_at is not None and step >= cfg.consistency_at:
-            teacher = copy.deepcopy(tokenizer).eval().requires_grad_(False)
-            tokenizer.quantizer.eval()  # no more EMA updates or restarts: the codebook is fixed
-        targets = extra = None
-        if teacher is not None:
-            reencode_weight, keep_weight = cfg.consistency_weight, cfg.keep_weight
-            targets = teacher.tokens(x)
-            if cfg.reencode_extra > 0 and last_grids is not None:
-                # Built from the previous batch's grids: real layouts, no extra encoder pass.
-                extra = perturbed_grids(last_grids, cfg.reencode_extra, cfg.reencode_swap, gen)
-        else:
-            ramp = max(0, step - cfg.reencode_start + 1) / max(cfg.reencode_ramp, 1)
-            reencode_weight, keep_weight = cfg.reencode_weight * min(1.0, ramp), 1.0
-        out = net(x, reencode=reencode_weight > 0, extra_grids=extra, targets=targets,
-                  reencode_temperature=cfg.reencode_temperature if teacher is not None else None)
-        last_grids = out.indices.detach()
-        rec = reconstruction_loss(x, out.reconstruction, cfg.l1_weight, cfg.l2_weight)
-        loss = rec + keep_weight * out.quantizer_loss + reencode_weight * out.reencode_loss
-        adv_on = disc is not None and step >= cfg.disc_start
-        if adv_on:
-            disc.requires_grad_(False)  # the generator's step must not touch the discriminator
-            loss = loss + cfg.disc_weight * generator_adversarial_loss(disc(out.reconstruction))
-            disc.requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-
-        record = {"step": step, "loss": loss.item(), "recon": rec.item(), "quant": out.quantizer_loss.item(),
-                  "reencode": out.reencode_loss.item(),
-                  "lr": sched.get_last_lr()[0]}
-        if adv_on:
-            # Real and fake in one forward: DDP allows a module one forward per backward.
-            logits = disc_net(torch.cat([x, out.reconstruction.detach()]))
-            d_loss = discriminator_hinge_loss(*logits.chunk(2))
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            disc_opt.step()
-            record["disc"] = d_loss.item()
+        out, record = run.step(x, step, gen)
         loss_value = record["loss"]
-
         if step % cfg.log_every == 0 or step == steps:
-            record.update({f"batch_{k}": v for k, v in codebook_stats(torch.bincount(out.indices.flatten(), minlength=tokenizer.num_codes)).items()})
-            record["restarts"] = getattr(tokenizer.quantizer, "restarts", 0)
-            record["seconds"] = time.perf_counter() - t0
-            history.append(record)
-            if callback:
-                callback(step, record)
+            record.update(_batch_stats(out, tokenizer), seconds=time.perf_counter() - t0)
+            _report(history, callback, step, record)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.4f}", usage=f"{record['batch_codebook_usage']:.2f}")
         if eval_frames is not None and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             eval_metrics = evaluate(tokenizer, eval_frames, cfg.eval_batch_size)
-            history.append({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
-            if callback:
-                callback(step, {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+            _report(history, callback, step, {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if eval_frames is not None and not eval_metrics:  # the data ran out before `steps`
         eval_metrics = evaluate(tokenizer, eval_frames, cfg.eval_batch_size)
-    return tokenizer.eval(), TrainMetrics(
-        steps=step,
-        seconds=time.perf_counter() - t0,
-        frames_seen=seen * world,
-        final_loss=loss_value,
-        eval=eval_metrics,
-        history=history,
-    )
+    return tokenizer.eval(), TrainMetrics(steps=step, seconds=time.perf_counter() - t0, frames_seen=seen * world,
+                                          final_loss=loss_value, eval=eval_metrics, history=history)
+
+
+def _report(history: list[dict[str, float]], callback, step: int, record: dict[str, float]) -> None:
+    history.append(record)
+    if callback:
+        callback(step, record)
+
+
+def _progress_bar(steps: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc="tokenizer", unit="step")

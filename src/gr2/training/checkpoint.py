@@ -11,38 +11,40 @@ Under the lake, one directory per training run:
             optimizer.safetensors   AdamW's per-parameter tensors (its param groups: config.json)
             config.json             format, checkpoint_id, model config, tokenizer, step, stats, ...
 
-config.json is written last, so a save killed half-way leaves a directory without it, which
-resuming skips. Nothing is pickled. The checkpoint id hashes the model config and the weights, so
-an id names exactly one model whichever run or directory holds it.
+The format is the tokenizer's (gr2.tokenizers.checkpoint: its content hash, its writer and readers,
+its CheckpointError). config.json is written last, so a save killed half-way leaves a directory
+without it, which resuming skips. Nothing is pickled. The checkpoint id hashes the model config and
+the weights, so an id names exactly one model whichever run or directory holds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from typing import Any, NamedTuple
 
 import fsspec
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
 from gr2.lake.uri import glob, join
+from gr2.tokenizers.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointError,
+    content_id,
+    read_json,
+    read_tensors,
+    write_checkpoint,
+)
 from gr2.training.model import GR2, GR2Config
+from gr2.training.text import text_encoder_for
 
 FORMAT = "gr2.model/1"
-WEIGHTS, OPTIMIZER, CONFIG = "model.safetensors", "optimizer.safetensors", "config.json"
+OPTIMIZER = "optimizer.safetensors"
 TIED = "frame_head.weight"  # the token embedding's weight (model.py); saved once, as tok_emb.weight
 FROZEN = "text_encoder."
-
-
-class CheckpointError(Gr2Error):
-    """A GR-2 checkpoint that cannot be found, loaded or used as asked; the message names it."""
 
 
 class Loaded(NamedTuple):
@@ -61,13 +63,9 @@ def trainable_state(model: GR2) -> dict[str, torch.Tensor]:
             if not k.startswith(FROZEN) and k != TIED}
 
 
-def content_id(config: GR2Config, tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+def _checkpoint_id(config: GR2Config, tensors: dict[str, torch.Tensor]) -> str:
+    """The checkpoint id of a model of `config` holding `tensors` (its trainable state)."""
+    return content_id(json.dumps(dataclasses.asdict(config), sort_keys=True), tensors)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -87,74 +85,48 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> di
                                              for g in groups]}
 
 
-def save_checkpoint(directory: str, model: GR2, optimizer: torch.optim.Optimizer | None = None,
+def save_checkpoint(model: GR2, directory: str, optimizer: torch.optim.Optimizer | None = None,
                     meta: dict[str, Any] | None = None) -> str:
     """Write `model` (and `optimizer`) into `directory`; returns the checkpoint id.
 
     meta: JSON-serialisable facts stored beside the weights (step, stage, tokenizer_id, stats, ...)."""
     state = trainable_state(model)
-    cid = content_id(model.config, state)
-    fs, root = _fs(directory)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(join(root, WEIGHTS), "wb") as f:
-        f.write(save_safetensors(state, metadata={"checkpoint_id": cid, "format": FORMAT}))
+    cid = _checkpoint_id(model.config, state)
+    files = {WEIGHTS: (state, {"checkpoint_id": cid, "format": FORMAT})}
     groups = None
     if optimizer is not None:
         tensors, groups = _optimizer_tensors(optimizer)
-        with fs.open(join(root, OPTIMIZER), "wb") as f:
-            f.write(save_safetensors(tensors, metadata={"checkpoint_id": cid}))
-    config = {"format": FORMAT, "checkpoint_id": cid, "model": dataclasses.asdict(model.config),
-              "saved_at": time.time(), "optimizer_param_groups": groups, **(meta or {})}
-    with fs.open(join(root, CONFIG), "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
+        files[OPTIMIZER] = (tensors, {"checkpoint_id": cid})
+    config = {"format": FORMAT, "checkpoint_id": cid, "model": dataclasses.asdict(model.config), "saved_at": time.time(),
+              "optimizer_param_groups": groups, **(meta or {})}
+    write_checkpoint(directory, files, config)
     return cid
 
 
 def read_meta(directory: str) -> dict[str, Any]:
     """A checkpoint's config.json, checked to be one."""
-    fs, root = _fs(directory)
-    path = join(root, CONFIG)
-    try:
-        with fs.open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: not a GR-2 checkpoint (no {CONFIG}; a save killed half-way?)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
-    return meta
-
-
-def _read_tensors(fs, path: str) -> dict[str, torch.Tensor]:
-    try:
-        with fs.open(path, "rb") as f:
-            return load_safetensors(f.read())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {e}") from None
+    return read_json(directory, FORMAT)[1]
 
 
 def load_checkpoint(directory: str, device: str | torch.device = "cpu", with_optimizer: bool = False,
                     text_encoder=None) -> Loaded:
-    """The model saved in `directory` (eval mode), verified against its recorded id."""
+    """The model saved in `directory` (eval mode), verified against its recorded id.
+
+    text_encoder: a built text tower to share; else the one its config names is built."""
     meta = read_meta(directory)
     config = GR2Config(**meta["model"])
-    fs, root = _fs(directory)
-    tensors = _read_tensors(fs, join(root, WEIGHTS))
-    if content_id(config, tensors) != meta["checkpoint_id"]:
+    tensors = read_tensors(directory, WEIGHTS)
+    if _checkpoint_id(config, tensors) != meta["checkpoint_id"]:
         raise CheckpointError(f"{directory}: weights do not hash to the recorded id {meta['checkpoint_id']}: "
                               f"changed after saving")
-    model = GR2(config, text_encoder=text_encoder)
+    model = GR2(config, text_encoder=text_encoder or text_encoder_for(config))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k != TIED and not k.startswith(FROZEN)]
     if missing or unexpected:
         raise CheckpointError(f"{directory}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     optimizer_state = None
     if with_optimizer and meta.get("optimizer_param_groups") is not None:
-        optimizer_state = _optimizer_state(_read_tensors(fs, join(root, OPTIMIZER)), meta["optimizer_param_groups"])
+        optimizer_state = _optimizer_state(read_tensors(directory, OPTIMIZER), meta["optimizer_param_groups"])
     return Loaded(model.to(device).eval(), meta, optimizer_state)
 
 
@@ -167,8 +139,7 @@ def init_from(model: GR2, directory: str) -> dict[str, list[str]]:
     State and action layers that do not fit (pre-training never trained them) keep their init.
     Returns {"copied": [...], "partial": [...], "skipped": [...]}."""
     meta = read_meta(directory)
-    fs, root = _fs(directory)
-    source = _read_tensors(fs, join(root, WEIGHTS))
+    source = read_tensors(directory, WEIGHTS)
     target = model.state_dict()
     report: dict[str, list[str]] = {"copied": [], "partial": [], "skipped": []}
     with torch.no_grad():

@@ -3,8 +3,8 @@
 Pre-training: accepted clips.lance rows that carry VQ tokens -> every window of `history`
 consecutive frames of a clip, with its caption. Fine-tuning: steps.lance -> for each step t of an
 episode, the history steps t-h+1..t (token grids of every chosen view, state) and for each of them
-the chunk of k actions that follows (pipelines/robot/actions.window_indices: early history
-repeats the first step and is marked `step_is_pad`, chunk entries past the end `action_is_pad`).
+the chunk of k actions that follows (gr2.robot.actions.windows: early history repeats the first
+step and is marked `step_is_pad`, chunk entries past the end `action_is_pad`).
 
 Nothing is copied out of the lake. `plan_data` runs once on the driver: it checks the lake can
 train at all (tokens present, one tokenizer, a known codebook, views and shapes consistent),
@@ -276,14 +276,6 @@ def _select(state: np.ndarray, dims: tuple[int, ...] | None, what: str) -> np.nd
 # -- a rank's samples -----------------------------------------------------------------------------
 
 
-def normalize(x: np.ndarray, stats: dict) -> np.ndarray:
-    return ((x - np.asarray(stats["mean"])) / np.asarray(stats["std"])).astype(np.float32)
-
-
-def unnormalize(y: np.ndarray, stats: dict) -> np.ndarray:
-    return np.asarray(y) * np.asarray(stats["std"]) + np.asarray(stats["mean"])
-
-
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
     """Items in a random order drawn from a buffer of `size` (TF-style streaming shuffle)."""
     buf = []
@@ -395,34 +387,29 @@ def episode_arrays(steps: pa.Table, spec: DataSpec, episode_id: str = "") -> dic
                 raise TrainingDataError(f"episode {episode_id} step {i} camera {camera}: no token grid of {h}x{w}")
             tokens[i, j] = v["tokens"]
             ok[i, j] = True
-    state = _select(np.asarray(steps.column("state").to_pylist(), np.float64), spec.config.state_dims, "state")
-    raw = steps.column(spec.config.action_column).to_pylist()
-    missing = np.array([a is None for a in raw])
-    action = np.stack([np.asarray(a if a is not None else [0.0] * spec.action_dim, np.float64) for a in raw])
+    state, action, missing = act.step_arrays(steps, "state", spec.config.action_column, spec.action_dim)
+    state = _select(state, spec.config.state_dims, "state")
     return {"tokens": tokens, "view_ok": ok, "state": state, "action": action, "action_missing": missing}
 
 
 def episode_windows(steps: pa.Table, spec: DataSpec, episode_id: str = "", text: str = "") -> Iterator[dict]:
     """Every (history window, action chunks) sample of one episode whose views are all present."""
     arrays = episode_arrays(steps, spec, episode_id)
-    n = len(steps)
-    idx = act.window_indices(n, spec.history, spec.chunk)
-    state = normalize(arrays["state"], spec.stats["state"])
+    state = act.normalize(arrays["state"], spec.stats["state"]).astype(np.float32)
     action = arrays["action"].copy()
-    action[:, :-1] = normalize(action[:, :-1], spec.stats["action"])
-    action = action.astype(np.float32)
-    chunk_pad = idx["chunk_is_pad"] | arrays["action_missing"][idx["chunk_index"]]
+    action[:, :-1] = act.normalize(action[:, :-1], spec.stats["action"])  # the gripper's sign is its label: raw
+    w = act.windows(state, action.astype(np.float32), arrays["action_missing"], spec.history, spec.chunk)
     step_ok = arrays["view_ok"].all(1)
-    for t in range(n):
-        hist = idx["history_index"][t]
+    for t in range(len(steps)):
+        hist = w["history_index"][t]
         if not step_ok[hist].all():
             continue
         yield {
             "frames": arrays["tokens"][hist],
-            "state": state[hist],
-            "action": action[idx["chunk_index"][hist]],
-            "action_is_pad": chunk_pad[hist],
-            "step_is_pad": idx["history_is_pad"][t],
+            "state": w["state"][t],
+            "action": w["action"][hist],  # each history step's own chunk
+            "action_is_pad": w["action_is_pad"][hist],
+            "step_is_pad": w["state_is_pad"][t],
             "text": text,
             "id": f"{episode_id}@{t}",
         }

@@ -22,8 +22,10 @@ import torch
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
+from gr2.robot.actions import normalize, unnormalize
 from gr2.training import checkpoint as ckpt
-from gr2.training.data import DataConfig, DataSpec, iter_batches, plan_data, unnormalize
+from gr2.training.data import DataConfig, DataSpec, iter_batches, plan_data
+from gr2.training.text import TextEmbeddings
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,6 @@ def data_spec_for(lake: Lake, meta: dict) -> DataSpec:
 def heldout_metrics(model, spec: DataSpec, config: EvalConfig = EvalConfig()) -> dict:
     """Token accuracy and next-frame loss; for fine-tuning also action error, normalised and in
     the action's own units (arm dims, first action of the chunk at each window's last step)."""
-    from gr2.training.loop import TextEmbeddings
-
     model.eval()
     text = TextEmbeddings(model, torch.device("cpu"))
     sums: dict[str, float] = {}
@@ -114,8 +114,6 @@ def next_frame_picture(model, tokenizer, spec: DataSpec, path: str, count: int =
     true next frame, all decoded through the tokenizer (so the truth is what the tokens can show)."""
     from PIL import Image
 
-    from gr2.training.loop import TextEmbeddings
-
     model.eval()
     batch = next(iter_batches(spec, count, split="heldout", epochs=1, shuffle=False))
     b = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -151,7 +149,6 @@ class MetaWorldPolicy:
     def __init__(self, checkpoint: str, tokenizer: str, instruction: str = "", replan_every: int = 1, threads: int = 1):
         from gr2.sim.record import STATE_NAMES
         from gr2.tokenizers import load_checkpoint as load_tokenizer_checkpoint
-        from gr2.training.loop import TextEmbeddings
 
         torch.set_num_threads(threads)
         loaded = ckpt.load_checkpoint(checkpoint)
@@ -193,7 +190,7 @@ class MetaWorldPolicy:
         x, y, z, gripper = observation["observation.state"]
         seen = {"x": x, "y": y, "z": z, "gripper": gripper}
         raw = np.array([seen.get(n, self.state_fill[n]) for n in self.state_names])
-        return ((raw - np.asarray(self.stats["state"]["mean"])) / np.asarray(self.stats["state"]["std"])).astype(np.float32)
+        return normalize(raw, self.stats["state"]).astype(np.float32)
 
     @torch.no_grad()
     def __call__(self, observation: dict) -> np.ndarray:

@@ -28,13 +28,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gr2.errors import Gr2Error
-from gr2.lake.lake import Lake, worker_env
+from gr2.lake.lake import Lake
 from gr2.lake.provenance import settings_hash
-from gr2.lake.uri import arrow_filesystem, is_remote
+from gr2.lake.uri import is_remote
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
+from gr2.training.launcher import check_cluster, launch
 from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
 from gr2.training.model import GR2, GR2Config
+from gr2.training.text import TextEmbeddings, text_encoder_for
 
 
 class TrainingConfigError(Gr2Error):
@@ -101,19 +103,9 @@ class TrainResult:
 
 
 def check_resources(config: TrainConfig) -> None:
-    """Refuse more workers than the Ray cluster has room for, before anything waits on them."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-    have = ray.cluster_resources()
-    cpus = config.workers * config.cpus_per_worker
-    if cpus > have.get("CPU", 0):
-        raise TrainingConfigError(
-            f"{config.workers} workers x {config.cpus_per_worker:g} CPU need {cpus:g} CPUs; the Ray cluster has "
-            f"{have.get('CPU', 0):g}. Ask for fewer workers (or fewer CPUs each).")
-    if config.use_gpu and config.workers > have.get("GPU", 0):
-        raise TrainingConfigError(f"{config.workers} GPU workers asked for; the Ray cluster has {have.get('GPU', 0):g} GPUs")
+    """Refuse more workers than the Ray cluster has room for, or a batch they cannot split, before
+    anything waits on them."""
+    check_cluster(config.workers, config.cpus_per_worker, config.use_gpu, TrainingConfigError)
     if config.batch_size % config.workers:
         raise TrainingConfigError(f"batch size {config.batch_size} does not split evenly over {config.workers} workers")
 
@@ -196,24 +188,12 @@ def train(lake: Lake | str, config: TrainConfig = TrainConfig(),
 
 
 def _fit(p: dict, config: TrainConfig, last: str | None) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     run_dir = p["run_dir"]
     if last is None or ckpt.read_meta(last)["step"] < config.steps:
         args = {"config": config.model_dump(), "spec": p["spec"].to_dict(), "model": dataclasses.asdict(p["model"]),
                 "init": p["init"], "run_id": p["run_id"], "run_dir": run_dir}
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config=args,
-            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                         resources_per_worker={"CPU": config.cpus_per_worker,
-                                                               **({"GPU": 1} if config.use_gpu else {})}),
-            run_config=RunConfig(name=p["run_id"], **_ray_storage(run_dir),
-                                 worker_runtime_env=worker_env().get("runtime_env"),
-                                 failure_config=FailureConfig(max_failures=config.max_failures)),
-        )
-        trainer.fit()
+        launch(_worker, args, workers=config.workers, cpus_per_worker=config.cpus_per_worker, use_gpu=config.use_gpu,
+               storage=f"{run_dir}/ray", name=p["run_id"], max_failures=config.max_failures)
 
 
 def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResult:
@@ -227,15 +207,6 @@ def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResu
                        stage=meta["stage"], steps=meta["step"], resumed_from=starts[-1]["from_step"] if starts else 0,
                        metrics=records[-1] if records else {}, unigram_entropy_nats=meta.get("unigram_entropy_nats"),
                        seconds=seconds, workers=workers)
-
-
-def _ray_storage(run_dir: str) -> dict:
-    if not is_remote(run_dir):
-        return {"storage_path": os.path.abspath(os.path.join(run_dir, "ray"))}
-    # An explicit filesystem: Ray Train's controller actor resolves a bare URI with its own
-    # environment, which never saw this driver's AWS settings (endpoint, credentials).
-    fs, path = arrow_filesystem(f"{run_dir}/ray")
-    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _write_run(p: dict) -> None:
@@ -273,29 +244,6 @@ def make_optimizer(model: GR2, config: TrainConfig) -> torch.optim.Optimizer:
                               {"params": other, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
 
 
-class TextEmbeddings:
-    """Batch text -> CLIP embeddings through the model's frozen tower, each distinct string once.
-
-    Robot data repeats one instruction per task and web clips repeat captions across windows, so
-    caching saves a text-tower forward per step. Without a tower the embedding is zeros (no text)."""
-
-    def __init__(self, model: GR2, device: torch.device, max_size: int = 100_000):
-        self.encoder, self.device, self.max_size = model.text_encoder, device, max_size
-        self.dim = model.config.text_dim
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        if self.encoder is None:
-            return torch.zeros(len(texts), self.dim, device=self.device)
-        new = sorted({t for t in texts if t not in self.cache})
-        if new:
-            if len(self.cache) + len(new) > self.max_size:
-                self.cache.clear()
-            for t, e in zip(new, self.encoder(new).to(self.device)):
-                self.cache[t] = e
-        return torch.stack([self.cache[t] for t in texts])
-
-
 def to_device(batch: dict, device: torch.device, text: TextEmbeddings) -> dict:
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     out["text_embedding"] = text(batch["text"])
@@ -306,30 +254,16 @@ def _worker(args: dict) -> None:
     """One Ray Train worker: resume or init, then train to `steps`, rank 0 logging and checkpointing."""
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     config = TrainConfig(**args["config"])
     spec = DataSpec.from_dict(args["spec"])
-    run_dir = args["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
-
-    resume = ckpt.latest_checkpoint(run_dir)  # also after Ray restarted this worker group
-    start, optimizer_state = 0, None
-    if resume:
-        loaded = ckpt.load_checkpoint(resume, with_optimizer=True)
-        model, optimizer_state, start = loaded.model, loaded.optimizer_state, loaded.meta["step"]
-    else:
-        model = GR2(GR2Config(**args["model"]))
-        if args["init"]:
-            ckpt.init_from(model, args["init"])
-    model.to(device).train()
-    optimizer = make_optimizer(model, config)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    resume = ckpt.latest_checkpoint(args["run_dir"])  # also after Ray restarted this worker group
+    model, optimizer, start = _model_and_optimizer(args, config, resume, device)
     # pre-training leaves the state and action layers out of the graph; DDP must be told
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": spec.stage == "pretrain"})
 
@@ -337,58 +271,109 @@ def _worker(args: dict) -> None:
     per_rank = config.batch_size // world
     # a resumed run draws a fresh order rather than replaying the first steps' batches
     batches = iter_batches(spec, per_rank, rank, world, seed=config.seed + 7919 * start)
-    log = MetricsLog(run_dir) if rank == 0 else None
-    if log:
-        log.write({"event": "start", "from_step": start, "checkpoint": resume, "world": world, "pid": os.getpid(),
-                   "time": time.time()})
-        log.flush()
+    log = _start_log(args["run_dir"], start, resume, world) if rank == 0 else None
     meter = Throughput()
     started, cpu_started = time.monotonic(), time.process_time()
     tokens_per_sample = None
     for step in range(start + 1, config.steps + 1):
         lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         batch = to_device(next(batches), device, text)
         if tokens_per_sample is None:
             tokens_per_sample = int(batch["frames"][0].numel())
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = net(batch)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip else None
-        optimizer.step()
-
-        keys = sorted(out)
-        values = torch.stack([out[k].detach().float() for k in keys])
-        if world > 1:
-            dist.all_reduce(values)  # the global batch's numbers, however many workers
-            values /= world
-        record = {"step": step, "lr": lr, **{k: float(v) for k, v in zip(keys, values)},
+        out, grad_norm = _optimizer_step(net, model, optimizer, batch, lr, config.grad_clip, device)
+        record = {"step": step, "lr": lr, **_mean_over_ranks(out, world),
                   **meter.tick(per_rank * world, per_rank * world * tokens_per_sample),
                   "elapsed_s": time.monotonic() - started, "cpu_s": time.process_time() - cpu_started}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if log:
             log.write(record)
-        out_of_time = torch.tensor(float(
-            (config.max_minutes is not None and record["elapsed_s"] > 60 * config.max_minutes)
-            or (config.max_cpu_minutes is not None and record["cpu_s"] > 60 * config.max_cpu_minutes)))
-        if world > 1:
-            dist.broadcast(out_of_time, 0)  # rank 0's clock decides, so every rank stops at one step
-        last = step == config.steps or bool(out_of_time)
-        if step % config.checkpoint_every == 0 or last:
-            if log:
-                log.flush()
-                directory = f"{run_dir}/step-{step:06d}"
-                ckpt.save_checkpoint(directory, model, optimizer, checkpoint_meta(args, spec, config, step, record))
-                ckpt.prune(run_dir, config.keep_checkpoints)
+        out_of_time = _out_of_time(config, record, world)
+        last = step == config.steps or out_of_time
+        if log and (step % config.checkpoint_every == 0 or last):
+            log.flush()
+            _save(model, optimizer, args, spec, config, step, record)
         if step % config.report_every == 0 or last:
             if log:
                 log.flush()
             ray.train.report(record)  # a barrier: every rank reports at the same steps
         if last:
             break
+
+
+def _model_and_optimizer(args: dict, config: TrainConfig, resume: str | None,
+                         device: torch.device) -> tuple[GR2, torch.optim.Optimizer, int]:
+    """The model and optimizer this attempt starts from, and their step: the run's last checkpoint,
+    else a new model (from the `init` checkpoint's weights, when given)."""
+    start, optimizer_state = 0, None
+    if resume:
+        loaded = ckpt.load_checkpoint(resume, with_optimizer=True)
+        model, optimizer_state, start = loaded.model, loaded.optimizer_state, loaded.meta["step"]
+    else:
+        model_config = GR2Config(**args["model"])
+        model = GR2(model_config, text_encoder_for(model_config))
+        if args["init"]:
+            ckpt.init_from(model, args["init"])
+    model.to(device).train()
+    optimizer = make_optimizer(model, config)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return model, optimizer, start
+
+
+def _start_log(run_dir: str, start: int, resume: str | None, world: int) -> MetricsLog:
+    """Rank 0's metrics log, opened with a record of where this attempt starts."""
+    log = MetricsLog(run_dir)
+    log.write({"event": "start", "from_step": start, "checkpoint": resume, "world": world, "pid": os.getpid(),
+               "time": time.time()})
+    log.flush()
+    return log
+
+
+def _optimizer_step(net: torch.nn.Module, model: GR2, optimizer: torch.optim.Optimizer, batch: dict, lr: float,
+                    grad_clip: float, device: torch.device) -> tuple[dict, torch.Tensor | None]:
+    """Forward, backward and one step at `lr`; the model's outputs and the gradient norm (None: no clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = net(batch)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    optimizer.step()
+    return out, grad_norm
+
+
+def _mean_over_ranks(out: dict, world: int) -> dict[str, float]:
+    """The outputs as the global batch's numbers, however many workers."""
+    import torch.distributed as dist
+
+    keys = sorted(out)
+    values = torch.stack([out[k].detach().float() for k in keys])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return {k: float(v) for k, v in zip(keys, values)}
+
+
+def _out_of_time(config: TrainConfig, record: dict, world: int) -> bool:
+    """Whether this attempt's wall-clock or CPU budget is spent."""
+    import torch.distributed as dist
+
+    spent = torch.tensor(float(
+        (config.max_minutes is not None and record["elapsed_s"] > 60 * config.max_minutes)
+        or (config.max_cpu_minutes is not None and record["cpu_s"] > 60 * config.max_cpu_minutes)))
+    if world > 1:
+        dist.broadcast(spent, 0)  # rank 0's clock decides, so every rank stops at one step
+    return bool(spent)
+
+
+def _save(model: GR2, optimizer: torch.optim.Optimizer, args: dict, spec: DataSpec, config: TrainConfig, step: int,
+          record: dict) -> None:
+    """Rank 0's checkpoint at `step`; all but the newest `keep_checkpoints` are then pruned."""
+    directory = f"{args['run_dir']}/step-{step:06d}"
+    ckpt.save_checkpoint(model, directory, optimizer, checkpoint_meta(args, spec, config, step, record))
+    ckpt.prune(args["run_dir"], config.keep_checkpoints)
 
 
 def checkpoint_meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, record: dict) -> dict:

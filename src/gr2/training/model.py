@@ -25,14 +25,11 @@ what counts (> 0 closes), learned as a binary label and returned as -1/+1.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from gr2.errors import Gr2Error
 
 SIZES = {
     # CPU tests and the Meta-World floor: one corner camera and a wrist camera at 64x64, f=8.
@@ -62,7 +59,7 @@ class GR2Config:
     state_dim: int = 7  # 3 pos + 3 rot + 1 gripper; Meta-World: 3 pos + 1 gripper
     action_dim: int = 7  # same layout as the state
     text_dim: int = 512  # width of the CLIP text embedding
-    clip_model: str | None = None  # open_clip model name; None: batches carry text_embedding
+    clip_model: str | None = None  # open_clip text tower (training/text.py); None: batches carry text_embedding
     clip_pretrained: str | None = None  # open_clip tag or local file; None: random init
     latent_dim: int = 32
     vae_n_embd: int = 256
@@ -83,10 +80,6 @@ class GR2Config:
         if size not in SIZES:
             raise ValueError(f"unknown GR-2 size {size!r}; known: {sorted(SIZES)}")
         return replace(cls(**SIZES[size]), **overrides)
-
-
-class WeightsNotFoundError(Gr2Error, FileNotFoundError):
-    """Pretrained weights that were asked for are not on this machine; nothing is downloaded."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,80 +136,6 @@ def block_causal_mask(n_steps: int, per_step: int, device=None) -> torch.Tensor:
     step = torch.arange(n_steps, device=device).repeat_interleave(per_step)
     step = torch.cat([step.new_full((1,), -1), step])
     return step[None, :] <= step[:, None]
-
-
-# --------------------------------------------------------------------------------------------
-# Language: a frozen open_clip text tower.
-
-
-def clip_checkpoint_path(model_name: str, pretrained: str) -> str:
-    """The local file holding `pretrained`: a path, or an open_clip tag already in the cache."""
-    import open_clip
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    if os.path.isfile(pretrained):
-        return pretrained
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not cfg:
-        raise WeightsNotFoundError(
-            f"CLIP weights {pretrained!r} for {model_name}: no such file, and not an open_clip tag "
-            f"of that model (tags: {open_clip.list_pretrained_tags_by_model(model_name)})")
-    looked = []
-    if cfg.get("file"):
-        if os.path.isfile(cfg["file"]):
-            return cfg["file"]
-        looked.append(cfg["file"])
-    if cfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or HF_WEIGHTS_NAME
-        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else (
-            os.path.splitext(filename)[0] + ".safetensors")
-        for name in (safe, filename):
-            cached = try_to_load_from_cache(repo, name)
-            if isinstance(cached, str):
-                return cached
-            looked.append(f"{repo}/{name} in the Hugging Face cache")
-    if cfg.get("url"):
-        # where open_clip itself keeps what it fetched from a URL
-        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
-        if os.path.isfile(path):
-            return path
-        looked.append(path)
-    raise WeightsNotFoundError(
-        f"CLIP weights {model_name} / {pretrained!r} are not on this machine (looked for: "
-        f"{'; '.join(looked)}). Nothing is downloaded at run time: fetch them beforehand or pass "
-        f"the path of a local checkpoint file.")
-
-
-class TextEncoder(nn.Module):
-    """A frozen open_clip text tower: strings -> L2-normalised (B, embed_dim) embeddings."""
-
-    def __init__(self, model_name: str, pretrained: str | None = None):
-        super().__init__()
-        import open_clip
-
-        checkpoint, quick_gelu = None, False
-        if pretrained is not None:
-            checkpoint = clip_checkpoint_path(model_name, pretrained)
-            # a tag resolved to a file loses the tag's activation; carry it over
-            quick_gelu = open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)
-        clip = open_clip.create_model(model_name, pretrained=checkpoint, pretrained_text=False,
-                                      force_quick_gelu=quick_gelu)
-        clip.visual = None  # only the text tower is used; don't carry the image tower's weights
-        self.clip = clip.requires_grad_(False).eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.embed_dim = open_clip.get_model_config(model_name)["embed_dim"]
-        self.model_name, self.pretrained = model_name, pretrained
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        return super().train(False)  # frozen: dropout stays off whatever the parent does
-
-    @torch.no_grad()
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        device = next(self.clip.parameters()).device
-        return self.clip.encode_text(self.tokenizer(list(texts)).to(device), normalize=True).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +196,8 @@ class ActionVAE(nn.Module):
 
 
 class GR2(nn.Module):
-    def __init__(self, config: GR2Config, text_encoder: TextEncoder | None = None):
-        """text_encoder: a prebuilt (frozen) tower to share; else built from config.clip_model."""
+    def __init__(self, config: GR2Config, text_encoder: nn.Module | None = None):
+        """text_encoder: the frozen tower that embeds raw `text` (training/text.py), if batches carry any."""
         super().__init__()
         self.config = c = config
         self.tok_emb = nn.Embedding(c.codebook_size, c.n_embd)
@@ -308,8 +227,6 @@ class GR2(nn.Module):
             torch.nn.init.normal_(p, mean=0.0, std=0.02)
 
         # attached after the init above, which must not touch pretrained CLIP weights
-        if text_encoder is None and c.clip_model is not None:
-            text_encoder = TextEncoder(c.clip_model, c.clip_pretrained)
         if text_encoder is not None and text_encoder.embed_dim != c.text_dim:
             raise ValueError(f"{text_encoder.model_name} embeds text in {text_encoder.embed_dim} "
                              f"dimensions but config.text_dim is {c.text_dim}")
@@ -389,42 +306,47 @@ class GR2(nn.Module):
         Without (pre-training, video only): next-frame CE alone."""
         c = self.config
         frames = self._frames(batch)
-        B, T, V, N = frames.shape
-        if T < 2 and "action" not in batch:
+        if frames.shape[1] < 2 and "action" not in batch:
             raise ValueError("pre-training needs windows of at least 2 steps: nothing to predict")
         if "action" in batch and "state" not in batch:
             raise ValueError("fine-tuning batches need 'state' beside 'action'")
         h = self._trunk(batch)
-        step_is_pad = batch.get("step_is_pad")
-        out = {}
-
-        loss_image = h.new_zeros(())
-        if T > 1:
-            # step t's view outputs predict step t+1's tokens
-            logits = self.frame_head(h[:, :-1, :V * N])
-            target = frames[:, 1:].flatten(2)
-            ce = F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(),
-                                 reduction="none").view(B, T - 1, V * N).mean(-1)
-            hit = (logits.argmax(-1) == target).float().mean(-1)
-            valid = torch.ones_like(ce, dtype=torch.bool)
-            if step_is_pad is not None:
-                valid = ~step_is_pad[:, :-1] & ~step_is_pad[:, 1:]
-            loss_image = _masked_mean(ce, valid)
-            out["loss_image"] = loss_image
-            out["token_accuracy"] = _masked_mean(hit, valid)
-
+        out = self._next_frame_losses(h, frames, batch.get("step_is_pad"))
+        loss_image = out.get("loss_image", h.new_zeros(()))
         if "action" not in batch:
             out["loss"] = loss_image
             return out
+        action = self._action_losses(h, batch)
+        out.update(loss=(c.arm_weight * action["loss_arm"] + c.gripper_weight * action["loss_gripper"]
+                         + c.kl_weight * action["loss_kl"] + c.image_weight * loss_image), **action)
+        return out
 
+    def _next_frame_losses(self, h: torch.Tensor, frames: torch.Tensor, step_is_pad: torch.Tensor | None) -> dict:
+        """Cross-entropy and accuracy of each step's view outputs against the next step's tokens."""
+        B, T, V, N = frames.shape
+        if T < 2:
+            return {}
+        logits = self.frame_head(h[:, :-1, :V * N])
+        target = frames[:, 1:].flatten(2)
+        ce = F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(),
+                             reduction="none").view(B, T - 1, V * N).mean(-1)
+        hit = (logits.argmax(-1) == target).float().mean(-1)
+        valid = torch.ones_like(ce, dtype=torch.bool)
+        if step_is_pad is not None:
+            valid = ~step_is_pad[:, :-1] & ~step_is_pad[:, 1:]
+        return {"loss_image": _masked_mean(ce, valid), "token_accuracy": _masked_mean(hit, valid)}
+
+    def _action_losses(self, h: torch.Tensor, batch: dict) -> dict:
+        """The cVAE's losses for each step's chunk, decoded from its action query's output."""
+        c = self.config
         action = batch["action"].float()
         k, A = action.shape[2], action.shape[3]
         if (k, A) != (c.chunk, c.action_dim):
             raise ValueError(f"action of shape {tuple(action.shape)}: expected (B, T, {c.chunk}, {c.action_dim})")
         pad = batch.get("action_is_pad")
         pad = torch.zeros(action.shape[:3], dtype=torch.bool, device=action.device) if pad is None else pad.bool()
-        if step_is_pad is not None:
-            pad = pad | step_is_pad[:, :, None]
+        if batch.get("step_is_pad") is not None:
+            pad = pad | batch["step_is_pad"][:, :, None]
         context = h[:, :, -1].flatten(0, 1)
         action, pad = action.flatten(0, 1), pad.flatten(0, 1)
 
@@ -438,19 +360,15 @@ class GR2(nn.Module):
 
         valid = ~pad
         arm_target, closed = action[..., :-1], (action[..., -1] > 0).float()
-        loss_arm = _masked_mean(F.smooth_l1_loss(arm, arm_target, reduction="none").mean(-1), valid)
-        loss_gripper = _masked_mean(
-            F.binary_cross_entropy_with_logits(gripper_logit, closed, reduction="none"), valid)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
-        loss_kl = _masked_mean(kl, valid.any(-1))
-        out.update(
-            loss=(c.arm_weight * loss_arm + c.gripper_weight * loss_gripper + c.kl_weight * loss_kl
-                  + c.image_weight * loss_image),
-            loss_arm=loss_arm, loss_gripper=loss_gripper, loss_kl=loss_kl,
-            action_l1=_masked_mean((arm - arm_target).abs().mean(-1), valid),
-            gripper_accuracy=_masked_mean(((gripper_logit > 0).float() == closed).float(), valid),
-        )
-        return out
+        return {
+            "loss_arm": _masked_mean(F.smooth_l1_loss(arm, arm_target, reduction="none").mean(-1), valid),
+            "loss_gripper": _masked_mean(
+                F.binary_cross_entropy_with_logits(gripper_logit, closed, reduction="none"), valid),
+            "loss_kl": _masked_mean(kl, valid.any(-1)),
+            "action_l1": _masked_mean((arm - arm_target).abs().mean(-1), valid),
+            "gripper_accuracy": _masked_mean(((gripper_logit > 0).float() == closed).float(), valid),
+        }
 
     @torch.no_grad()
     def select_action(self, obs: dict) -> torch.Tensor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from PIL import Image
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake, worker_env
-from gr2.lake.uri import arrow_filesystem, is_remote
+from gr2.training.launcher import check_cluster, launch
 from gr2.video import shots
 from gr2.video.tokenize import clip_items, decode_clip_frames, to_resolution
 
@@ -208,29 +207,18 @@ def sample_frames(lake: Lake, resolution: int, config: SampleConfig = SampleConf
 # -- training -----------------------------------------------------------------------------------------
 
 
-def check_workers(workers: int, cpus_per_worker: float) -> None:
-    """Refuse more workers than the Ray cluster has CPUs for, before Ray Train waits on them forever."""
-    import ray
-
-    have = ray.cluster_resources().get("CPU", 0)
-    if workers * cpus_per_worker > have:
-        raise TokenizerTrainingError(
-            f"{workers} workers x {cpus_per_worker:g} CPU need {workers * cpus_per_worker:g} CPUs; the Ray cluster "
-            f"has {have:g}. Ask for fewer workers.")
-
-
 def train_tokenizer(lake: Lake, config, steps: int, train_config=None, workers: int = 1,
                     sample: SampleConfig = SampleConfig(), cpus_per_worker: float = 1.0,
                     log=print) -> TrainedTokenizer:
     """Sample frames from `lake`, train a tokenizer of `config` (a TokenizerConfig) for `steps`, save it
     under <lake>/models/tokenizers/<checkpoint id>/; with workers > 1 through Ray Train (torch DDP)."""
-    from gr2.tokenizers import TrainConfig
+    from gr2.tokenizers import TokenizerTrainConfig
 
-    train_config = train_config or TrainConfig.for_steps(steps)
+    train_config = train_config or TokenizerTrainConfig.for_steps(steps)
     if workers < 1:
         raise TokenizerTrainingError(f"workers must be at least 1, got {workers}")
     if workers > 1:
-        check_workers(workers, cpus_per_worker)
+        check_cluster(workers, cpus_per_worker, error=TokenizerTrainingError)
     t0 = time.perf_counter()
     frames = sample_frames(lake, config.resolution, sample)
     log(f"tokenizer frames: {frames.counts}")
@@ -257,11 +245,11 @@ def _train_and_save(args: dict, train_frames: np.ndarray, held_out: np.ndarray, 
     """Train (under DDP when torch.distributed is up) and, on rank 0, save; returns what to report."""
     import torch.distributed as dist
 
-    from gr2.tokenizers import TokenizerConfig, TrainConfig, checkpoint_id, save_checkpoint, train
+    from gr2.tokenizers import TokenizerConfig, TokenizerTrainConfig, checkpoint_id, save_checkpoint, train
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     config = TokenizerConfig.from_dict(args["config"])
-    train_config = TrainConfig(**args["train_config"])
+    train_config = TokenizerTrainConfig(**args["train_config"])
     # Each rank draws its batches from its own shard; held-out frames are sharded inside `evaluate`.
     tokenizer, metrics = train(train_frames[rank::world], config, args["steps"], train_config=train_config,
                                eval_frames=held_out if len(held_out) else None, callback=callback)
@@ -300,30 +288,11 @@ def _worker(args: dict) -> None:
 
 def _fit(args: dict, frames: FrameSample, workers: int, cpus_per_worker: float) -> None:
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     # The frames travel once through the object store; every worker reads them from there (they are
     # small next to the model's compute, and Ray Data's streaming split would want CPUs the workers hold).
     args = {**args, "frames": ray.put((frames.train, frames.held_out))}
-    trainer = TorchTrainer(
-        _worker, train_loop_config=args,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
-        # Ray Train's own run records; the checkpoint itself is saved by rank 0 (see _train_and_save).
-        run_config=RunConfig(name=args["run"], **_storage(args["models"]),
-                             worker_runtime_env=worker_env().get("runtime_env")),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-
-
-def _storage(models: str) -> dict:
-    """Where Ray Train keeps its run records: beside the checkpoints, in a directory no checkpoint
-    listing reads (a leading dot). On object storage with an explicit filesystem: Ray Train's
-    controller actor would resolve a bare URI with its own environment, without the driver's AWS
-    settings (as training/loop.py does)."""
-    if not is_remote(models):
-        return {"storage_path": os.path.abspath(f"{models}/.ray-train")}
-    fs, path = arrow_filesystem(f"{models}/.ray-train")
-    return {"storage_path": path, "storage_filesystem": fs}
+    # Ray Train's own run records go beside the checkpoints, in a directory no checkpoint listing
+    # reads (a leading dot); the checkpoint itself is saved by rank 0 (see _train_and_save).
+    launch(_worker, args, workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=False,
+           storage=f"{args['models']}/.ray-train", name=args["run"])
