@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel
 
+from gr2.flows.params import LakeRoot, Sources
 from gr2.flows.runtime import ensure_ray
 from gr2.lake.lake import Lake
 from gr2.video.build import run_build
@@ -15,17 +16,10 @@ from gr2.video.config import BuildConfig
 class BuildParams(BaseModel):
     """The flow's parameters, validated before any work starts."""
 
-    sources: list[str] = Field(min_length=1)
-    lake: str = Field(min_length=1)
+    sources: Sources
+    lake: LakeRoot
     config: BuildConfig = BuildConfig()
     retry_failed: bool = False
-
-    @field_validator("sources")
-    @classmethod
-    def _no_blank_sources(cls, v: list[str]) -> list[str]:
-        if any(not s.strip() for s in v):
-            raise ValueError("a source is blank")
-        return v
 
 
 def funnel_markdown(build_id: str, funnel: dict) -> str:

@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, field_validator
 
+from gr2.flows.params import LakeRoot, Sources
 from gr2.robot.ingest import IngestConfig
 
 FLOW_NAME = "ingest-robot"
@@ -18,16 +19,9 @@ FLOW_NAME = "ingest-robot"
 class IngestRobotParams(BaseModel):
     """The flow's parameters, validated before any work starts (pydantic checks the dataclass too)."""
 
-    sources: list[str] = Field(min_length=1)
-    lake: str = Field(min_length=1)
+    sources: Sources
+    lake: LakeRoot
     config: IngestConfig = IngestConfig()
-
-    @field_validator("sources")
-    @classmethod
-    def _no_blank_sources(cls, v: list[str]) -> list[str]:
-        if any(not s.strip() for s in v):
-            raise ValueError("a source is blank")
-        return v
 
     @field_validator("config", mode="before")
     @classmethod

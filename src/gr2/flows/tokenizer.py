@@ -1,5 +1,5 @@
 """Tokenizer flows: `train_tokenizer` (frames from the lake -> a checkpoint under <lake>/models) and
-`tokenize` (accepted clips -> token grids); and `gr2 train-tokenizer`, `gr2 tokenize`, `gr2 show`."""
+`tokenize` (accepted clips -> token grids). Their commands are in tokenizer_cli.py."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def train_tokenizer(lake: str, resolution: int = 64, codebook: int = 1024, steps
         raise CommandError(f"no lake at {the_lake.root}")
     logger = get_run_logger()
     ensure_ray()
-    # A short run still gets its warm-up, re-encode term and frozen-encoder phase, scaled to its steps.
+    # A short run still gets its warm-up, re-encode term and consistency phase, scaled to its steps.
     train_config = TokenizerTrainConfig.for_steps(p.steps, batch_size=p.batch_size, seed=p.seed)
     sample = SampleConfig(frames_per_clip=p.frames_per_clip, max_clip_frames=p.max_frames, seed=p.seed)
     try:

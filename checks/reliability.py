@@ -1,10 +1,11 @@
 """Does the lake hold? Concurrent writers and builds, injected faults and hostile inputs, on a local
 path and on S3 (moto's server on 127.0.0.1).
 
-    .venv/bin/python benchmarks/reliability.py [--repeat N] [--only SECTION,...]
+    .venv/bin/python checks/reliability.py [--repeat N] [--only SECTION,...]
 
 Sections: lance, commit, builds, faults, hostile. Prints a table and writes
-benchmarks/results/reliability.json. Every check here is a count of rows and ids, never a time.
+checks/results/reliability.json. Every check here is a count of rows and ids, never a time: a
+fault suite run at a larger scale and more repeats than the test suite can afford, not a benchmark.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-OUT = Path(__file__).parent / "results" / "reliability.json"
+OUT = Path(__file__).parent / "results" / "reliability.json"  # checks/results/
 SECTIONS = ("lance", "commit", "builds", "faults", "hostile")
 # The lake's guarantees are under test, not the models: no CLIP/CoCa stages (BuildConfig's default
 # random-init ViT-B-32s cost minutes per build on this machine's 2 shared cores).
