@@ -1,8 +1,8 @@
 """The training floors (issue 6), end to end through the project's own stages:
 
-    record Meta-World drawer-open-v3 expert episodes (pipelines/robot/record_metaworld)
+    record Meta-World drawer-open-v3 expert episodes (gr2.sim.record)
  -> train a VQ tokenizer on their frames (gr2.tokenizers)       -> <lake>/models/tokenizer/<id>
- -> ingest them, tokenized, into the lake (pipelines/robot/ingest)   -> episodes.lance, steps.lance
+ -> ingest them, tokenized, into the lake (gr2.robot.ingest)         -> episodes.lance, steps.lance
  -> fine-tune a tiny GR-2 through Ray Train (training/loop)          -> <lake>/models/gr2/<run>/
  -> evaluate: held-out metrics, next-frame picture, closed-loop success over 20 unseen seeds
 
@@ -112,7 +112,7 @@ def tokenizer_phase(work: str, lake_root: str, datasets: list[str], steps: int, 
                                eval_frames=held, callback=lambda s, r: print(f"tokenizer {r}", flush=True))
     info = {"eval": metrics.eval, "steps": metrics.steps, "seconds": round(time.perf_counter() - t, 1),
             "frames": len(train_frames), "robot_frames": len(robot), "web_frames": len(web), "data": datasets}
-    tmp = os.path.join(lake_root, "models", "tokenizers", "saving")  # where pipelines/tokenize.py looks
+    tmp = os.path.join(lake_root, "models", "tokenizers", "saving")  # where gr2.video.tokenize looks
     cid = save_checkpoint(tokenizer, tmp, info=info)
     path = os.path.join(lake_root, "models", "tokenizers", cid)
     os.rename(tmp, path)

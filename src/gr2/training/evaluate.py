@@ -5,7 +5,7 @@ The closed-loop policy (`MetaWorldPolicy`) sees what a robot would: rendered fra
 state. It turns them into exactly what training read from the lake: frames flipped as the recorder
 flips them (Meta-World's cameras render upside down) and resized as ingest resizes them, VQ tokens
 from the run's tokenizer, state normalised with the checkpoint's statistics; and it undoes the
-action normalisation. Rollouts run in a process of their own (metaworld_env.py: torch beside osmesa).
+action normalisation. Rollouts run in a process of their own (gr2.sim.env: torch beside osmesa).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class EvalConfig:
     first_seed: int = 1000  # seeds first_seed.. : far from the recorder's demonstration seeds
     max_steps: int = 200
     videos: int = 2  # rollouts kept as mp4
-    env_name: str | None = None  # None: from the episodes' instruction (record_metaworld.INSTRUCTIONS)
+    env_name: str | None = None  # None: from the episodes' instruction (gr2.sim.record.INSTRUCTIONS)
     render_size: int = 128  # what the recorder renders; frames are then resized as ingest resized them
     replan_every: int = 1  # env steps per predicted chunk used (1: re-plan every step, first action)
 
@@ -136,9 +136,9 @@ def next_frame_picture(model, tokenizer, spec: DataSpec, path: str, count: int =
 
 
 class MetaWorldPolicy:
-    """A GR-2 checkpoint acting in Meta-World: observation dict -> 4-d action (metaworld_env.Policy).
+    """A GR-2 checkpoint acting in Meta-World: observation dict -> 4-d action (gr2.sim.env.Policy).
 
-    The state layout is the recorder's (record_metaworld.STATE_NAMES); Meta-World's observation
+    The state layout is the recorder's (gr2.sim.record.STATE_NAMES); Meta-World's observation
     gives the hand position and gripper opening, and the hand's orientation, which Meta-World
     holds fixed, is taken at its training mean. Actions come back in Meta-World's units: the
     recorded command (source_action) as is, or an ee_delta position change scaled by the

@@ -2,7 +2,7 @@
 this process (one worker) or under Ray Train's TorchTrainer (torch DDP, gloo on CPU).
 
 Frames are what the tokenize stage will feed the tokenizer: accepted clips decoded as the build
-decodes them (pipelines/tokenize.py `clip_frames`) and, once the lake has robot steps, their camera
+decodes them (gr2.video.tokenize `clip_frames`) and, once the lake has robot steps, their camera
 JPEGs, centre-cropped and resized alike. Held-out frames come from clips and episodes that give no
 training frame, so the reported PSNR and codebook usage are on footage the model never saw.
 The checkpoint lands under <lake>/models/tokenizers/<checkpoint id>/.
