@@ -100,6 +100,9 @@ def tokenize_markdown(result: dict) -> str:
     rows = [("tokenizer", f"`{result['tokenizer_id']}`"), ("accepted clips", result["accepted"]),
             ("tokenized now", result["tokenized"]), ("already tokenized (left alone)", result["already"]),
             ("failed to decode", result["failed"]), ("wall time (s)", f"{result['seconds']:.1f}")]
+    rows += [(f"robot episodes: {k}", result[f"episodes{suffix}"])
+             for k, suffix in (("accepted", ""), ("tokenized now", "_tokenized"), ("already tokenized", "_already"),
+                               ("failed", "_failed")) if f"episodes{suffix}" in result]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     failures = "".join(f"- {r}\n" for r in result.get("failures", []))
     return f"### Tokenize\n\n| clips | count |\n|---|---|\n{body}\n" + (f"\n**Failed**\n\n{failures}" if failures else "")
@@ -107,21 +110,26 @@ def tokenize_markdown(result: dict) -> str:
 
 @flow(name="tokenize-lake", log_prints=True)
 def tokenize(lake: str, tokenizer: str | None = None) -> dict:
-    """Give the accepted clips of `lake` tokens of `tokenizer` (an id; default: the lake's current one),
-    re-tokenizing clips of any other tokenizer and leaving the rest alone."""
+    """Give the accepted clips and robot steps of `lake` tokens of `tokenizer` (an id; default: the
+    lake's current one), re-tokenizing rows of any other tokenizer and leaving the rest alone."""
     from gr2.flows.runtime import ensure_ray
     from gr2.lake.lake import Lake
+    from gr2.robot.tokens import tokenize_steps
     from gr2.video.tokenize import current_tokenizer, tokenize_lake
 
     the_lake = Lake(lake)
-    if not the_lake.exists("clips"):
-        raise CommandError(f"no clips in a lake at {the_lake.root}")
+    if not the_lake.exists("clips") and not the_lake.exists("episodes"):
+        raise CommandError(f"no clips or robot episodes in a lake at {the_lake.root}")
     path = current_tokenizer(the_lake, tokenizer)
     if path is None:
         raise CommandError(f"lake {the_lake.root} has no tokenizer yet: run gr2 train-tokenizer --lake {lake}")
     logger = get_run_logger()
     ensure_ray()
     result = tokenize_lake(the_lake, path, only_missing=True, log=logger.info).to_dict()
+    steps = tokenize_steps(the_lake, path, only_missing=True, log=logger.info)
+    result.update(episodes=steps.episodes, episodes_tokenized=steps.tokenized, episodes_already=steps.already,
+                  episodes_failed=steps.failed)
     create_markdown_artifact(key="tokenize-lake", markdown=tokenize_markdown(result),
                              description=f"tokens of {result['tokenizer_id']}")
-    return {k: result[k] for k in ("tokenizer_id", "accepted", "tokenized", "already", "failed", "seconds")}
+    return {k: result[k] for k in ("tokenizer_id", "accepted", "tokenized", "already", "failed", "seconds",
+                                   "episodes", "episodes_tokenized", "episodes_already", "episodes_failed")}

@@ -40,7 +40,8 @@ def tokenize_cmd(args) -> str:
 
     r = tokenize(lake=args.lake, tokenizer=args.tokenizer)
     return (f"tokenizer {r['tokenizer_id']}: {r['tokenized']} clips tokenized, {r['already']} already were, "
-            f"{r['failed']} failed, of {r['accepted']} accepted")
+            f"{r['failed']} failed, of {r['accepted']} accepted; {r['episodes_tokenized']} robot episodes' steps "
+            f"tokenized, {r['episodes_already']} already were, {r['episodes_failed']} failed, of {r['episodes']} accepted")
 
 
 def show_cmd(args) -> str:
