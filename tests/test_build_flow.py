@@ -11,6 +11,7 @@ import time
 
 import pyarrow.compute as pc
 import pytest
+from conftest import ffmpeg_encode
 from PIL import Image
 
 from gr2.flows.build import build_video_dataset
@@ -203,3 +204,25 @@ def test_serve_makes_a_cron_deployment_of_the_build_and_refuses_a_bad_cron(tmp_p
     assert d.parameters["lake"] == str(tmp_path / "lake") and d.parameters["config"]["workers"] == 2
     with pytest.raises(CommandError, match="not a cron expression"):
         scheduled_deployment(argparse.Namespace(**{**vars(args), "cron": "every night"}))
+
+
+def test_every_file_in_a_directory_gets_a_row_and_ffprobe_not_the_name_decides(ray_local, prefect_server, tmp_path,
+                                                                                 lake_dir):
+    folder = tmp_path / "camera-roll"
+    folder.mkdir()
+    lavfi = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=3"]
+    ffmpeg_encode(folder / "camcorder.mts", *lavfi, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mpegts")
+    ffmpeg_encode(folder / "phone.3gp", *lavfi, "-c:v", "mpeg4", "-q:v", "5")
+    ffmpeg_encode(folder / "theora.ogv", *lavfi, "-c:v", "libtheora", "-q:v", "5")
+    ffmpeg_encode(folder / "voice.m4a", "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac")
+    (folder / "notes.txt").write_text("shot list: cup, drawer, cup again\n")
+
+    result = build_video_dataset(sources=[str(folder)], lake=lake_dir, config=FAST)
+    videos = {os.path.basename(r["uri"]): r for r in Lake(lake_dir).read("videos").to_pylist()}
+    assert set(videos) == {"camcorder.mts", "phone.3gp", "theora.ogv", "voice.m4a", "notes.txt"}
+    assert result["funnel"]["inputs"] == 5
+    for name in ("camcorder.mts", "phone.3gp", "theora.ogv"):
+        assert videos[name]["status"] == "accepted", videos[name]
+    for name in ("voice.m4a", "notes.txt"):
+        assert videos[name]["status"] != "accepted" and videos[name]["reason"], videos[name]
+    assert "no video stream" in videos["voice.m4a"]["reason"]

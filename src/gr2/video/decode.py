@@ -44,9 +44,14 @@ class VideoReader:
         indices = [int(i) for i in indices]
         if not indices:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
-        try:
-            if self._vr is not None:
+        if self._vr is not None:
+            try:
                 return self._vr.get_batch(indices).asnumpy()
+            except Exception:  # noqa: BLE001 - decord's own DECORDError; PyAV gets its turn below
+                # decord opens some files it cannot seek in (MPEG-TS from camcorders: "Unable to
+                # handle EOF"); a file the system ffmpeg decodes must not fail for decord's sake.
+                self._vr, self.decoder = None, "pyav"
+        try:
             return _pyav_get(self.path, indices, self.width, self.height)
         except DecodeError:
             raise

@@ -2,7 +2,9 @@
 
 An input is a dict {uri, caption, dataset, source_error}. A manifest row that cannot become an
 input (no uri) is still an input: it carries `source_error`, so the build records it as failed
-instead of losing it.
+instead of losing it. A directory names every file in it, whatever its extension: ffprobe, not the
+name, decides what is video (camcorder .mts, phone .3gp, .wmv, .mxf, .ogv are; a .m4a or a .txt
+becomes a row saying it is not), so no file in a source ever vanishes without a row.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import pyarrow.parquet as pq
 from gr2.errors import Gr2Error
 from gr2.lake.uri import find, glob, is_remote, join, local_path
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".gif")
 MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
 
 
@@ -53,13 +54,13 @@ def _expand(source: str) -> list[dict]:
     if is_remote(source):
         fs, path = fsspec.core.url_to_fs(source)
         if fs.isdir(path):
-            return [_input(u) for u in find(source) if u.lower().endswith(VIDEO_EXTENSIONS)]
+            return [_input(u) for u in find(source)]
         return [_input(source)]
     path = local_path(source)
     if os.path.isdir(path):
         found = []
         for dirpath, _, files in os.walk(path):
-            found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(VIDEO_EXTENSIONS)]
+            found += [os.path.join(dirpath, f) for f in files]
         return [_input(os.path.abspath(p)) for p in sorted(found)]
     # A single file: even one that does not exist is an input (it will be recorded as failed).
     return [_input(os.path.abspath(path))]
