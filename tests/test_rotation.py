@@ -12,7 +12,7 @@ from PIL import Image
 
 from gr2.lake.lake import Lake
 from gr2.robot.episode import VideoFrames
-from gr2.video import build, decode, probe, sources, tokenize
+from gr2.video import build, decode, probe, tokenize
 from gr2.video.config import BuildConfig
 
 WIDTH, HEIGHT = 160, 96  # stored (coded) size: landscape, so a quarter turn shows as portrait
@@ -123,7 +123,7 @@ def test_a_build_stores_rotated_footage_upright_with_its_displayed_size(ray_loca
     config = BuildConfig(frame_size=64, frames_per_clip=4, clip_model=None, caption_model=None)
     paths = {path: key for key, path in rotated.items()}
     lake = Lake(lake_dir)
-    build.run_build(sources.list_inputs(list(paths)), lake, config, log=lambda *_: None)
+    build.run_build(list(paths), lake, config, log=lambda *_: None)
     videos = {paths[r["uri"]]: r for r in lake.read("videos").to_pylist()}
     assert len(videos) == len(rotated)
     for (codec, angle), row in videos.items():
