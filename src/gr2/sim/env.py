@@ -80,7 +80,9 @@ def expert_policy(env_name: str):
     from metaworld.policies import ENV_POLICY_MAP
 
     if env_name not in ENV_POLICY_MAP:
-        raise SimError(f"no scripted Meta-World policy for {env_name!r}")
+        near = sorted(n for n in ENV_POLICY_MAP if n.split("-")[0] == env_name.split("-")[0])[:5]
+        raise SimError(f"no scripted expert (Meta-World policy) for task {env_name!r}"
+                       + (f"; similar tasks: {', '.join(near)}" if near else "; e.g. drawer-open-v3, reach-v3"))
     return ENV_POLICY_MAP[env_name]()
 
 
