@@ -29,7 +29,11 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            # address="local": a fresh instance, never a cluster some other `ray start` left running
+            # address="local": a fresh instance, never a cluster some other `ray start` left running.
+            # Ray turns token authentication on for it and says so at WARNING on every start; the
+            # notice is quieted, not the authentication (RAY_AUTH_MODE set late would split this
+            # process from its own cluster: Ray reads the mode once, at import).
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         # Progress bars on a terminal; in logs and CI only warnings (Ray Data logs a progress table
         # every few seconds otherwise).
@@ -37,4 +41,6 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = show
         if not show:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+            # the bars are off on purpose; Ray Data's notice that they are is not news
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return ray.cluster_resources()
