@@ -172,7 +172,7 @@ def process_episode(
     offsets: dict[str, float] | None = None,
     done: dict[str, str] | None = None,
     offset_error: str | None = None,
-    text: Callable[[list[str]], np.ndarray] | None = None,
+    text: TextEmbedder | None = None,
 ) -> tuple[dict, pa.Table | None]:
     """(episode row, steps table or None) for one episode; never raises for a bad episode.
 
@@ -202,7 +202,7 @@ def process_episode(
         return _failed_row(ref, episode_id, reason, config, build_id), None
 
 
-def instruction_columns(instruction: str | None, text) -> dict:
+def instruction_columns(instruction: str | None, text: TextEmbedder | None) -> dict:
     """The instruction's embedding and the text model that made it; nulls without an instruction."""
     if text is None or not (instruction or "").strip():
         return {"instruction_embedding": None, "text_model": None, "text_pretrained": None}
