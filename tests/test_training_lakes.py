@@ -22,11 +22,29 @@ INSTRUCTION = "open the drawer"
 TEXT_MODEL = ("ViT-B-32", "none")  # what ingest and the build embed texts with by default
 
 
-@functools.lru_cache(maxsize=1)
-def text_embedder():
+def _embed(texts: tuple[str, ...]):
     from gr2.video.embed import TextEmbedder
 
-    return TextEmbedder(*TEXT_MODEL)
+    return TextEmbedder(*TEXT_MODEL)(list(texts))
+
+
+@functools.lru_cache(maxsize=1)
+def text_embedder():
+    """texts -> their embeddings by the default text model, built in a process of its own: open_clip
+    imports torch._dynamo, which segfaults in a test process that has rendered Meta-World (DESIGN.md)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    cache: dict[str, np.ndarray] = {}
+
+    def embed(texts: list[str]) -> np.ndarray:
+        new = tuple(t for t in dict.fromkeys(texts) if t not in cache)
+        if new:
+            cache.update(zip(new, pool.submit(_embed, new).result()))
+        return np.stack([cache[t] for t in texts])
+
+    return embed
 
 
 def text_columns(text: str | None, column: str) -> dict:

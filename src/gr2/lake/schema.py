@@ -143,6 +143,21 @@ SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "builds": BUI
 VECTORS = {"clips": ("embedding", "caption_embedding"), "episodes": ("instruction_embedding",)}
 
 
+def concat(table: str, tables: list[pa.Table]) -> pa.Table:
+    """`tables` of `table` as one; a vector column holding only nulls takes the width the others carry
+    (a row written where the model's width is not known, e.g. an unlistable source's)."""
+    widths = {c: t.schema.field(c).type.list_size for t in tables for c in VECTORS.get(table, ())
+              if c in t.column_names and t.column(c).null_count < len(t)}
+    out = []
+    for t in tables:
+        for c, w in widths.items():
+            if c in t.column_names and t.column(c).null_count == len(t) and t.schema.field(c).type.list_size != w:
+                i = t.schema.get_field_index(c)
+                t = t.set_column(i, pa.field(c, pa.list_(pa.float32(), w)), pa.nulls(len(t), pa.list_(pa.float32(), w)))
+        out.append(t)
+    return pa.concat_tables(out)
+
+
 def empty(table: str) -> pa.Table:
     """An empty table with the schema of `table`."""
     return SCHEMAS[table].empty_table()

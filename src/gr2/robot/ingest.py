@@ -44,7 +44,7 @@ from gr2.robot.align import (
     pick_offset,
 )
 from gr2.robot.episode import Episode, EpisodeError, EpisodeRef, encode_jpeg, ref_id
-from gr2.video.embed import RANDOM_INIT, TextEmbedder, embedding_dim, resolve_weights
+from gr2.video.embed import RANDOM_INIT, TextEmbedder, embedding_dim
 from gr2.video.tokenize import FrameTokenizer
 
 READERS = {
@@ -473,15 +473,16 @@ def estimate_source_offsets(refs: list[EpisodeRef], config: IngestConfig) -> tup
 def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), build_id: str | None = None) -> IngestResult:
     """Ingest every episode of `sources` into `lake`; returns the funnel and the versions committed."""
     build_id = build_id or datetime.now(timezone.utc).strftime("robot-%Y%m%dT%H%M%S%fZ")
-    if config.text_model:
-        resolve_weights(config.text_model, config.text_pretrained)  # missing weights stop the run before any work
+    # The text weights are resolved in the workers (EpisodeRows), not here: open_clip imports torchvision
+    # and so torch._dynamo, which segfaults in a process that has rendered with osmesa (DESIGN.md).
     refs, listing_failures = list_sources(sources)
     offsets, offset_errors = estimate_source_offsets(refs, config)
     tally, committer = Tally(), Committer(lake, config.commit_every)
     for row in listing_failures:
         tally.listing_failed(row)
-        committer.add(schema.conform("episodes", [{**row, "config_hash": config.hash(), "build_id": build_id}],
-                                     config.widths()))
+        # no config.widths() here: it would import open_clip in the driver (see above); the Committer
+        # widens this row's null embedding to the width the episodes beside it carry
+        committer.add(schema.conform("episodes", [{**row, "config_hash": config.hash(), "build_id": build_id}]))
     for out in episode_outputs(refs, config, build_id, _done_ids(lake), offsets, offset_errors):
         rows = tally.take(out)
         if rows is not None:
@@ -583,7 +584,7 @@ class Committer:
         if self.steps:
             self.versions["steps"] = self.lake.commit("steps", pa.concat_tables(self.steps), update=False)
         if self.episodes:
-            self.versions["episodes"] = self.lake.commit("episodes", pa.concat_tables(self.episodes))
+            self.versions["episodes"] = self.lake.commit("episodes", schema.concat("episodes", self.episodes))
         self.steps.clear()
         self.episodes.clear()
 
