@@ -44,7 +44,7 @@ def loader_throughput(lake: str, stage: str, batch_size: int, batches: int) -> d
     t = time.perf_counter()
     n = 0
     for _ in range(batches):
-        n += len(next(it)["text"])
+        n += len(next(it)["id"])
     dt = time.perf_counter() - t
     frames = next(it)["frames"]
     return {"stage": stage, "batch_size": batch_size, "samples_per_s": n / dt,

@@ -58,6 +58,10 @@ def test_sthv2_clips_keep_their_manifest_captions(ray_local, prefect_server, sth
     assert f["captions_source"] == len(clips) and f["captions_coca"] == 0
     assert set(clips["clip_pretrained"].to_pylist()) == {"none"} and set(clips["clip_model"].to_pylist()) == {"ViT-B-32"}
     assert all(e is not None and len(e) == 512 for e in clips["embedding"].to_pylist())
+    # every caption is stored with its text embedding and the text model that made it
+    for row in clips.select(["caption", "caption_embedding", "text_model", "text_pretrained"]).to_pylist():
+        assert row["caption"] and len(row["caption_embedding"]) == 512
+        assert (row["text_model"], row["text_pretrained"]) == ("ViT-B-32", "none")
     assert f["tokenize_skipped"] == "no tokenizer" and "vector" in f["indexes"]
 
 

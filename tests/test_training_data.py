@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_training_lakes import CODES, GRID, INSTRUCTION, clips_lake, robot_lake, save_tokenizer, step_tokens
+from test_training_lakes import CODES, GRID, INSTRUCTION, clips_lake, robot_lake, save_tokenizer, step_tokens, text_embedder
 
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, TrainingDataError, iter_batches, iter_samples, plan_data, shuffle_buffer
@@ -42,7 +42,8 @@ def test_a_fine_tuning_window_holds_history_views_state_and_action_chunks(robot)
     assert s["frames"].shape == (3, 2, 4) and s["state"].shape == (3, 8) and s["action"].shape == (3, 2, 7)
     assert [list(s["frames"][i, v]) for i in range(3) for v in range(2)] == \
         [step_tokens(e, t, v) for t in (3, 4, 5) for v in range(2)]
-    assert not s["step_is_pad"].any() and not s["action_is_pad"].any() and s["text"] == INSTRUCTION
+    assert not s["step_is_pad"].any() and not s["action_is_pad"].any()
+    assert s["text_embedding"].dtype == np.float32 and np.array_equal(s["text_embedding"], text_embedder()([INSTRUCTION])[0])
     first = samples[f"{episode}@0"]  # early history repeats step 0 and says so
     assert first["step_is_pad"].tolist() == [True, True, False]
     assert [list(first["frames"][i, 0]) for i in range(3)] == [step_tokens(e, 0, 0)] * 3
@@ -91,7 +92,8 @@ def test_pretraining_reads_every_window_of_every_tokenized_clip_once_across_rank
     assert sorted(per_rank[0] + per_rank[1]) == sorted(f"{c}@{i}" for c in spec.train_ids for i in range(3))
     s = next(iter_samples(spec, epochs=1))
     assert s["frames"].shape == (3, 1, 4) and np.array_equal(s["frames"][1], (s["frames"][0] + 1) % CODES)
-    assert s["text"].startswith("clip ")
+    caption = f"clip {int(s['id'].split('@')[0][4:]) % 3}"  # clips_lake's captions
+    assert np.array_equal(s["text_embedding"], text_embedder()([caption])[0])
 
 
 def test_the_unigram_entropy_is_that_of_the_training_tokens(clips):
@@ -105,7 +107,7 @@ def test_the_unigram_entropy_is_that_of_the_training_tokens(clips):
 def test_batches_are_torch_tensors_of_the_per_rank_size(robot):
     batch = next(iter_batches(finetune_spec(robot), 5))
     assert batch["frames"].dtype == torch.int64 and batch["frames"].shape == (5, 3, 2, 4)
-    assert batch["state"].dtype == torch.float32 and len(batch["text"]) == 5
+    assert batch["state"].dtype == torch.float32 and batch["text_embedding"].shape == (5, 512)
 
 
 def test_a_global_batch_mixes_as_many_episodes_on_two_ranks_as_on_one(tmp_path):

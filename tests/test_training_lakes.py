@@ -7,6 +7,8 @@ they claim to come from is a real (random-init) gr2.tokenizers checkpoint under 
 
 from __future__ import annotations
 
+import functools
+
 import lance
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,39 @@ from gr2.lake.lake import Lake
 CODES = 64  # the test tokenizer's codebook
 GRID = (2, 2)  # 16x16 frames at f=8
 INSTRUCTION = "open the drawer"
+TEXT_MODEL = ("ViT-B-32", "none")  # what ingest and the build embed texts with by default
+
+
+def _embed(texts: tuple[str, ...]):
+    from gr2.video.embed import TextEmbedder
+
+    return TextEmbedder(*TEXT_MODEL)(list(texts))
+
+
+@functools.lru_cache(maxsize=1)
+def text_embedder():
+    """texts -> their embeddings by the default text model, built in a process of its own: open_clip
+    imports torch._dynamo, which segfaults in a test process that has rendered Meta-World (DESIGN.md)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    cache: dict[str, np.ndarray] = {}
+
+    def embed(texts: list[str]) -> np.ndarray:
+        new = tuple(t for t in dict.fromkeys(texts) if t not in cache)
+        if new:
+            cache.update(zip(new, pool.submit(_embed, new).result()))
+        return np.stack([cache[t] for t in texts])
+
+    return embed
+
+
+def text_columns(text: str | None, column: str) -> dict:
+    """The stored embedding of `text` in `column` with its text model, as ingest and the build store them."""
+    if not text:
+        return {column: None, "text_model": None, "text_pretrained": None}
+    return {column: text_embedder()([text])[0].tolist(), "text_model": TEXT_MODEL[0], "text_pretrained": TEXT_MODEL[1]}
 
 
 def save_tokenizer(lake_root: str, codebook: int = CODES, seed: int = 0) -> tuple[str, str]:
@@ -44,7 +79,8 @@ def step_tokens(episode: int, step: int, view: int) -> list[int]:
 
 
 def robot_lake(root: str, episodes: int = 4, length: int = 12, cameras=("corner", "gripperPOV"),
-               tokenizer_id: str | None = "", flagged: dict | None = None, seed: int = 0, tokenizer_seed: int = 0) -> Lake:
+               tokenizer_id: str | None = "", flagged: dict | None = None, seed: int = 0, tokenizer_seed: int = 0,
+               instruction: str = INSTRUCTION) -> Lake:
     """Accepted episodes of `length` steps: state [x, y, z, qx, qy, qz, qw, gripper], source actions
     [dx, dy, dz, gripper] and ee_delta actions; tokens per view unless tokenizer_id is None.
 
@@ -77,7 +113,8 @@ def robot_lake(root: str, episodes: int = 4, length: int = 12, cameras=("corner"
                 "build_id": "test",
             })
         episode_rows.append({"episode_id": eid, "source": "test", "episode_key": str(e), "format": "lerobot",
-                             "dataset": "test", "instruction": INSTRUCTION, "status": "accepted", "length": length,
+                             "dataset": "test", "instruction": instruction, **text_columns(instruction, "instruction_embedding"),
+                             "status": "accepted", "length": length,
                              "state_dim": 8, "action_dim": 7, "action_space": "ee_delta", "cameras": list(cameras),
                              "frame_width": 16, "frame_height": 16, "tokenizer_id": tokenizer_id or None,
                              "build_id": "test"})
@@ -103,6 +140,7 @@ def clips_lake(root: str, clips: int = 12, frames: int = 6, tokens: bool = True,
     for c in range(clips):
         grid = clip_tokens(c, frames, rng)
         rows.append({"clip_id": f"clip{c:03d}", "video_id": "v", "status": "accepted", "caption": f"clip {c % 3}",
+                     **text_columns(f"clip {c % 3}", "caption_embedding"),
                      "build_id": "test", "tokens": grid.reshape(-1).tolist() if tokens else None,
                      "token_shape": list(grid.shape) if tokens else None, "tokenizer_id": tokenizer_id if tokens else None})
     rows.append({"clip_id": "rejected", "video_id": "v", "status": "rejected", "reason": "black:3.0", "build_id": "test",

@@ -45,34 +45,42 @@ VIDEOS = pa.schema(
     ]
 )
 
-# CLIP image embeddings are fixed-size lists (what Lance's vector indexes need), so their width is
-# part of the schema. A lake holds one CLIP model's embeddings; its width is read from the rows.
+# CLIP image and text embeddings are fixed-size lists (what Lance's vector indexes need), so their
+# width is part of the schema. A lake holds one CLIP model's embeddings; its width is read from the rows.
 EMBEDDING_DIM = 512  # ViT-B-32 and coca_ViT-B-32; ViT-L-14 lakes are 768 wide
 
 
 def clips_schema(embedding_dim: int = EMBEDDING_DIM) -> pa.Schema:
-    """The clips schema with `embedding_dim`-wide embeddings."""
-    return pa.schema(
-        [f if f.name != "embedding" else pa.field("embedding", pa.list_(pa.float32(), embedding_dim))
-         for f in _CLIPS_FIELDS]
-    )
+    """The clips schema with `embedding_dim`-wide embeddings (image and caption: one CLIP model's width)."""
+    return with_widths("clips", {c: embedding_dim for c in VECTORS["clips"]})
 
 
-def clips_schema_for(rows: list[dict] | pa.Table) -> pa.Schema:
-    """The clips schema whose embedding width is the one `rows` carry (the default when none do)."""
-    if isinstance(rows, pa.Table):
-        if "embedding" in rows.column_names:
-            t = rows.schema.field("embedding").type
+def with_widths(table: str, widths: dict[str, int]) -> pa.Schema:
+    """`table`'s schema with its vector columns `widths` wide (the others at their default width)."""
+    return pa.schema([pa.field(f.name, pa.list_(pa.float32(), widths[f.name]), f.nullable) if f.name in widths else f
+                      for f in SCHEMAS[table]])
+
+
+def schema_for(table: str, rows: list[dict] | pa.Table, widths: dict[str, int] | None = None) -> pa.Schema:
+    """`table`'s schema with each vector column as wide as `rows` carry it (else `widths`, else the default)."""
+    found = dict(widths or {})
+    for column in VECTORS.get(table, ()):
+        if isinstance(rows, pa.Table):
+            if column not in rows.column_names:
+                continue
+            t = rows.schema.field(column).type
             if pa.types.is_fixed_size_list(t):
-                return clips_schema(t.list_size)
-            first = next((v for v in rows.column("embedding").to_pylist() if v is not None), None)
-            return clips_schema(len(first)) if first else CLIPS
-        return CLIPS
-    first = next((r["embedding"] for r in rows if r.get("embedding") is not None), None)
-    return clips_schema(len(first)) if first is not None else CLIPS
+                found[column] = t.list_size
+                continue
+            first = next((v for v in rows.column(column).to_pylist() if v is not None), None)
+        else:
+            first = next((r[column] for r in rows if r.get(column) is not None), None)
+        if first is not None:
+            found[column] = len(first)
+    return with_widths(table, found) if found else SCHEMAS[table]
 
 
-_CLIPS_FIELDS = pa.schema(
+CLIPS = pa.schema(
     [
         pa.field("clip_id", pa.string(), nullable=False),  # from video_id and the frame span
         pa.field("video_id", pa.string(), nullable=False),
@@ -99,6 +107,11 @@ _CLIPS_FIELDS = pa.schema(
         pa.field("clip_model", pa.string()),  # open_clip model name, e.g. ViT-B-32
         pa.field("clip_pretrained", pa.string()),  # weights: an open_clip tag, a checkpoint path, or "none" (random init)
         pa.field("text_score", pa.float32()),  # CLIP cosine between the caption and the embedding; null uncaptioned
+        # The caption's text embedding, what training conditions on; null uncaptioned. The text model
+        # and its weights ("none": a seeded random-init tower) are recorded beside it, null with it.
+        pa.field("caption_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
+        pa.field("text_model", pa.string()),
+        pa.field("text_pretrained", pa.string()),
         pa.field("duplicate_of", pa.string()),  # clip_id of the earlier clip this one near-duplicates
         pa.field("duplicate_distance", pa.float32()),  # cosine distance to it
         pa.field("preview", pa.binary()),  # animated WebP of the sampled frames, small (the gallery's preview)
@@ -109,8 +122,6 @@ _CLIPS_FIELDS = pa.schema(
         pa.field("build_id", pa.string(), nullable=False),
     ]
 )
-
-CLIPS = clips_schema()
 
 BUILDS = pa.schema(
     [
@@ -128,15 +139,35 @@ BUILDS = pa.schema(
 
 SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "builds": BUILDS}
 
+# Fixed-size float vectors (what Lance's vector indexes need): their width is the model's, read from the rows.
+VECTORS = {"clips": ("embedding", "caption_embedding"), "episodes": ("instruction_embedding",)}
+
+
+def concat(table: str, tables: list[pa.Table]) -> pa.Table:
+    """`tables` of `table` as one; a vector column holding only nulls takes the width the others carry
+    (a row written where the model's width is not known, e.g. an unlistable source's)."""
+    widths = {c: t.schema.field(c).type.list_size for t in tables for c in VECTORS.get(table, ())
+              if c in t.column_names and t.column(c).null_count < len(t)}
+    out = []
+    for t in tables:
+        for c, w in widths.items():
+            if c in t.column_names and t.column(c).null_count == len(t) and t.schema.field(c).type.list_size != w:
+                i = t.schema.get_field_index(c)
+                t = t.set_column(i, pa.field(c, pa.list_(pa.float32(), w)), pa.nulls(len(t), pa.list_(pa.float32(), w)))
+        out.append(t)
+    return pa.concat_tables(out)
+
 
 def empty(table: str) -> pa.Table:
     """An empty table with the schema of `table`."""
     return SCHEMAS[table].empty_table()
 
 
-def conform(table: str, rows: list[dict] | pa.Table) -> pa.Table:
-    """Rows as an Arrow table with exactly `table`'s schema (missing columns null, extras an error)."""
-    schema = clips_schema_for(rows) if table == "clips" else SCHEMAS[table]
+def conform(table: str, rows: list[dict] | pa.Table, widths: dict[str, int] | None = None) -> pa.Table:
+    """Rows as an Arrow table with exactly `table`'s schema (missing columns null, extras an error).
+
+    widths: vector columns' widths where no row carries one (a text model's, for rows without text)."""
+    schema = schema_for(table, rows, widths)
     if isinstance(rows, pa.Table):
         extra = set(rows.column_names) - set(schema.names)
         if extra:
@@ -179,6 +210,11 @@ EPISODES = pa.schema(
         pa.field("format", pa.string()),  # lerobot | hdf5-robomimic | hdf5-aloha | calvin | annotated-json
         pa.field("dataset", pa.string()),  # name normalisation statistics are grouped by
         pa.field("instruction", pa.string()),
+        # The instruction's text embedding, what training and the policy condition on; null without an
+        # instruction. The text model and its weights ("none": a seeded random-init tower) beside it.
+        pa.field("instruction_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
+        pa.field("text_model", pa.string()),
+        pa.field("text_pretrained", pa.string()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("reason", pa.string()),  # null when accepted; "gate:score" or the error otherwise
         pa.field("length", pa.int32()),  # aligned steps

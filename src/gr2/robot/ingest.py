@@ -44,6 +44,7 @@ from gr2.robot.align import (
     pick_offset,
 )
 from gr2.robot.episode import Episode, EpisodeError, EpisodeRef, encode_jpeg, ref_id
+from gr2.video.embed import RANDOM_INIT, TextEmbedder, embedding_dim
 from gr2.video.tokenize import FrameTokenizer
 
 READERS = {
@@ -76,6 +77,10 @@ class IngestConfig:
     min_steps: int = 2  # shorter: rejected
     max_flagged_fraction: float = 0.5  # more steps flagged: rejected (a view mostly missing)
     tokenizer: str | None = None  # tokenizer checkpoint directory: fills the per-view token grids
+    # open_clip text tower that embeds each instruction (None: no embeddings); pretrained: an open_clip
+    # tag in the local cache, a checkpoint file, or "none" (a seeded random-init tower, recorded as such)
+    text_model: str | None = "ViT-B-32"
+    text_pretrained: str = RANDOM_INIT
     concurrency: int = 2  # Ray workers
     commit_every: int = 16  # episodes per lake commit
 
@@ -92,6 +97,10 @@ class IngestConfig:
     def hash(self) -> str:
         """Hash of everything that shapes rows (not of how many workers made them)."""
         return settings_hash({k: v for k, v in asdict(self).items() if k not in ("concurrency", "commit_every")})
+
+    def widths(self) -> dict[str, int]:
+        """The episodes' vector widths: the text model's, for rows without an instruction too."""
+        return {"instruction_embedding": embedding_dim(self.text_model)} if self.text_model else {}
 
 
 @dataclass
@@ -163,12 +172,14 @@ def process_episode(
     offsets: dict[str, float] | None = None,
     done: dict[str, str] | None = None,
     offset_error: str | None = None,
+    text: TextEmbedder | None = None,
 ) -> tuple[dict, pa.Table | None]:
     """(episode row, steps table or None) for one episode; never raises for a bad episode.
 
     `offsets`: per-camera offsets estimated for this episode's source; `done`: episode ids already
     accepted or rejected in the lake (-> a row with status "skipped", nothing decoded);
-    `offset_error`: the estimate for this source failed, so its episodes fail with that reason.
+    `offset_error`: the estimate for this source failed, so its episodes fail with that reason;
+    `text`: the TextEmbedder that embeds the instruction.
     """
     episode_id = ref_id(ref)
     local = ref
@@ -182,12 +193,21 @@ def process_episode(
             episode.validate()
             if offset_error:
                 raise AlignmentError(offset_error)
-            return _rows(episode, episode_id, config, build_id, tokenizer, offsets or {})
+            row, steps = _rows(episode, episode_id, config, build_id, tokenizer, offsets or {})
+            return {**row, **instruction_columns(episode.instruction, text)}, steps
     except Exception as e:  # the per-episode boundary: the failure becomes the episode's row
         reason = remote.remote_reason(_describe(e), local, ref)
         if ref.uri not in reason:
             reason = f"{ref.uri}: {reason}"
         return _failed_row(ref, episode_id, reason, config, build_id), None
+
+
+def instruction_columns(instruction: str | None, text: TextEmbedder | None) -> dict:
+    """The instruction's embedding and the text model that made it; nulls without an instruction."""
+    if text is None or not (instruction or "").strip():
+        return {"instruction_embedding": None, "text_model": None, "text_pretrained": None}
+    return {"instruction_embedding": text([instruction])[0].tolist(), "text_model": text.model_name,
+            "text_pretrained": text.weights.tag}
 
 
 def _describe(e: Exception) -> str:
@@ -370,16 +390,18 @@ class EpisodeRows:
         self.config, self.build_id, self.done = config, build_id, done
         self.offsets, self.offset_errors = offsets, offset_errors
         self.tokenizer = FrameTokenizer(config.tokenizer) if config.tokenizer else None
+        self.text = TextEmbedder(config.text_model, config.text_pretrained) if config.text_model else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, statuses, episodes, steps = [], [], [], []
         for ref in _refs_from_batch(batch):
             row, table = process_episode(ref, self.config, self.build_id, self.tokenizer,
-                                         self.offsets.get(ref.source), self.done, self.offset_errors.get(ref.source))
+                                         self.offsets.get(ref.source), self.done, self.offset_errors.get(ref.source),
+                                         self.text)
             ids.append(row["episode_id"])
             statuses.append(row["status"])
             episodes.append(json.dumps({"lake_status": row["lake_status"]}).encode() if row["status"] == "skipped"
-                            else _ipc(schema.conform("episodes", [row])))
+                            else _ipc(schema.conform("episodes", [row], self.config.widths())))
             steps.append(_ipc(table) if table is not None else b"")
         return pa.table({
             "episode_id": pa.array(ids, pa.string()),
@@ -451,11 +473,15 @@ def estimate_source_offsets(refs: list[EpisodeRef], config: IngestConfig) -> tup
 def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), build_id: str | None = None) -> IngestResult:
     """Ingest every episode of `sources` into `lake`; returns the funnel and the versions committed."""
     build_id = build_id or datetime.now(timezone.utc).strftime("robot-%Y%m%dT%H%M%S%fZ")
+    # The text weights are resolved in the workers (EpisodeRows), not here: open_clip imports torchvision
+    # and so torch._dynamo, which segfaults in a process that has rendered with osmesa (DESIGN.md).
     refs, listing_failures = list_sources(sources)
     offsets, offset_errors = estimate_source_offsets(refs, config)
     tally, committer = Tally(), Committer(lake, config.commit_every)
     for row in listing_failures:
         tally.listing_failed(row)
+        # no config.widths() here: it would import open_clip in the driver (see above); the Committer
+        # widens this row's null embedding to the width the episodes beside it carry
         committer.add(schema.conform("episodes", [{**row, "config_hash": config.hash(), "build_id": build_id}]))
     for out in episode_outputs(refs, config, build_id, _done_ids(lake), offsets, offset_errors):
         rows = tally.take(out)
@@ -558,7 +584,7 @@ class Committer:
         if self.steps:
             self.versions["steps"] = self.lake.commit("steps", pa.concat_tables(self.steps), update=False)
         if self.episodes:
-            self.versions["episodes"] = self.lake.commit("episodes", pa.concat_tables(self.episodes))
+            self.versions["episodes"] = self.lake.commit("episodes", schema.concat("episodes", self.episodes))
         self.steps.clear()
         self.episodes.clear()
 

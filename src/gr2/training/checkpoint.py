@@ -166,6 +166,25 @@ def init_from(model: GR2, directory: str) -> dict[str, list[str]]:
     return report
 
 
+def text_model_name(text: dict | None) -> str:
+    """A checkpoint's or a lake's text model for people: "ViT-B-32 weights 'none' (512-d)"."""
+    if not text or not text.get("model"):
+        return "no text model"
+    return f"{text['model']} weights {text['pretrained']!r} ({text['dim']}-d)"
+
+
+def check_text_model(meta: dict, text: dict, lake: str) -> None:
+    """Raise CheckpointError when the checkpoint learned from another text model's embeddings than
+    `lake`'s: the same instruction would reach it as a vector it never saw."""
+    mine = meta.get("text")
+    if not mine or not mine.get("model") or not text.get("model"):
+        return  # trained without text, or a lake without text: nothing to mismatch
+    if (mine["model"], mine["pretrained"], mine["dim"]) != (text["model"], text["pretrained"], text["dim"]):
+        raise CheckpointError(
+            f"checkpoint {meta['checkpoint_id']} was trained on text embeddings of {text_model_name(mine)}, but lake "
+            f"{lake} holds embeddings of {text_model_name(text)}: re-embed the lake with the checkpoint's text model")
+
+
 # -- finding checkpoints ------------------------------------------------------------------------
 
 

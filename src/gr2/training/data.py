@@ -1,7 +1,7 @@
 """Training data read straight from the lake's Lance tables, sharded per rank, through a shuffle buffer.
 
 Pre-training: accepted clips.lance rows that carry VQ tokens -> every window of `history`
-consecutive frames of a clip, with its caption. Fine-tuning: steps.lance -> for each step t of an
+consecutive frames of a clip, with its caption's stored embedding. Fine-tuning: steps.lance -> for each step t of an
 episode, the history steps t-h+1..t (token grids of every chosen view, state) and for each of them
 the chunk of k actions that follows (gr2.robot.actions.windows: early history repeats the first
 step and is marked `step_is_pad`, chunk entries past the end `action_is_pad`).
@@ -13,6 +13,10 @@ computes normalisation statistics. Each rank then opens the Lance datasets itsel
 its share: every world-th clip of a filtered scan, or whole episodes (a window needs its
 neighbours) by a per-epoch permutation of episode ids. A local lake and one on object storage
 read the same way.
+
+Language is the lake's stored text embedding of the caption or instruction (`text_embedding`, zeros
+where there is no text), never the string: training, evaluation and the policy see the same vectors.
+A lake whose texts were embedded by two text models is refused: their vectors are not comparable.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from gr2.lake.query import sql_literal
 from gr2.robot import actions as act
 
 STAGES = ("pretrain", "finetune")
+NO_TEXT = {"model": None, "pretrained": None, "dim": 512}  # a lake without text: zeros, GR2Config's text_dim
 ENTROPY_SAMPLE = 20_000  # clips whose tokens the unigram entropy is counted over
 
 
@@ -76,6 +81,8 @@ class DataSpec:
     action_dim: int = 0
     stats: dict = field(default_factory=dict)  # {"state": {"mean", "std"}, "action": {...}} (arm dims)
     instructions: dict = field(default_factory=dict)  # episode_id -> instruction (fine-tuning's text)
+    text_embeddings: dict = field(default_factory=dict)  # instruction -> its stored embedding (fine-tuning)
+    text: dict = field(default_factory=lambda: dict(NO_TEXT))  # the text model: {"model", "pretrained", "dim"}
     unigram_entropy_nats: float | None = None  # of the training tokens (pre-training's floor)
 
     def to_dict(self) -> dict:
@@ -139,6 +146,20 @@ def _resolve_tokenizer(lake: Lake, ids: set, where: str, tokenizer: str | None, 
     return tokenizer_id, path, tokenizer_codebook(path)
 
 
+def text_model_of(rows: list[dict], vectors: pa.DataType | None, where: str, lake: Lake) -> dict:
+    """The one text model (name, weights, width) that embedded `rows`' texts; TrainingDataError for a mix."""
+    made = sorted({(r["text_model"], r["text_pretrained"]) for r in rows if r.get("text_model")})
+    if len(made) > 1:
+        raise TrainingDataError(
+            f"{where} in lake {lake.root} hold text embeddings of {len(made)} text models "
+            f"({' and '.join(f'{m} weights {p!r}' for m, p in made)}): their vectors are not comparable; "
+            f"re-embed with one text model before training")
+    if not made:
+        return dict(NO_TEXT)
+    dim = vectors.list_size if vectors is not None and pa.types.is_fixed_size_list(vectors) else NO_TEXT["dim"]
+    return {"model": made[0][0], "pretrained": made[0][1], "dim": int(dim)}
+
+
 def _split(ids: list[str], holdout: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(train, held-out) by a hash of each id, so an item stays on its side as the lake grows."""
     frac = {i: int(hashlib.sha256(i.encode()).hexdigest()[:12], 16) / 16**12 for i in ids}
@@ -160,7 +181,8 @@ def _plan_clips(lake: Lake, history: int, config: DataConfig, tokenizer: str | N
         raise TrainingDataError(f"lake {lake.root} has no tokens in clips.lance (no tokens column): train a "
                                 f"tokenizer (gr2 train-tokenizer) and tokenize the clips first")
     shape_col = ["token_shape"] if "token_shape" in names else []
-    t = ds.to_table(columns=["clip_id", "tokenizer_id", "tokens", *shape_col],
+    text_cols = [c for c in ("text_model", "text_pretrained") if c in names]
+    t = ds.to_table(columns=["clip_id", "tokenizer_id", "tokens", *shape_col, *text_cols],
                     filter="status = 'accepted' AND tokens IS NOT NULL")
     tokenizer_id, path, codebook = _resolve_tokenizer(
         lake, set(v for v in t.column("tokenizer_id").to_pylist() if v), "clips.lance", tokenizer, "accepted clips")
@@ -181,10 +203,13 @@ def _plan_clips(lake: Lake, history: int, config: DataConfig, tokenizer: str | N
     if len(counts) > codebook:
         raise TrainingDataError(f"clips.lance holds token id {len(counts) - 1}, beyond tokenizer {tokenizer_id}'s "
                                 f"{codebook} codes")
+    text = text_model_of(t.select(text_cols).to_pylist() if len(text_cols) == 2 else [],
+                         ds.schema.field("caption_embedding").type if "caption_embedding" in names else None,
+                         "clips.lance", lake)
     return DataSpec(lake=lake.root, stage="pretrain", history=history, chunk=0, grid=next(iter(hw)),
                     codebook_size=codebook, tokenizer_id=tokenizer_id, tokenizer_path=path,
                     table_version=ds.version, train_ids=train, heldout_ids=held, config=config,
-                    unigram_entropy_nats=unigram_entropy(counts))
+                    unigram_entropy_nats=unigram_entropy(counts), text=text)
 
 
 def _clip_grid(shape, n: int, clip_id: str) -> tuple[int, int, int]:
@@ -205,8 +230,10 @@ def unigram_entropy(counts: np.ndarray) -> float:
 def _plan_steps(lake: Lake, history: int, chunk: int, config: DataConfig, tokenizer: str | None) -> DataSpec:
     if not lake.exists("episodes") or not lake.exists("steps"):
         raise TrainingDataError(f"lake {lake.root} has no robot episodes: ingest some (gr2 ingest-robot) first")
+    text_cols = [c for c in ("instruction_embedding", "text_model", "text_pretrained")
+                 if c in lake.dataset("episodes").schema.names]
     episodes = lake.read("episodes", columns=["episode_id", "status", "cameras", "tokenizer_id", "instruction",
-                                              "action_dim", "state_dim"], filter="status = 'accepted'")
+                                              "action_dim", "state_dim", *text_cols], filter="status = 'accepted'")
     if len(episodes) == 0:
         raise TrainingDataError(f"lake {lake.root} has no accepted robot episodes")
     rows = episodes.to_pylist()
@@ -234,11 +261,17 @@ def _plan_steps(lake: Lake, history: int, chunk: int, config: DataConfig, tokeni
     if len(shapes) != 1:
         raise TrainingDataError(f"episode {train[0]}: views carry token grids of shapes {sorted(shapes)}; expected one")
     stats, state_dim, action_dim = _robot_stats(steps, train, config)
+    text = text_model_of(rows, episodes.schema.field("instruction_embedding").type if text_cols else None,
+                         "episodes.lance", lake)
+    # one vector per distinct instruction: tasks repeat theirs over many episodes
+    embeddings = {r["instruction"]: r["instruction_embedding"] for r in rows
+                  if r["instruction"] and r.get("instruction_embedding") is not None}
     return DataSpec(lake=lake.root, stage="finetune", history=history, chunk=chunk, grid=next(iter(shapes)),
                     codebook_size=codebook, tokenizer_id=tokenizer_id, tokenizer_path=path,
                     table_version=steps.version, train_ids=train, heldout_ids=held, config=config,
                     cameras=cameras, state_dim=state_dim, action_dim=action_dim, stats=stats,
-                    instructions={r["episode_id"]: r["instruction"] or "" for r in rows})
+                    instructions={r["episode_id"]: r["instruction"] or "" for r in rows},
+                    text_embeddings=embeddings, text=text)
 
 
 def _robot_stats(steps, train: tuple[str, ...], config: DataConfig) -> tuple[dict, int, int]:
@@ -326,7 +359,7 @@ def _clip_samples(spec: DataSpec, rank: int, world: int, split: str, seed: int, 
     ds = _open(spec.lake, "clips", spec.table_version)
     names = ds.schema.names
     columns = ["clip_id", "tokens", *(["token_shape"] if "token_shape" in names else []),
-               *(["caption"] if "caption" in names else [])]
+               *(["caption_embedding"] if "caption_embedding" in names else [])]
     # Every rank scans in the same order and keeps every world-th clip, the assignment rotating
     # with the epoch (Lance's ShardedBatchSampler does the same, but in pylance 14.0.2 fails on a
     # batch that leaves a rank no rows: pyarrow cannot take an empty, null-typed index list).
@@ -341,9 +374,17 @@ def _clip_samples(spec: DataSpec, rank: int, world: int, split: str, seed: int, 
                 continue
             n_frames, gh, gw = _clip_grid(row.get("token_shape"), len(row["tokens"]), row["clip_id"])
             grid = np.asarray(row["tokens"], np.int64).reshape(n_frames, 1, gh * gw)
+            text = text_vector(spec, row.get("caption_embedding"))
             for start in range(0, n_frames - spec.history + 1):
-                yield {"frames": grid[start:start + spec.history], "text": row.get("caption") or "",
+                yield {"frames": grid[start:start + spec.history], "text_embedding": text,
                        "id": f"{row['clip_id']}@{start}"}
+
+
+def text_vector(spec: DataSpec, embedding) -> np.ndarray:
+    """A stored text embedding as float32; zeros (the model's "no text") where the lake holds none."""
+    if embedding is None:
+        return np.zeros(spec.text["dim"], np.float32)
+    return np.asarray(embedding, np.float32)
 
 
 def _open(lake_root: str, table: str, version: int):
@@ -368,7 +409,8 @@ def _episode_samples(spec: DataSpec, rank: int, world: int, split: str, seed: in
         for episode_id in chunk_ids:
             rows = np.flatnonzero(episode_col == episode_id)
             if len(rows):
-                yield from episode_windows(table.take(rows), spec, episode_id, spec.instructions.get(episode_id, ""))
+                text = text_vector(spec, spec.text_embeddings.get(spec.instructions.get(episode_id, "")))
+                yield from episode_windows(table.take(rows), spec, episode_id, text)
 
 
 def episode_arrays(steps: pa.Table, spec: DataSpec, episode_id: str = "") -> dict[str, np.ndarray]:
@@ -392,8 +434,11 @@ def episode_arrays(steps: pa.Table, spec: DataSpec, episode_id: str = "") -> dic
     return {"tokens": tokens, "view_ok": ok, "state": state, "action": action, "action_missing": missing}
 
 
-def episode_windows(steps: pa.Table, spec: DataSpec, episode_id: str = "", text: str = "") -> Iterator[dict]:
-    """Every (history window, action chunks) sample of one episode whose views are all present."""
+def episode_windows(steps: pa.Table, spec: DataSpec, episode_id: str = "",
+                    text: np.ndarray | None = None) -> Iterator[dict]:
+    """Every (history window, action chunks) sample of one episode whose views are all present;
+    text: the instruction's stored embedding (None: no instruction)."""
+    text = text if text is not None else text_vector(spec, None)
     arrays = episode_arrays(steps, spec, episode_id)
     state = act.normalize(arrays["state"], spec.stats["state"]).astype(np.float32)
     action = arrays["action"].copy()
@@ -410,19 +455,19 @@ def episode_windows(steps: pa.Table, spec: DataSpec, episode_id: str = "", text:
             "action": w["action"][hist],  # each history step's own chunk
             "action_is_pad": w["action_is_pad"][hist],
             "step_is_pad": w["state_is_pad"][t],
-            "text": text,
+            "text_embedding": text,
             "id": f"{episode_id}@{t}",
         }
 
 
 def collate(samples: list[dict]) -> dict:
-    """Samples -> a batch of torch tensors (text stays a list of strings)."""
+    """Samples -> a batch of torch tensors (ids stay a list of strings)."""
     import torch
 
     out = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        out[key] = values if key in ("text", "id") else torch.as_tensor(np.stack(values))
+        out[key] = values if key == "id" else torch.as_tensor(np.stack(values))
     return out
 
 

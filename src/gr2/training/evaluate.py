@@ -22,10 +22,10 @@ import torch
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
+from gr2.lake.query import sql_literal
 from gr2.robot.actions import normalize, unnormalize
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, iter_batches, plan_data
-from gr2.training.text import TextEmbeddings
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ def data_spec_for(lake: Lake, meta: dict) -> DataSpec:
     if spec.tokenizer_id != meta["tokenizer_id"]:
         raise EvaluationError(f"checkpoint {meta['checkpoint_id']} reads tokens of tokenizer {meta['tokenizer_id']}; "
                               f"the lake now holds tokenizer {spec.tokenizer_id}'s")
+    try:
+        ckpt.check_text_model(meta, spec.text, lake.root)
+    except ckpt.CheckpointError as e:
+        raise EvaluationError(str(e)) from None
     return dataclasses.replace(spec, stats=meta["stats"])
 
 
@@ -65,16 +69,14 @@ def heldout_metrics(model, spec: DataSpec, config: EvalConfig = EvalConfig()) ->
     """Token accuracy and next-frame loss; for fine-tuning also action error, normalised and in
     the action's own units (arm dims, first action of the chunk at each window's last step)."""
     model.eval()
-    text = TextEmbeddings(model, torch.device("cpu"))
     sums: dict[str, float] = {}
     n = 0
     for i, batch in enumerate(iter_batches(spec, config.batch_size, split="heldout", epochs=1, shuffle=False)):
         if i >= config.heldout_batches:
             break
         b = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        b["text_embedding"] = text(batch["text"])
         out = model(b)
-        size = len(batch["text"])
+        size = len(batch["id"])
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v) * size
         if spec.stage == "finetune":
@@ -117,7 +119,6 @@ def next_frame_picture(model, tokenizer, spec: DataSpec, path: str, count: int =
     model.eval()
     batch = next(iter_batches(spec, count, split="heldout", epochs=1, shuffle=False))
     b = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    b["text_embedding"] = TextEmbeddings(model, torch.device("cpu"))(batch["text"])
     frames = b["frames"]
     B, T, V, _ = frames.shape
     h, w = spec.grid
@@ -130,6 +131,29 @@ def next_frame_picture(model, tokenizer, spec: DataSpec, path: str, count: int =
     scale = max(1, 256 // W)
     Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST).save(path)
     return path
+
+
+def instruction_embedding(meta: dict, instruction: str, lake_root: str | None = None) -> np.ndarray:
+    """The embedding the checkpoint's policy sees for `instruction`: the lake's stored one when its
+    episodes hold that instruction embedded by the checkpoint's text model, else the recorded text
+    model built here (a random-init tower is seeded, so it makes the same vectors); zeros for none."""
+    text = meta.get("text") or {}
+    dim = meta["model"]["text_dim"]
+    if not instruction.strip():
+        return np.zeros(dim, np.float32)
+    if not text.get("model"):
+        raise EvaluationError(f"checkpoint {meta['checkpoint_id']} was trained without text embeddings: "
+                              f"it cannot follow the instruction {instruction!r}")
+    lake = Lake(lake_root) if lake_root else None
+    if lake is not None and lake.exists("episodes") and "instruction_embedding" in lake.dataset("episodes").schema.names:
+        rows = lake.read("episodes", columns=["instruction_embedding", "text_model", "text_pretrained"],
+                         filter=f"instruction = {sql_literal(instruction)} AND instruction_embedding IS NOT NULL")
+        for r in rows.to_pylist():
+            if (r["text_model"], r["text_pretrained"]) == (text["model"], text["pretrained"]):
+                return np.asarray(r["instruction_embedding"], np.float32)
+    from gr2.video.embed import TextEmbedder
+
+    return TextEmbedder(text["model"], text["pretrained"])([instruction])[0].astype(np.float32)
 
 
 # -- closed loop in Meta-World ------------------------------------------------------------------
@@ -146,7 +170,9 @@ class MetaWorldPolicy:
 
     ACTION_SCALE = 1 / 100  # metaworld SawyerXYZEnv.action_scale
 
-    def __init__(self, checkpoint: str, tokenizer: str, instruction: str = "", replan_every: int = 1, threads: int = 1):
+    def __init__(self, checkpoint: str, tokenizer: str, instruction: str = "", replan_every: int = 1, threads: int = 1,
+                 lake: str | None = None):
+        """lake: where to look up the instruction's stored embedding (default: the lake the checkpoint trained on)."""
         from gr2.sim.record import STATE_NAMES
         from gr2.tokenizers import load_checkpoint as load_tokenizer_checkpoint
 
@@ -164,7 +190,7 @@ class MetaWorldPolicy:
         self.state_names = [STATE_NAMES[d] for d in dims]
         mean = np.asarray(self.stats["state"]["mean"])
         self.state_fill = {n: mean[i] for i, n in enumerate(self.state_names)}
-        self.text = TextEmbeddings(self.model, torch.device("cpu"))([instruction])
+        self.text = torch.as_tensor(instruction_embedding(meta, instruction, lake or meta.get("lake")))[None]
         self.replan_every = replan_every
         self.reset()
 

@@ -36,7 +36,7 @@ from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batc
 from gr2.training.launcher import check_cluster, launch
 from gr2.training.metrics import METRICS, MetricsLog, Throughput, follow, read_metrics, read_metrics_raw
 from gr2.training.model import GR2, GR2Config
-from gr2.training.text import TextEmbeddings, text_encoder_for
+from gr2.training.text import text_encoder_for
 
 
 class TrainingConfigError(Gr2Error):
@@ -116,7 +116,9 @@ def model_config_for(config: TrainConfig, spec: DataSpec) -> GR2Config:
         base = GR2Config.named(config.size, **config.model)
     except (TypeError, ValueError) as e:
         raise TrainingConfigError(f"model config: {e}") from None
-    derived: dict[str, Any] = {"codebook_size": spec.codebook_size, "grid_h": spec.grid[0], "grid_w": spec.grid[1]}
+    # text_dim is the lake's text embeddings' width: batches carry those vectors, never strings
+    derived: dict[str, Any] = {"codebook_size": spec.codebook_size, "grid_h": spec.grid[0], "grid_w": spec.grid[1],
+                               "text_dim": spec.text["dim"]}
     if spec.stage == "finetune":
         derived.update(n_views=len(spec.cameras), state_dim=spec.state_dim, action_dim=spec.action_dim)
     clash = {k: (config.model[k], v) for k, v in derived.items() if k in config.model and config.model[k] != v}
@@ -127,8 +129,9 @@ def model_config_for(config: TrainConfig, spec: DataSpec) -> GR2Config:
 
 
 def check_init(init_dir: str, spec: DataSpec, model_config: GR2Config) -> dict:
-    """The init checkpoint's facts, if it can start this run: same tokenizer, fitting weights."""
+    """The init checkpoint's facts, if it can start this run: same tokenizer, same text model, fitting weights."""
     meta = ckpt.read_meta(init_dir)
+    ckpt.check_text_model(meta, spec.text, spec.lake)
     if meta.get("tokenizer_id") != spec.tokenizer_id:
         raise ckpt.CheckpointError(
             f"checkpoint {meta['checkpoint_id']} was trained on tokens of tokenizer {meta.get('tokenizer_id')} "
@@ -244,10 +247,8 @@ def make_optimizer(model: GR2, config: TrainConfig) -> torch.optim.Optimizer:
                               {"params": other, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
 
 
-def to_device(batch: dict, device: torch.device, text: TextEmbeddings) -> dict:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    out["text_embedding"] = text(batch["text"])
-    return out
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def _worker(args: dict) -> None:
@@ -267,7 +268,6 @@ def _worker(args: dict) -> None:
     # pre-training leaves the state and action layers out of the graph; DDP must be told
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": spec.stage == "pretrain"})
 
-    text = TextEmbeddings(model, device)
     per_rank = config.batch_size // world
     # a resumed run draws a fresh order rather than replaying the first steps' batches
     batches = iter_batches(spec, per_rank, rank, world, seed=config.seed + 7919 * start)
@@ -277,7 +277,7 @@ def _worker(args: dict) -> None:
     tokens_per_sample = None
     for step in range(start + 1, config.steps + 1):
         lr = lr_at(step, config)
-        batch = to_device(next(batches), device, text)
+        batch = to_device(next(batches), device)
         if tokens_per_sample is None:
             tokens_per_sample = int(batch["frames"][0].numel())
         out, grad_norm = _optimizer_step(net, model, optimizer, batch, lr, config.grad_clip, device)
@@ -386,6 +386,7 @@ def checkpoint_meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, 
                  "state_dims": list(spec.config.state_dims) if spec.config.state_dims is not None else None,
                  "action_column": spec.config.action_column, "grid": list(spec.grid)},
         "stats": spec.stats, "unigram_entropy_nats": spec.unigram_entropy_nats,
+        "text": spec.text,  # the text model whose stored embeddings the model was trained on
         "train_config": config.model_dump(), "metrics": record,
     }
 

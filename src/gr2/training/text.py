@@ -1,5 +1,6 @@
-"""Language for the GR-2 model: a frozen open_clip text tower, built from the model config, and a
-cache of its embeddings.
+"""Language for the GR-2 model: a frozen open_clip text tower, built from the model config, for
+models fed raw strings. Lake-trained models never use it: their batches carry the lake's stored
+text embeddings (data.py), so training, evaluation and the policy see identical vectors.
 
 The tower's weights come through the video build's resolver (gr2.video.embed.resolve_weights): an
 open_clip tag already in the local cache, a checkpoint file, or none (random init); nothing is
@@ -50,26 +51,3 @@ class TextEncoder(nn.Module):
 def text_encoder_for(config: GR2Config) -> TextEncoder | None:
     """The tower `config` names (clip_model, clip_pretrained); None when batches carry embeddings."""
     return TextEncoder(config.clip_model, config.clip_pretrained) if config.clip_model is not None else None
-
-
-class TextEmbeddings:
-    """Batch text -> CLIP embeddings through the model's frozen tower, each distinct string once.
-
-    Robot data repeats one instruction per task and web clips repeat captions across windows, so
-    caching saves a text-tower forward per step. Without a tower the embedding is zeros (no text)."""
-
-    def __init__(self, model: nn.Module, device: torch.device, max_size: int = 100_000):
-        self.encoder, self.device, self.max_size = model.text_encoder, device, max_size
-        self.dim = model.config.text_dim
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        if self.encoder is None:
-            return torch.zeros(len(texts), self.dim, device=self.device)
-        new = sorted({t for t in texts if t not in self.cache})
-        if new:
-            if len(self.cache) + len(new) > self.max_size:
-                self.cache.clear()
-            for t, e in zip(new, self.encoder(new).to(self.device)):
-                self.cache[t] = e
-        return torch.stack([self.cache[t] for t in texts])

@@ -191,9 +191,10 @@ def lake_rows(batch: dict[str, np.ndarray], table: str = "clips") -> pa.Table:
                 row[k] = None
         if row.get("preview") == b"":
             row["preview"] = None
-        emb = row.get("embedding")
-        if emb is not None and all(x != x for x in emb):  # a failed clip's NaN vector: no embedding
-            row["embedding"] = None
+        for k in ("embedding", "caption_embedding"):
+            emb = row.get(k)
+            if emb is not None and all(x != x for x in emb):  # NaN vector: a failed clip, no caption
+                row[k] = None
     return schema.conform(table, rows)
 
 
@@ -293,7 +294,7 @@ def check_models(config: BuildConfig, lake: Lake) -> None:
 # Inside the clip pipeline these text columns hold "" for "none", never None: Ray turns a column of
 # only None into float, and a float block cannot be concatenated with a text block. lake_rows
 # turns "" back into null. Stages added later keep to the same rule.
-TEXT_COLUMNS = ("reason", "caption", "dataset", "caption_model", "duplicate_of")
+TEXT_COLUMNS = ("reason", "caption", "dataset", "caption_model", "duplicate_of", "text_model", "text_pretrained")
 
 
 # -- the build, run ---------------------------------------------------------------------------------

@@ -148,8 +148,41 @@ def text_of(value) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+def encode_text(model, tokenizer, texts: list[str], device) -> np.ndarray:
+    """L2-normalised float32 text embeddings [N, D] of `texts` through `model`'s text tower."""
+    import torch
+
+    with torch.inference_mode():
+        tokens = tokenizer(list(texts)).to(device)
+        return torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).cpu().numpy()
+
+
+class TextEmbedder:
+    """A CLIP text tower: texts -> the embeddings the lake stores beside captions and instructions.
+
+    Built as ClipEmbedder builds its model (the same seeded random init for "none"), so a text it
+    embeds matches what a build, an ingest or a policy embeds. Each text is embedded on its own: a
+    vector must not depend on which other texts shared its batch."""
+
+    def __init__(self, model_name: str = "ViT-B-32", pretrained: str = RANDOM_INIT, cache_dir: str | None = None,
+                 device: str | None = "cpu"):
+        import open_clip
+
+        self.model, self.weights, _ = load_model(model_name, pretrained, cache_dir, device)
+        self.model.visual = None  # only the text tower is used
+        self.device = next(self.model.parameters()).device
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.model_name, self.dim = model_name, embedding_dim(model_name)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate([encode_text(self.model, self.tokenizer, [t], self.device) for t in texts])
+
+
 class ClipEmbedder:
-    """Stage: `embedding`, `clip_model`, `clip_pretrained` and `text_score` for every clip.
+    """Stage: `embedding`, `clip_model`, `clip_pretrained` and `text_score` for every clip, and the
+    caption's `caption_embedding` with its `text_model` and `text_pretrained` (null uncaptioned).
 
     `embedding` is the mean of the clip's L2-normalised frame embeddings, normalised again; a failed
     clip (no real frames) gets NaN, which the lake stores as null. `text_score` is the cosine between
@@ -181,11 +214,7 @@ class ClipEmbedder:
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """L2-normalised text embeddings [N, D]."""
-        import torch
-
-        with torch.inference_mode():
-            tokens = self.tokenizer(list(texts)).to(self.device)
-            return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
+        return encode_text(self.model, self.tokenizer, texts, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["clip_id"])
@@ -200,17 +229,25 @@ class ClipEmbedder:
                 emb[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
 
         scores = np.full(n, np.nan, np.float32)
-        captions = {i: text_of(batch["caption"][i]) for i in live} if "caption" in batch else {}
-        scored = [i for i, c in captions.items() if c]
+        # every caption gets its embedding (failed clips' too: the text is there), one batch for all
+        captions = {i: text_of(batch["caption"][i]) for i in range(n)} if "caption" in batch else {}
+        captioned = [i for i, c in captions.items() if c]
+        text_emb = np.full((n, self.dim), np.nan, np.float32)
+        if captioned:
+            text_emb[captioned] = self.embed_text([captions[i] for i in captioned])
+        alive = set(live)
+        scored = [i for i in captioned if i in alive]
         if scored:
-            text = self.embed_text([captions[i] for i in scored])
-            scores[scored] = np.einsum("nd,nd->n", text, emb[scored])
+            scores[scored] = np.einsum("nd,nd->n", text_emb[scored], emb[scored])
         low = self.min_text_score
         too_low = {i: f"text: score {scores[i]:.3f} < {low}" for i in scored if low is not None and scores[i] < low}
         return gates.reject({
             **batch, "embedding": emb, "text_score": scores,
             "clip_model": np.array([self.model_name] * n, dtype=object),
             "clip_pretrained": np.array([self.weights.tag] * n, dtype=object),
+            "caption_embedding": text_emb,  # NaN rows: no caption, stored as null
+            "text_model": np.array([self.model_name if captions.get(i) else "" for i in range(n)], dtype=object),
+            "text_pretrained": np.array([self.weights.tag if captions.get(i) else "" for i in range(n)], dtype=object),
         }, [too_low.get(i) for i in range(n)])
 
 
