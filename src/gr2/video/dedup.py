@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from gr2.video import gates
+from gr2.video.embed import RANDOM_INIT
 
 DEFAULT_MAX_DISTANCE = 0.01  # cosine distance: re-encodes and re-uploads sit well below it
 
@@ -20,7 +21,8 @@ class Deduplicator:
     """Stage: reject accepted clips that near-duplicate an earlier accepted clip.
 
     `lake_root` (None: only this build) is where earlier builds live. Only embeddings made by the
-    same model and weights are compared (see embed.check_lake_model).
+    same model and weights are compared (see embed.check_lake_model). Random-init embeddings
+    (clip_pretrained="none") carry no similarity worth acting on: their clips are left alone.
     """
 
     def __init__(self, lake_root: str | None = None, max_distance: float = DEFAULT_MAX_DISTANCE):
@@ -33,9 +35,13 @@ class Deduplicator:
         ids = [str(c) for c in batch["clip_id"]]
         emb = np.asarray(np.stack(list(batch["embedding"])) if batch["embedding"].dtype == object else batch["embedding"],
                          dtype=np.float32)
-        dup_of, reasons = [""] * n, [None] * n
-        dist = np.full(n, np.nan, np.float32)
-        todo = [i for i in range(n) if str(batch["status"][i]) == "accepted" and np.isfinite(emb[i]).all()]
+        # What an earlier near-duplicate stage (the fingerprint's) found stays.
+        dup_of = [d if isinstance(d, str) else "" for d in batch.get("duplicate_of", [""] * n)]
+        dist = np.array([np.nan if d is None else d for d in batch.get("duplicate_distance", [None] * n)], np.float32)
+        reasons = [None] * n
+        real = [str(w) != RANDOM_INIT for w in batch["clip_pretrained"]] if "clip_pretrained" in batch else [True] * n
+        todo = [i for i in range(n)
+                if str(batch["status"][i]) == "accepted" and real[i] and np.isfinite(emb[i]).all()]
         earlier = self._lake_matches(batch, [emb[i] for i in todo], [ids[i] for i in todo])
         new_ids, new_vecs = [], []
         for j, i in enumerate(todo):
