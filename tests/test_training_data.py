@@ -8,7 +8,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_training_lakes import CODES, GRID, INSTRUCTION, clips_lake, robot_lake, save_tokenizer, step_tokens, text_embedder
+from test_training_lakes import (
+    CODES,
+    GRID,
+    INSTRUCTION,
+    clips_lake,
+    robot_lake,
+    save_tokenizer,
+    step_tokens,
+    text_embedder,
+)
 
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, TrainingDataError, iter_batches, iter_samples, plan_data, shuffle_buffer

@@ -98,6 +98,7 @@ CLIPS = pa.schema(
         pa.field("blank_score", pa.float32()),  # mean per-frame luma std, 0..255 (low = flat colour)
         pa.field("motion_score", pa.float32()),  # mean abs difference between sampled frames, 0..255
         pa.field("sampled_frames", pa.list_(pa.int64())),  # frame indices the clip's frames came from
+        pa.field("fingerprint", pa.list_(pa.uint64())),  # 64-bit pHash of each sampled frame (video/fingerprint.py)
         pa.field("thumbnail", pa.binary()),  # JPEG of the middle sampled frame
         pa.field("caption", pa.string()),
         pa.field("caption_source", pa.string()),  # source | coca | none (none: flagged uncaptioned)
@@ -113,7 +114,7 @@ CLIPS = pa.schema(
         pa.field("text_model", pa.string()),
         pa.field("text_pretrained", pa.string()),
         pa.field("duplicate_of", pa.string()),  # clip_id of the earlier clip this one near-duplicates
-        pa.field("duplicate_distance", pa.float32()),  # cosine distance to it
+        pa.field("duplicate_distance", pa.float32()),  # to it: mean differing fingerprint bits, or cosine distance (the reason says which)
         pa.field("preview", pa.binary()),  # animated WebP of the sampled frames, small (the gallery's preview)
         pa.field("tokenizer_id", pa.string()),  # checkpoint id of `tokens`; null: not tokenized
         pa.field("tokens", pa.list_(pa.uint16())),  # VQ token grid [T, h, w] of the sampled frames, row-major

@@ -1,8 +1,9 @@
 """The video build: a Ray Data graph of small stages from inputs to rows in the lake.
 
     sources --list--> inputs --hash--> (skip what the lake already finished) --survey: probe,
-    gates, shots--> clip specs --frames--> gates --thumbnails--> captions --> embeddings -->
-    previews --> near-duplicates --> tokens --> driver commits clips, then each video's row once
+    gates, shots--> clip specs --frames--> gates --> fingerprints --> near-duplicates (weight-free)
+    --> thumbnails --> captions --> embeddings --> previews --> near-duplicates (embeddings) -->
+    tokens --> driver commits clips, then each video's row once
     all of its clips are in --> tokens for earlier clips, indexes, the builds ledger.
 
 `stages` declares that list, with how Ray runs each stage; `run_build` runs all of it, so a build
@@ -34,10 +35,10 @@ from gr2.lake import gallery, schema
 from gr2.lake.index import build_indexes
 from gr2.lake.lake import Lake, worker_env
 from gr2.lake.query import sql_literal
-from gr2.video import caption, decode, dedup, gates, probe, shots
+from gr2.video import caption, decode, dedup, fingerprint, gates, probe, shots
 from gr2.video.caption import Captioner
 from gr2.video.config import BuildConfig
-from gr2.video.dedup import Deduplicator
+from gr2.video.dedup import Deduplicator, FingerprintDeduplicator
 from gr2.video.embed import ClipEmbedder, check_lake_model, resolve_weights
 from gr2.video.sources import list_inputs
 from gr2.video.tokenize import TokenizeClips, build_tokenizer, tokenize_after_build
@@ -148,6 +149,13 @@ def gate_clips(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, n
     return out
 
 
+def fingerprints(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stage: each clip's `fingerprint`, the pHashes of its sampled frames (none for a failed clip)."""
+    failed = [str(s) == "failed" for s in batch["status"]]
+    return {**batch, "fingerprint": _objects([np.zeros(0, np.uint64) if bad else fingerprint.frame_hashes(f)
+                                              for f, bad in zip(batch["frames"], failed)])}
+
+
 def thumbnails(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stage: a JPEG of each clip's middle sampled frame."""
     out = []
@@ -191,6 +199,8 @@ def lake_rows(batch: dict[str, np.ndarray], table: str = "clips") -> pa.Table:
                 row[k] = None
         if row.get("preview") == b"":
             row["preview"] = None
+        if row.get("fingerprint") == []:  # a failed clip's: no frames, no fingerprint
+            row["fingerprint"] = None
         for k in ("embedding", "caption_embedding"):
             emb = row.get(k)
             if emb is not None and all(x != x for x in emb):  # NaN vector: a failed clip, no caption
@@ -264,6 +274,12 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
         # once per candidate clip
         Stage(read_clip_frames, kwargs=with_config),
         Stage(gate_clips, kwargs=with_config),
+        Stage(fingerprints),
+        # Weight-free near-duplicates, before the models spend time on them; one actor sees every
+        # clip of the build in turn (dedup.py).
+        *([Stage(FingerprintDeduplicator, **{**model, "cpus": 0.05}, kwargs={
+            "lake_root": lake.root, "max_bits": config.fingerprint_max_bits})]
+          if config.fingerprint_max_bits is not None else []),
         Stage(thumbnails),
         Stage(Captioner, **model, memory_gb=2.0 if config.caption_model else None, kwargs={
             "model_name": config.caption_model, "pretrained": config.caption_pretrained,
@@ -272,7 +288,7 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
             "model_name": config.clip_model, "pretrained": config.clip_pretrained,
             "min_text_score": config.min_text_score})] if embeds else []),
         Stage(gallery.previews, batch_size=8),
-        # One dedup actor sees every clip of the build in turn (dedup.py).
+        # Embedding near-duplicates: acts on real weights only (dedup.py).
         *([Stage(Deduplicator, **{**model, "cpus": 0.05}, kwargs={
             "lake_root": lake.root, "max_distance": config.dedup_max_distance})]
           if embeds and config.dedup_max_distance is not None else []),

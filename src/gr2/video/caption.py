@@ -1,6 +1,8 @@
 """Captions: the source's caption wins; else CoCa (through open_clip) writes one; else none, flagged.
 
-`caption_source` says which: source | coca | none. Only accepted clips are sent to CoCa (the most
+`caption_source` says which: source | coca | none. A random-init CoCa (pretrained "none") writes
+nothing: its text reads like `!!!!!!!!` and must never pass for a caption, so those clips are
+flagged "none" like any other uncaptioned clip. Only accepted clips are sent to CoCa (the most
 expensive stage of the build); a clip a cheap gate rejected keeps what its source gave, or none.
 Inside the pipeline a missing text is "" (build.TEXT_COLUMNS: Ray cannot type a column of only None).
 """
@@ -17,8 +19,8 @@ GENERATIONS = ("greedy", "beam_search")
 class Captioner:
     """Stage: `caption`, `caption_source`, `caption_model` for every clip.
 
-    `model_name=None` generates nothing: clips without a source caption are flagged
-    caption_source="none". CoCa captions the clip's middle sampled frame.
+    `model_name=None` or random-init weights generate nothing: clips without a source caption are
+    flagged caption_source="none". CoCa with real weights captions the clip's middle sampled frame.
     """
 
     def __init__(self, model_name: str | None = "coca_ViT-B-32", pretrained: str = RANDOM_INIT,
@@ -26,7 +28,7 @@ class Captioner:
                  device: str | None = None):
         if generation not in GENERATIONS:
             raise ModelWeightsError(f"generation {generation!r}: expected one of {', '.join(GENERATIONS)}")
-        self.model = None
+        self.model, self.real = None, False
         self.model_name, self.max_tokens, self.generation = model_name, max_tokens, generation
         if model_name is None:
             return
@@ -43,6 +45,9 @@ class Captioner:
         self.device = next(self.model.parameters()).device
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.recorded = f"{model_name}/{weights.tag}"
+        # Random weights are loaded all the same (a bad model name fails alike, caption_frames
+        # still runs), but what they write is never stored as a caption.
+        self.real = weights.tag != RANDOM_INIT
 
     def caption_frames(self, frames: np.ndarray) -> list[str]:
         """One caption per uint8 frame [N, H, W, 3]."""
@@ -95,7 +100,7 @@ class Captioner:
         sources = ["source" if c else "none" for c in captions]
         models = [""] * n
         todo = [i for i in range(n) if not captions[i] and status[i] == "accepted"]
-        if self.model is not None and todo:
+        if self.real and todo:
             middle = np.stack([np.asarray(batch["frames"][i])[len(batch["frames"][i]) // 2] for i in todo])
             for i, text in zip(todo, self.caption_frames(middle)):
                 if text:

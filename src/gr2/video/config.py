@@ -40,7 +40,8 @@ class BuildConfig(BaseModel):
     caption_pretrained: str = Field("none")
     caption_max_tokens: int = Field(20, ge=1, le=77)
     min_text_score: float | None = Field(None, ge=-1, le=1, description="reject clips whose caption-frame cosine is lower")
-    dedup_max_distance: float | None = Field(0.01, ge=0, le=2, description="cosine distance that makes a near-duplicate")
+    dedup_max_distance: float | None = Field(0.01, ge=0, le=2, description="cosine distance that makes a near-duplicate (real CLIP weights only)")
+    fingerprint_max_bits: float | None = Field(8.0, ge=0, le=64, description="mean differing pHash bits per frame that make a near-duplicate of another video's clip (weight-free); None: off")
     tokenizer: str | None = Field(None, description="tokenizer checkpoint id (default: the lake's latest; none in lake: skip)")
     # Execution
     workers: int | None = Field(None, ge=1, description="parallel decode tasks (default: the cluster's CPUs)")

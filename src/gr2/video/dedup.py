@@ -1,4 +1,7 @@
-"""Near-duplicates: a clip within a cosine distance of an earlier accepted clip is rejected.
+"""Near-duplicates: a clip close to an earlier accepted clip is rejected as its duplicate.
+
+Two stages: `FingerprintDeduplicator` compares weight-free frame fingerprints (fingerprint.py) and
+runs in every build; `Deduplicator` compares CLIP embeddings, and acts only on real weights.
 
 "Earlier" means already accepted in the lake (any earlier build, searched through Lance's vector
 index when there is one) or seen earlier in this build. The stage remembers this build's clips, so
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gr2.video import gates
+from gr2.video import fingerprint, gates
+from gr2.video.embed import RANDOM_INIT
 
 DEFAULT_MAX_DISTANCE = 0.01  # cosine distance: re-encodes and re-uploads sit well below it
 
@@ -20,7 +24,8 @@ class Deduplicator:
     """Stage: reject accepted clips that near-duplicate an earlier accepted clip.
 
     `lake_root` (None: only this build) is where earlier builds live. Only embeddings made by the
-    same model and weights are compared (see embed.check_lake_model).
+    same model and weights are compared (see embed.check_lake_model). Random-init embeddings
+    (clip_pretrained="none") carry no similarity worth acting on: their clips are left alone.
     """
 
     def __init__(self, lake_root: str | None = None, max_distance: float = DEFAULT_MAX_DISTANCE):
@@ -33,9 +38,13 @@ class Deduplicator:
         ids = [str(c) for c in batch["clip_id"]]
         emb = np.asarray(np.stack(list(batch["embedding"])) if batch["embedding"].dtype == object else batch["embedding"],
                          dtype=np.float32)
-        dup_of, reasons = [""] * n, [None] * n
-        dist = np.full(n, np.nan, np.float32)
-        todo = [i for i in range(n) if str(batch["status"][i]) == "accepted" and np.isfinite(emb[i]).all()]
+        # What an earlier near-duplicate stage (the fingerprint's) found stays.
+        dup_of = [d if isinstance(d, str) else "" for d in batch.get("duplicate_of", [""] * n)]
+        dist = np.array([np.nan if d is None else d for d in batch.get("duplicate_distance", [None] * n)], np.float32)
+        reasons = [None] * n
+        real = [str(w) != RANDOM_INIT for w in batch["clip_pretrained"]] if "clip_pretrained" in batch else [True] * n
+        todo = [i for i in range(n)
+                if str(batch["status"][i]) == "accepted" and real[i] and np.isfinite(emb[i]).all()]
         earlier = self._lake_matches(batch, [emb[i] for i in todo], [ids[i] for i in todo])
         new_ids, new_vecs = [], []
         for j, i in enumerate(todo):
@@ -97,6 +106,57 @@ class Deduplicator:
             if out[q] is None and h["clip_id"] != ids[q]:
                 out[q] = (h["clip_id"], float(h["_distance"]))
         return out
+
+
+class FingerprintDeduplicator:
+    """Stage: reject accepted clips whose fingerprint is within `max_bits` of an earlier accepted
+    clip of another video.
+
+    Windows of one video are distinct clips by construction (and a static shot's windows hash
+    alike), so a clip is never a duplicate of its own video's. `lake_root` (None: only this build)
+    is read once, when the actor starts: the earlier builds' accepted fingerprints.
+    """
+
+    def __init__(self, lake_root: str | None = None, max_bits: float = fingerprint.DEFAULT_MAX_BITS):
+        self.max_bits = float(max_bits)
+        self.ids: list[str] = []
+        self.video_ids: list[str] = []
+        self.hashes: list[np.ndarray] = []
+        if lake_root is not None:
+            self._read_lake(lake_root)
+
+    def _read_lake(self, lake_root: str) -> None:
+        from gr2.lake.lake import Lake
+
+        lake = Lake(lake_root)
+        if not lake.exists("clips") or "fingerprint" not in lake.dataset("clips").schema.names:
+            return
+        rows = lake.read("clips", columns=["clip_id", "video_id", "fingerprint"],
+                         filter="status = 'accepted' AND fingerprint IS NOT NULL").to_pylist()
+        for r in rows:
+            self._remember(r["clip_id"], r["video_id"], np.array(r["fingerprint"], np.uint64))
+
+    def _remember(self, clip: str, video: str, hashes: np.ndarray) -> None:
+        self.ids.append(clip), self.video_ids.append(video), self.hashes.append(hashes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["clip_id"])
+        dup_of, dist, reasons = [""] * n, np.full(n, np.nan, np.float32), [None] * n
+        videos = np.array(self.video_ids, dtype=object)
+        for i in range(n):
+            hashes = np.asarray(batch["fingerprint"][i], np.uint64)
+            if str(batch["status"][i]) != "accepted" or not len(hashes):
+                continue
+            clip, video = str(batch["clip_id"][i]), str(batch["video_id"][i])
+            k, bits = fingerprint.nearest(hashes, self.hashes, skip=videos == video)
+            if k >= 0 and bits <= self.max_bits:
+                dup_of[i], dist[i] = self.ids[k], bits
+                reasons[i] = f"duplicate: of {self.ids[k]} (fingerprint {bits:.2f} bits <= {self.max_bits:g})"
+            else:
+                self._remember(clip, video, hashes)
+                videos = np.append(videos, video)
+        return gates.reject({**batch, "duplicate_of": np.array(dup_of, dtype=object), "duplicate_distance": dist},
+                            reasons)
 
 
 def _one(batch, column: str) -> str | None:

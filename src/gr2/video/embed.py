@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gr2.errors import Gr2Error
+from gr2.lake.query import sql_literal
 from gr2.video import gates
 
 RANDOM_INIT = "none"
@@ -187,7 +188,8 @@ class ClipEmbedder:
     `embedding` is the mean of the clip's L2-normalised frame embeddings, normalised again; a failed
     clip (no real frames) gets NaN, which the lake stores as null. `text_score` is the cosine between
     the caption and the embedding. With `min_text_score`, an accepted clip scoring below it is
-    rejected ("text: ..."); uncaptioned clips have no score and pass.
+    rejected ("text: ..."); uncaptioned clips have no score and pass. Random-init weights gate
+    nothing: their score is recorded (rows say clip_pretrained="none") but means nothing.
     """
 
     def __init__(self, model_name: str = "ViT-B-32", pretrained: str = RANDOM_INIT,
@@ -239,7 +241,7 @@ class ClipEmbedder:
         scored = [i for i in captioned if i in alive]
         if scored:
             scores[scored] = np.einsum("nd,nd->n", text_emb[scored], emb[scored])
-        low = self.min_text_score
+        low = self.min_text_score if self.weights.tag != RANDOM_INIT else None
         too_low = {i: f"text: score {scores[i]:.3f} < {low}" for i in scored if low is not None and scores[i] < low}
         return gates.reject({
             **batch, "embedding": emb, "text_score": scores,
@@ -252,10 +254,12 @@ class ClipEmbedder:
 
 
 def check_lake_model(lake, model_name: str, pretrained: str) -> None:
-    """Raise ModelWeightsError when `lake`'s clips were embedded by another model or other weights.
+    """Raise ModelWeightsError when `lake`'s clips were embedded by another model or other real weights.
 
     Embeddings of different models (or weights) are not comparable: mixing them in one lake would
-    break near-duplicate detection and search. Call before a build starts.
+    break near-duplicate detection and search. Random-init rows commit the lake to nothing (their
+    embeddings mean nothing), except their width: the embedding column's type is fixed. Call before
+    a build starts.
     """
     if not lake.exists("clips"):
         return
@@ -263,11 +267,17 @@ def check_lake_model(lake, model_name: str, pretrained: str) -> None:
     if "clip_model" not in ds.schema.names:
         return
     tag = resolve_weights(model_name, pretrained).tag
-    made = ds.to_table(columns=["clip_model", "clip_pretrained"], filter="clip_model IS NOT NULL", limit=1).to_pylist()
+    real = f"clip_model IS NOT NULL AND clip_pretrained != {sql_literal(RANDOM_INIT)}"
+    made = ds.to_table(columns=["clip_model", "clip_pretrained"], filter=real, limit=1).to_pylist()
     if made and (made[0]["clip_model"], made[0]["clip_pretrained"]) != (model_name, tag):
         raise ModelWeightsError(
             f"lake {lake.root} holds embeddings of {made[0]['clip_model']} weights {made[0]['clip_pretrained']!r}; "
             f"this build asks for {model_name} weights {tag!r}: use the same model or another lake")
+    width = ds.schema.field("embedding").type.list_size if "embedding" in ds.schema.names else None
+    if width is not None and width != embedding_dim(model_name):
+        raise ModelWeightsError(
+            f"lake {lake.root} stores {width}-wide embeddings; {model_name}'s are {embedding_dim(model_name)} wide: "
+            f"use a model of that width or another lake")
 
 
 def embedder_for(lake, version: int | str | None = None) -> "ClipEmbedder":
@@ -275,8 +285,11 @@ def embedder_for(lake, version: int | str | None = None) -> "ClipEmbedder":
     from gr2.lake.query import QueryError, clips_dataset, open_lake
 
     ds = clips_dataset(open_lake(lake), version)
-    made = ds.to_table(columns=["clip_model", "clip_pretrained"], filter="clip_model IS NOT NULL", limit=1).to_pylist() \
-        if "clip_model" in ds.schema.names else []
+    made = []
+    if "clip_model" in ds.schema.names:
+        # The lake's real weights when it has any: random-init rows beside them commit it to nothing.
+        for where in (f"clip_model IS NOT NULL AND clip_pretrained != {sql_literal(RANDOM_INIT)}", "clip_model IS NOT NULL"):
+            made = made or ds.to_table(columns=["clip_model", "clip_pretrained"], filter=where, limit=1).to_pylist()
     if not made:
         raise QueryError("the lake's clips have no embeddings: text search needs a build with CLIP embeddings")
     return ClipEmbedder(made[0]["clip_model"], made[0]["clip_pretrained"])

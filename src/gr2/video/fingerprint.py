@@ -61,15 +61,19 @@ def distance(a: np.ndarray, b: np.ndarray, max_shift: int = DEFAULT_MAX_SHIFT) -
     return best
 
 
-def nearest(query: np.ndarray, fingerprints: list[np.ndarray], max_shift: int = DEFAULT_MAX_SHIFT) -> tuple[int, float]:
+def nearest(query: np.ndarray, fingerprints: list[np.ndarray], max_shift: int = DEFAULT_MAX_SHIFT,
+            skip: np.ndarray | None = None) -> tuple[int, float]:
     """Index and distance of the fingerprint nearest `query`; (-1, inf) when there are none.
+
+    `skip`: a boolean mask of fingerprints not to consider (e.g. the query's own video's).
 
     Brute force over stacked arrays: 1M clips of 8 frames are 64 MB of hashes, a few ms per query.
     A lake much larger than that needs banded lookup first (multi-index hashing).
     """
     if not fingerprints:
         return -1, float("inf")
-    same = [i for i, f in enumerate(fingerprints) if len(f) == len(query)]
+    keep = np.ones(len(fingerprints), bool) if skip is None else ~np.asarray(skip, bool)
+    same = [i for i, f in enumerate(fingerprints) if keep[i] and len(f) == len(query)]
     best = (-1, float("inf"))
     if same:
         stack = np.stack([fingerprints[i] for i in same])
@@ -82,7 +86,7 @@ def nearest(query: np.ndarray, fingerprints: list[np.ndarray], max_shift: int = 
             if d[k] < best[1]:
                 best = (same[k], float(d[k]))
     for i, f in enumerate(fingerprints):
-        if len(f) != len(query):
+        if keep[i] and len(f) != len(query):
             d = distance(query, f, max_shift)
             if d < best[1]:
                 best = (i, d)
