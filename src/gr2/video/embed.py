@@ -8,6 +8,7 @@ their embeddings stay comparable. Each row records the model and weights that ma
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -90,6 +91,14 @@ def _cached_file(cfg: dict, cache_dir: str | None) -> tuple[str | None, list[str
     return None, looked
 
 
+class _RandomInitAskedFor(logging.Filter):
+    """open_clip warns on the root logger that a model without weights is random: here it was asked
+    for by name ("none") and every row it shapes says so, so the warning is not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
 def load_model(model_name: str, pretrained: str, cache_dir: str | None = None, device: str | None = None):
     """(model in eval mode, Weights, preprocess dict) for `model_name` with weights `pretrained`."""
     import open_clip
@@ -98,6 +107,8 @@ def load_model(model_name: str, pretrained: str, cache_dir: str | None = None, d
     weights = resolve_weights(model_name, pretrained, cache_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Seeded on a forked RNG: the same random model everywhere, and the caller's RNG left alone.
+    quiet = _RandomInitAskedFor()
+    logging.getLogger().addFilter(quiet)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
@@ -106,6 +117,8 @@ def load_model(model_name: str, pretrained: str, cache_dir: str | None = None, d
                 force_preprocess_cfg=weights.preprocess or None)
         except (RuntimeError, OSError, KeyError, ValueError) as e:
             raise ModelWeightsError(f"{model_name}: cannot load weights {weights.path} ({str(e).splitlines()[0][:200]})") from None
+        finally:
+            logging.getLogger().removeFilter(quiet)
     model.eval()
     return model, weights, dict(model.visual.preprocess_cfg)
 
