@@ -34,7 +34,7 @@ class DoctorConfig:
     black_luma: float = 12.0  # mean luma (0-255) below which a frame is black
     black_frames: int = 3  # black frames in a row that make a stretch (a single dark frame is a scene)
     swap_margin: float = 8.0  # |mean R - mean B| an episode needs before its sign counts as a colour cast
-    outlier_mads: float = 25.0  # a value this many scaled MADs from its dataset's median is out of range
+    outlier_mads: float = 25.0  # a value this many robust spreads from its dataset's median is out of range
     residual_periods: float = 0.5  # mean |skew| above this fraction of the camera's frame period
     flagged_rate: float = 0.05  # steps flagged (a view out of tolerance) above this rate
 
@@ -274,7 +274,7 @@ def _channel_swaps(name: str, episodes: list[dict], colour: dict, config: Doctor
 
 
 def _out_of_range(name: str, episodes: list[dict], tables: dict, config: DoctorConfig) -> list[Finding]:
-    """States and actions far outside their dataset's spread (median +- outlier_mads scaled MADs)."""
+    """States and actions far outside their dataset's spread (median +- outlier_mads robust spreads)."""
     out = []
     for column in ("state", "action"):
         rows = [(e, i, v) for e in episodes if e["episode_id"] in tables
@@ -285,8 +285,11 @@ def _out_of_range(name: str, episodes: list[dict], tables: dict, config: DoctorC
         values = np.asarray([v for _, _, v in rows], np.float64)
         finite = np.where(np.isfinite(values), values, np.nan)
         median = np.nanmedian(finite, axis=0)
-        spread = 1.4826 * np.nanmedian(np.abs(finite - median), axis=0)
-        spread = np.where(spread > 0, spread, np.nanstd(finite, axis=0) + 1e-9)
+        # The larger of two robust spreads: the scaled MAD, and the central 98% range as a normal's
+        # (q99 - q01 = 4.65 sigma). A near-constant dimension (a gripper that rarely moves) has a
+        # MAD of almost nothing and would flag its every move; a lone wild value sits outside q01..q99.
+        q01, q99 = np.nanquantile(finite, [0.01, 0.99], axis=0)
+        spread = np.maximum(1.4826 * np.nanmedian(np.abs(finite - median), axis=0), (q99 - q01) / 4.65) + 1e-9
         far = np.abs(finite - median) > config.outlier_mads * spread
         hits = defaultdict(list)
         for (e, step, _), row in zip(rows, far):
