@@ -264,7 +264,8 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
     with_config = {"config": config}
     # Model actors hold a fraction of a CPU: whole-CPU actors on a 2-CPU machine would leave no CPU
     # for the decode tasks feeding them, and the graph would stall. Their memory is what a B-32
-    # model's actor was measured to hold on CPU (weights, activations of a batch, the worker itself).
+    # model's actor was measured to hold on CPU (weights, activations of a batch, the worker itself;
+    # Ray Data's issue detector saw the CLIP actor reach 1.4 GiB in make demo, so it asks for 1.8).
     model = {"pool": "actor", "cpus": 0.25, "batch_size": 8}
     embeds = config.clip_model is not None
     return [
@@ -276,20 +277,22 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
         Stage(gate_clips, kwargs=with_config),
         Stage(fingerprints),
         # Weight-free near-duplicates, before the models spend time on them; one actor sees every
-        # clip of the build in turn (dedup.py).
-        *([Stage(FingerprintDeduplicator, **{**model, "cpus": 0.05}, kwargs={
+        # clip of the build in turn (dedup.py). The dedup actors reserve no CPU: they only compare
+        # small arrays, and a 0.05-CPU actor on a 1-CPU node leaves 0.95, which seats no 1-CPU
+        # decode task (a two-node cluster of 1-CPU nodes stalled with one such actor on each).
+        *([Stage(FingerprintDeduplicator, **{**model, "cpus": 0}, kwargs={
             "lake_root": lake.root, "max_bits": config.fingerprint_max_bits})]
           if config.fingerprint_max_bits is not None else []),
         Stage(thumbnails),
         Stage(Captioner, **model, memory_gb=2.0 if config.caption_model else None, kwargs={
             "model_name": config.caption_model, "pretrained": config.caption_pretrained,
             "max_tokens": config.caption_max_tokens}),
-        *([Stage(ClipEmbedder, **model, memory_gb=1.5, kwargs={
+        *([Stage(ClipEmbedder, **model, memory_gb=1.8, kwargs={
             "model_name": config.clip_model, "pretrained": config.clip_pretrained,
             "min_text_score": config.min_text_score})] if embeds else []),
         Stage(gallery.previews, batch_size=8),
         # Embedding near-duplicates: acts on real weights only (dedup.py).
-        *([Stage(Deduplicator, **{**model, "cpus": 0.05}, kwargs={
+        *([Stage(Deduplicator, **{**model, "cpus": 0}, kwargs={
             "lake_root": lake.root, "max_distance": config.dedup_max_distance})]
           if embeds and config.dedup_max_distance is not None else []),
         *([Stage(TokenizeClips, **model, kwargs={"checkpoint_dir": tokenizer})] if tokenizer else []),
