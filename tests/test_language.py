@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 from test_robot_readers import write_lerobot_v2
-from test_training_lakes import GRID, TEXT_MODEL, robot_lake, save_tokenizer, step_tokens, text_columns, text_embedder
+from test_training_lakes import GRID, METAWORLD_LAYOUTS, TEXT_MODEL, robot_lake, save_tokenizer, step_tokens, text_columns, text_embedder
 
 from gr2.lake.lake import Lake
 from gr2.robot.ingest import IngestConfig, ingest, instruction_columns
@@ -93,7 +93,8 @@ def two_instruction_lake(root: str) -> Lake:
         episodes.append({"episode_id": eid, "source": "test", "episode_key": str(e), "format": "lerobot",
                          "dataset": "test", "instruction": instruction, **text_columns(instruction, "instruction_embedding"),
                          "status": "accepted", "length": length, "state_dim": 8, "action_dim": 7,
-                         "action_space": "ee_delta", "cameras": ["corner"], "frame_width": 16, "frame_height": 16,
+                         "action_space": "ee_delta", **METAWORLD_LAYOUTS, "cameras": ["corner"], "frame_width": 16,
+                         "frame_height": 16,
                          "tokenizer_id": tokenizer_id, "build_id": "test"})
     lake.commit("steps", steps)
     lake.commit("episodes", episodes)

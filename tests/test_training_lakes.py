@@ -78,6 +78,18 @@ def step_tokens(episode: int, step: int, view: int) -> list[int]:
     return [base, (base + 1) % CODES, episode % CODES, view]
 
 
+def _metaworld_layouts() -> dict:
+    """The layouts ingest stores for a Meta-World recording (gr2.sim.record declares them)."""
+    from gr2.robot import layout as lay
+    from gr2.sim.record import ACTION_LAYOUT, STATE_LAYOUT
+
+    return {"state_layout": lay.to_rows(STATE_LAYOUT), "action_layout": lay.to_rows(lay.ee_delta(ACTION_LAYOUT[-1:])),
+            "source_action_layout": lay.to_rows(ACTION_LAYOUT)}
+
+
+METAWORLD_LAYOUTS = _metaworld_layouts()
+
+
 def robot_lake(root: str, episodes: int = 4, length: int = 12, cameras=("corner", "gripperPOV"),
                tokenizer_id: str | None = "", flagged: dict | None = None, seed: int = 0, tokenizer_seed: int = 0,
                instruction: str = INSTRUCTION) -> Lake:
@@ -115,7 +127,8 @@ def robot_lake(root: str, episodes: int = 4, length: int = 12, cameras=("corner"
         episode_rows.append({"episode_id": eid, "source": "test", "episode_key": str(e), "format": "lerobot",
                              "dataset": "test", "instruction": instruction, **text_columns(instruction, "instruction_embedding"),
                              "status": "accepted", "length": length,
-                             "state_dim": 8, "action_dim": 7, "action_space": "ee_delta", "cameras": list(cameras),
+                             "state_dim": 8, "action_dim": 7, "action_space": "ee_delta", **METAWORLD_LAYOUTS,
+                             "cameras": list(cameras),
                              "frame_width": 16, "frame_height": 16, "tokenizer_id": tokenizer_id or None,
                              "build_id": "test"})
     lake.commit("steps", step_rows)

@@ -203,6 +203,16 @@ ALIGNMENT_REPORT = pa.struct(
     ]
 )
 
+# One dimension of a state or action vector, as its reader declared it (robot/layout.py).
+LAYOUT = pa.list_(pa.struct([
+    pa.field("name", pa.string()),
+    pa.field("unit", pa.string()),  # "m", "rad", "1" (a ratio or a command without unit), "" unknown
+    pa.field("mode", pa.string()),  # absolute | delta
+    pa.field("gripper", pa.string()),  # null | binary | continuous
+    pa.field("low", pa.float64()),  # the declared range; a binary gripper's two values
+    pa.field("high", pa.float64()),
+]))
+
 EPISODES = pa.schema(
     [
         pa.field("episode_id", pa.string(), nullable=False),  # sha256 of the episode's content (of its uri when unreadable)
@@ -223,7 +233,12 @@ EPISODES = pa.schema(
         pa.field("state_fps", pa.float64()),
         pa.field("state_dim", pa.int32()),
         pa.field("action_dim", pa.int32()),
-        pa.field("action_space", pa.string()),  # ee_delta (pipelines/robot/actions.py) | native
+        pa.field("action_space", pa.string()),  # ee_delta (robot/actions.py) | native
+        # What each dimension of steps.state, steps.action and steps.source_action is (robot/layout.py):
+        # name, unit, absolute or delta, and which are grippers, binary or continuous.
+        pa.field("state_layout", LAYOUT),
+        pa.field("action_layout", LAYOUT),
+        pa.field("source_action_layout", LAYOUT),
         pa.field("cameras", pa.list_(pa.string())),  # view order of steps.views
         pa.field("frame_width", pa.int32()),
         pa.field("frame_height", pa.int32()),

@@ -92,12 +92,6 @@ def quat_from_wxyz(q: np.ndarray) -> np.ndarray:
 # -- the canonical action -----------------------------------------------------------------------
 
 
-def ee_delta_names(effector_dims: int) -> list[str]:
-    """Names of an ee_delta action's dimensions, in the module docstring's order."""
-    effector = ["gripper"] if effector_dims == 1 else [f"effector_{i}" for i in range(effector_dims)]
-    return ["dx", "dy", "dz", "rx", "ry", "rz", *effector]
-
-
 def ee_delta_actions(pos: np.ndarray, quat: np.ndarray, effector: np.ndarray) -> np.ndarray:
     """[T-1, 6+k] ee_delta actions from a pose per step (see the module docstring)."""
     pos, quat = np.asarray(pos, np.float64), quat_normalize(quat)

@@ -25,11 +25,25 @@ import os
 
 import numpy as np
 
+from gr2.robot import layout as lay
 from gr2.robot.actions import quat_from_euler, quat_from_wxyz
 from gr2.robot.episode import Camera, EndEffector, Episode, EpisodeError, EpisodeRef, VideoFrames, video_timestamps
 
 FORMAT = "annotated-json"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+
+# The declared layouts, by the state's width. RT-1's and Bridge's gripper is an opening in [0, 1]
+# (Bridge's sample holds 0.92): continuous, never a sign. Their actions are per-step pose deltas.
+OPENING = lay.continuous_gripper(low=0.0, high=1.0)
+HAND = lay.dims(" ".join(f"hand_{i}" for i in range(12)), "rad")  # xhand's twelve joint targets
+LAYOUTS = {
+    7: (lay.dims("x y z", "m") + lay.dims("roll pitch yaw", "rad") + (OPENING,),
+        lay.dims("dx dy dz", "m", "delta") + lay.dims("droll dpitch dyaw", "rad", "delta") + (OPENING,),
+        (OPENING,)),
+    19: (lay.dims("x y z", "m") + lay.dims("qw qx qy qz", "1") + HAND,
+         lay.dims("x y z", "m") + lay.dims("qw qx qy qz", "1") + HAND,  # absolute targets, as the state
+         HAND),
+}
 
 
 def is_dataset(path: str) -> bool:
@@ -110,8 +124,11 @@ def load_episode(ref: EpisodeRef) -> Episode:
         cameras[name] = Camera(name, times, frames, fps)
     fps = next(iter(cameras.values())).fps if cameras else 1.0
     t = np.arange(len(state)) / fps
+    state_layout, action_layout, _ = LAYOUTS.get(state.shape[1], (None, None, None))
     return Episode(ref, texts[0] if texts else None, t, state, action, cameras, _end_effector(ann, state),
-                   meta={"source_episode_id": str(ann.get("episode_id", ""))})
+                   meta={"source_episode_id": str(ann.get("episode_id", ""))},
+                   state_layout=state_layout or lay.unknown(state.shape[1], "state"),
+                   action_layout=lay.or_unknown(action_layout or (), action.shape[1], "action"))
 
 
 def _array(ann: dict, keys: tuple[str, ...], ref: EpisodeRef) -> np.ndarray:
@@ -145,4 +162,4 @@ def _end_effector(ann: dict, state: np.ndarray) -> EndEffector | None:
     else:
         return None
     effector = np.concatenate([grip[1:], grip[-1:]], axis=0)  # where step t leads: the value at t+1
-    return EndEffector(state[:, :3], quat, effector)
+    return EndEffector(state[:, :3], quat, effector, LAYOUTS[state.shape[1]][2])

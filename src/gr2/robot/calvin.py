@@ -22,12 +22,20 @@ import pickle
 
 import numpy as np
 
+from gr2.robot import layout as lay
 from gr2.robot.actions import quat_from_euler
 from gr2.robot.episode import ArrayFrames, Camera, EndEffector, Episode, EpisodeError, EpisodeRef
 
 FORMAT = "calvin"
 FPS = 30.0
 CAMERAS = {"rgb_static": "static", "rgb_gripper": "gripper"}
+# robot_obs and rel_actions as CALVIN documents them; its gripper action is -1 (open) or 1 (close).
+# rel_actions are scaled and clipped to [-1, 1] (position x50, rotation x20): unitless deltas.
+GRIPPER_ACTION = lay.binary_gripper("gripper_action")
+STATE_LAYOUT = (lay.dims("tcp_x tcp_y tcp_z", "m") + lay.dims("tcp_rx tcp_ry tcp_rz", "rad")
+                + (lay.continuous_gripper("gripper_width", unit="m"),)
+                + lay.dims(" ".join(f"joint_{i}" for i in range(7)), "rad") + (GRIPPER_ACTION,))
+ACTION_LAYOUT = lay.dims("dx dy dz drx dry drz", "1", "delta") + (lay.binary_gripper(),)
 ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
 
 
@@ -124,6 +132,8 @@ def load_episode(ref: EpisodeRef) -> Episode:
     for key, name in CAMERAS.items():
         if all(key in s for s in steps):
             cameras[name] = Camera(name, t.copy(), ArrayFrames(np.stack([s[key] for s in steps])), FPS)
-    ee = EndEffector(robot_obs[:, :3], quat_from_euler(robot_obs[:, 3:6], "xyz"), actions[:, 6:7])
-    return Episode(ref, instruction, t, robot_obs, np.stack([s["rel_actions"] for s in steps]).astype(np.float64),
-                   cameras, ee, meta={"first": first, "last": last})
+    rel_actions = np.stack([s["rel_actions"] for s in steps]).astype(np.float64)
+    ee = EndEffector(robot_obs[:, :3], quat_from_euler(robot_obs[:, 3:6], "xyz"), actions[:, 6:7], (lay.binary_gripper(),))
+    return Episode(ref, instruction, t, robot_obs, rel_actions, cameras, ee, meta={"first": first, "last": last},
+                   state_layout=lay.or_unknown(STATE_LAYOUT, robot_obs.shape[1], "state"),
+                   action_layout=lay.or_unknown(ACTION_LAYOUT, rel_actions.shape[1], "action"))

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from gr2.errors import Gr2Error
+from gr2.robot.layout import Layout
 
 
 class EpisodeError(Gr2Error):
@@ -169,6 +170,7 @@ class EndEffector:
     pos: np.ndarray  # [T, 3] metres, robot base frame
     quat: np.ndarray  # [T, 4] unit quaternion (x, y, z, w), base frame
     effector: np.ndarray  # [T, k] the gripper (k=1) or hand command at each step
+    layout: Layout | None = None  # what the k effector dimensions are (layout.py); None: undeclared
 
 
 @dataclass
@@ -183,6 +185,8 @@ class Episode:
     cameras: dict[str, Camera]
     end_effector: EndEffector | None = None
     meta: dict = field(default_factory=dict)
+    state_layout: Layout | None = None  # what each state and action dimension is (layout.py); None: undeclared
+    action_layout: Layout | None = None
 
     @property
     def length(self) -> int:
@@ -206,6 +210,14 @@ class Episode:
         if len(self.action) not in (t, t - 1):
             raise EpisodeError(f"{name}: length mismatch: state has {t} steps, action has {len(self.action)}")
         _check_times(name, "timestamp", self.timestamps_s, t)
+        ee = self.end_effector
+        declared = (("state", self.state_layout, self.state), ("action", self.action_layout, self.action),
+                    ("end_effector.effector", ee.layout if ee else None, ee.effector if ee else None))
+        for what, layout, values in declared:
+            width = np.asarray(values).reshape(len(values), -1).shape[1] if layout is not None else None
+            if layout is not None and len(layout) != width:
+                raise EpisodeError(f"{name}: {what} has {width} dimensions but the source declares "
+                                   f"{len(layout)} ({', '.join(d.name for d in layout)})")
         if self.end_effector is not None:
             for part in ("pos", "quat", "effector"):
                 arr = np.asarray(getattr(self.end_effector, part))
@@ -233,9 +245,9 @@ class Episode:
         action = np.asarray(self.action)[keep[:-1] if between else keep]
         ee = self.end_effector
         if ee is not None:
-            ee = EndEffector(ee.pos[keep], ee.quat[keep], ee.effector[keep])
+            ee = EndEffector(ee.pos[keep], ee.quat[keep], ee.effector[keep], ee.layout)
         return Episode(self.ref, self.instruction, self.timestamps_s[keep], self.state[keep], action,
-                       self.cameras, ee, {**self.meta, "every": n})
+                       self.cameras, ee, {**self.meta, "every": n}, self.state_layout, self.action_layout)
 
     def content_id(self) -> str:
         """sha256 over every array and every camera's frames: the same content, the same id."""

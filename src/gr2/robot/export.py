@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from gr2.errors import Gr2Error
 from gr2.robot import actions as act
+from gr2.robot import layout as lay
 from gr2.robot import lerobot
 from gr2.robot.episode import decode_jpeg, video_timestamps
 
@@ -135,16 +136,11 @@ def clock_error_s(timestamps_s: np.ndarray, fps: int) -> float:
     return float(np.max(np.abs(t - t[0] - np.arange(len(t)) / fps))) if len(t) else 0.0
 
 
-def feature_names(row: dict, column: str, width: int) -> list[str]:
-    """Names of a state or action vector's dimensions, as the source or the action space gives them."""
-    if column == "action" and row["action_space"] == act.ACTION_SPACE:
-        return act.ee_delta_names(width - 6)
-    key = lerobot.STATE_KEY if column == "state" else lerobot.ACTION_KEY
-    if row["format"] == lerobot.FORMAT and lerobot.is_dataset(row["source"]):
-        names = lerobot.feature_names(lerobot.read_info(row["source"]), key)
-        if names and len(names) == width:
-            return names
-    return [f"{column}_{i}" for i in range(width)]
+def feature_layout(row: dict, column: str, width: int) -> lay.Layout:
+    """A state or action vector's layout as the lake declares it; positional names for a row that
+    declares none or another width."""
+    declared = lay.from_rows(row.get(f"{column}_layout"))
+    return declared if declared is not None and len(declared) == width else lay.unknown(width, column)
 
 
 # -- one episode's values -------------------------------------------------------------------------
@@ -241,8 +237,8 @@ class DatasetWriter:
         return {
             "cameras": cams,
             "action_space": row["action_space"],
-            "state_names": feature_names(row, "state", state_w),
-            "action_names": feature_names(row, "action", action_w),
+            "state_layout": feature_layout(row, "state", state_w),
+            "action_layout": feature_layout(row, "action", action_w),
         }
 
     def check(self, row: dict, steps: pa.Table) -> str | None:
@@ -251,10 +247,12 @@ class DatasetWriter:
         if self.layout is None:
             return None
         # Cameras are not compared: an episode needs the dataset's, and episode_frames says when one lacks them.
-        for key, what in (("action_space", "action space"), ("state_names", "state dimensions"),
-                          ("action_names", "action dimensions")):
-            if layout[key] != self.layout[key]:
-                return f"{what} {layout[key]} differ from the dataset's {self.layout[key]}"
+        if layout["action_space"] != self.layout["action_space"]:
+            return f"action space {layout['action_space']} differs from the dataset's {self.layout['action_space']}"
+        for key, what in (("state_layout", "state dimensions"), ("action_layout", "action dimensions")):
+            if not lay.same(layout[key], self.layout[key]):
+                return (f"{what} {lay.names(layout[key])} differ from the dataset's {lay.names(self.layout[key])} "
+                        "(names, units, modes or grippers)")
         return None
 
     def add(self, row: dict, steps: pa.Table, frames: dict[str, np.ndarray], view_ok: np.ndarray) -> None:
@@ -271,7 +269,7 @@ class DatasetWriter:
         task_index = self.tasks.setdefault(task, len(self.tasks))
         state = np.asarray(steps.column("state").to_pylist(), np.float32)
         action, action_ok = filled_actions(steps.column("action").to_pylist(), row["action_space"],
-                                           len(self.layout["action_names"]))
+                                           len(self.layout["action_layout"]))
         self.values["observation.state"].append(state)
         self.values["action"].append(action[action_ok])
         self.report.filled_actions += int((~action_ok).sum())
@@ -379,10 +377,11 @@ class DatasetWriter:
                          "video.is_depth_map": False, "video.fps": self.fps, "video.channels": 3, "has_audio": False},
             }
         features.update({
-            "observation.state": {"dtype": "float32", "shape": [len(layout["state_names"])],
-                                  "names": layout["state_names"]},
-            "action": {"dtype": "float32", "shape": [len(layout["action_names"])], "names": layout["action_names"],
-                       "gr2.action_space": layout["action_space"]},
+            "observation.state": {"dtype": "float32", "shape": [len(layout["state_layout"])],
+                                  "names": lay.names(layout["state_layout"]),
+                                  lerobot.LAYOUT_KEY: lay.to_rows(layout["state_layout"])},
+            "action": {"dtype": "float32", "shape": [len(layout["action_layout"])], "names": lay.names(layout["action_layout"]),
+                       "gr2.action_space": layout["action_space"], lerobot.LAYOUT_KEY: lay.to_rows(layout["action_layout"])},
             "timestamp": {"dtype": "float32", "shape": [1], "names": None},
             "frame_index": {"dtype": "int64", "shape": [1], "names": None},
             "episode_index": {"dtype": "int64", "shape": [1], "names": None},

@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from gr2.robot import layout as lay
 from gr2.robot.episode import ArrayFrames, Camera, EndEffector, Episode, EpisodeError, EpisodeRef
 
 ROBOMIMIC = "hdf5-robomimic"
@@ -31,6 +32,15 @@ ALOHA = "hdf5-aloha"
 ALOHA_FPS = 50.0
 ROBOMIMIC_FPS = 20.0
 STATE_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+# robomimic's OSC actions are scaled to [-1, 1] (unitless deltas); its gripper is -1 open, 1 closed.
+ROBOMIMIC_STATE = (lay.dims("x y z", "m") + lay.dims("qx qy qz qw", "1")
+                   + (lay.continuous_gripper("finger_left", unit="m"), lay.continuous_gripper("finger_right", unit="m")))
+ROBOMIMIC_ACTION = lay.dims("dx dy dz", "1", "delta") + lay.dims("rx ry rz", "1", "delta") + (lay.binary_gripper(),)
+# ALOHA: per arm six joint angles and a gripper opening, as state and as absolute joint targets.
+ALOHA_LAYOUT = tuple(d for side in ("left", "right") for d in (
+    *lay.dims(" ".join(f"{side}_{j}" for j in ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle",
+                                                "wrist_rotate")), "rad"),
+    lay.continuous_gripper(f"{side}_gripper")))
 
 
 def _files(source: str) -> list[str]:
@@ -130,16 +140,21 @@ def _robomimic(ref: EpisodeRef, f, demo: str) -> Episode:
     low_dim = [k for k in STATE_KEYS if k in obs] or sorted(k for k in obs.keys() if not k.endswith("_image"))
     state = np.concatenate([np.asarray(obs[k], np.float64).reshape(len(obs[k]), -1) for k in low_dim], axis=1)
     t = np.arange(len(state)) / fps
+    action_layout = lay.or_unknown(ROBOMIMIC_ACTION, actions.shape[1], "action")
     ee = None
     if "robot0_eef_pos" in obs and "robot0_eef_quat" in obs:
-        effector = actions[:, -1:] if actions.shape[1] >= 7 and len(actions) == len(state) else np.zeros((len(state), 0))
-        ee = EndEffector(np.asarray(obs["robot0_eef_pos"], np.float64), np.asarray(obs["robot0_eef_quat"], np.float64), effector)
+        has_gripper = actions.shape[1] >= 7 and len(actions) == len(state)
+        effector = actions[:, -1:] if has_gripper else np.zeros((len(state), 0))
+        ee = EndEffector(np.asarray(obs["robot0_eef_pos"], np.float64), np.asarray(obs["robot0_eef_quat"], np.float64),
+                         effector, action_layout[-1:] if has_gripper else ())
     cameras = {}
     for name in _robomimic_cameras(g):
         frames = obs[f"{name}_image"]
         cameras[name] = Camera(name, np.arange(len(frames)) / fps, ArrayFrames(frames), fps)
+    state_layout = ROBOMIMIC_STATE if tuple(low_dim) == STATE_KEYS else ()
     return Episode(ref, _robomimic_instruction(data, g), t, state, actions, cameras, ee,
-                   meta={"low_dim_keys": low_dim, "_file": f})
+                   meta={"low_dim_keys": low_dim, "_file": f},
+                   state_layout=lay.or_unknown(state_layout, state.shape[1], "state"), action_layout=action_layout)
 
 
 def _control_freq(env_args) -> float:
@@ -175,7 +190,9 @@ def _aloha(ref: EpisodeRef, f) -> Episode:
         frames = images[name]
         cameras[name] = Camera(name, np.arange(len(frames)) / fps, ArrayFrames(frames, decode_jpeg=compressed), fps)
     instruction = _text(f.attrs["instruction"]) if "instruction" in f.attrs else None
-    return Episode(ref, instruction, t, state, action, cameras, None, meta={"_file": f})
+    return Episode(ref, instruction, t, state, action, cameras, None, meta={"_file": f},
+                   state_layout=lay.or_unknown(ALOHA_LAYOUT, state.shape[1], "state"),
+                   action_layout=lay.or_unknown(ALOHA_LAYOUT, action.shape[1], "action"))
 
 
 def _text(value) -> str | None:

@@ -34,6 +34,7 @@ from gr2.lake.provenance import settings_hash
 from gr2.lake.uri import is_remote, local_path
 from gr2.robot import actions as act
 from gr2.robot import annotated_json, calvin, hdf5, lerobot, remote
+from gr2.robot import layout as lay
 from gr2.robot.align import (
     AlignConfig,
     AlignmentError,
@@ -243,12 +244,14 @@ def _rows(episode: Episode, episode_id: str, config: IngestConfig, build_id: str
     flagged = alignment.flagged
     t = episode.length
 
+    source_layout = episode.action_layout or lay.unknown(np.asarray(episode.action).reshape(len(episode.action), -1).shape[1], "action")
     if episode.end_effector is not None:
         ee = episode.end_effector
         actions = act.ee_delta_actions(ee.pos, ee.quat, ee.effector)
         space = act.ACTION_SPACE
+        action_layout = lay.ee_delta(ee.layout if ee.layout is not None else lay.unknown(actions.shape[1] - 6, "effector"))
     else:
-        actions, space = np.asarray(episode.action, np.float64), "native"
+        actions, space, action_layout = np.asarray(episode.action, np.float64), "native", source_layout
     config_hash = config.hash()
     row = {
         "episode_id": episode_id,
@@ -265,6 +268,10 @@ def _rows(episode: Episode, episode_id: str, config: IngestConfig, build_id: str
         "state_dim": int(episode.state.shape[1]),
         "action_dim": int(actions.shape[1]) if actions.ndim == 2 else 0,
         "action_space": space,
+        # what each dimension is, as the reader declared it: normalisation and the model follow it
+        "state_layout": lay.to_rows(episode.state_layout or lay.unknown(episode.state.shape[1], "state")),
+        "action_layout": lay.to_rows(action_layout),
+        "source_action_layout": lay.to_rows(source_layout),
         "cameras": cams,
         "alignment": alignment.report,
         "flagged_steps": int(flagged.sum()),

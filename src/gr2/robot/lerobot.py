@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from gr2.robot import layout as lay
 from gr2.robot.actions import quat_from_euler
 from gr2.robot.episode import (
     Camera,
@@ -36,6 +37,7 @@ from gr2.robot.episode import (
 
 FORMAT = "lerobot"
 STATE_KEY = "observation.state"
+LAYOUT_KEY = "gr2_layout"  # beside a feature's names in meta/info.json: its declared layout (layout.py)
 ACTION_KEY = "action"
 # Not a LeRobot key: a camera's calibrated latency (s), which a rig that knows it may declare.
 LATENCY_KEY = "gr2.latency_s"
@@ -125,6 +127,8 @@ def load_episode(ref: EpisodeRef) -> Episode:
         cameras=cameras,
         end_effector=end_effector(info, state, action),
         meta={"codebase_version": info.get("codebase_version"), "robot_type": info.get("robot_type")},
+        state_layout=feature_layout(info, STATE_KEY, state.shape[1]),
+        action_layout=feature_layout(info, ACTION_KEY, action.shape[1]),
     )
 
 
@@ -254,12 +258,29 @@ def end_effector(info: dict, state: np.ndarray, action: np.ndarray) -> EndEffect
         return None
     action_names = feature_names(info, ACTION_KEY)
     if action_names and "gripper" in action_names and len(action) == len(state):
-        effector = action[:, [action_names.index("gripper")]]
+        i = action_names.index("gripper")
+        effector, layout = action[:, [i]], feature_layout(info, ACTION_KEY, action.shape[1])[i:i + 1]
     elif "gripper" in names:
-        effector = state[:, [names.index("gripper")]]
+        i = names.index("gripper")
+        effector, layout = state[:, [i]], feature_layout(info, STATE_KEY, state.shape[1])[i:i + 1]
     else:
-        effector = np.zeros((len(state), 0))
-    return EndEffector(pos=pos, quat=quat, effector=effector)
+        effector, layout = np.zeros((len(state), 0)), ()
+    return EndEffector(pos=pos, quat=quat, effector=effector, layout=layout)
+
+
+def feature_layout(info: dict, key: str, width: int) -> lay.Layout:
+    """A vector feature's layout: as declared under the feature's `gr2_layout` (our recordings and
+    exports write it), else from its names, where a dimension named like a gripper is taken for a
+    continuous one: regressed, the reading that never turns a half-open gripper into a closed one."""
+    declared = info.get("features", {}).get(key, {}).get(LAYOUT_KEY)
+    if declared:
+        layout = lay.from_rows(declared)
+        lay.check(layout, width, f"{key} in meta/info.json")
+        return layout
+    names = feature_names(info, key)
+    if not names or len(names) != width:
+        return lay.unknown(width, key.rsplit(".", 1)[-1])
+    return tuple(lay.continuous_gripper(n) if "gripper" in n.lower() else lay.Dim(n) for n in names)
 
 
 def feature_names(info: dict, key: str) -> list[str] | None:

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gr2.robot.lerobot import LATENCY_KEY
+from gr2.robot import layout as lay
+from gr2.robot.lerobot import LATENCY_KEY, LAYOUT_KEY
 from gr2.sim.env import SimError, expert_policy, make_env
 
 INSTRUCTIONS = {
@@ -57,6 +58,11 @@ INSTRUCTIONS = {
 
 STATE_NAMES = ["x", "y", "z", "qx", "qy", "qz", "qw", "gripper"]
 ACTION_NAMES = ["dx", "dy", "dz", "gripper"]
+# Meta-World's hand pose in metres, its finger opening in [0, 1]; its action moves the hand by
+# action_scale (1/100 m) per unit and its gripper effort is -1 (open) or +1 (close) from the experts.
+STATE_LAYOUT = (lay.dims("x y z", "m") + lay.dims("qx qy qz qw", "1")
+                + (lay.continuous_gripper("gripper", 0.0, 1.0),))
+ACTION_LAYOUT = lay.dims("dx dy dz", "cm", "delta") + (lay.binary_gripper("gripper", -1.0, 1.0),)
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 TIMESTAMPS_PATH = "timestamps/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.parquet"
@@ -277,8 +283,10 @@ def write_meta(out: str, config: RecordConfig, recordings: list[EpisodeRecording
     }
     features.update(
         {
-            "observation.state": {"dtype": "float32", "shape": [len(STATE_NAMES)], "names": STATE_NAMES},
-            "action": {"dtype": "float32", "shape": [len(ACTION_NAMES)], "names": ACTION_NAMES},
+            "observation.state": {"dtype": "float32", "shape": [len(STATE_NAMES)], "names": STATE_NAMES,
+                                  LAYOUT_KEY: lay.to_rows(STATE_LAYOUT)},
+            "action": {"dtype": "float32", "shape": [len(ACTION_NAMES)], "names": ACTION_NAMES,
+                       LAYOUT_KEY: lay.to_rows(ACTION_LAYOUT)},
             "timestamp": {"dtype": "float32", "shape": [1], "names": None},
             "frame_index": {"dtype": "int64", "shape": [1], "names": None},
             "episode_index": {"dtype": "int64", "shape": [1], "names": None},

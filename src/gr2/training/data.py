@@ -36,6 +36,7 @@ from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
 from gr2.lake.query import sql_literal
 from gr2.robot import actions as act
+from gr2.robot import layout as lay
 
 STAGES = ("pretrain", "finetune")
 NO_TEXT = {"model": None, "pretrained": None, "dim": 512}  # a lake without text: zeros, GR2Config's text_dim
@@ -79,7 +80,9 @@ class DataSpec:
     cameras: tuple[str, ...] = ()
     state_dim: int = 0
     action_dim: int = 0
-    stats: dict = field(default_factory=dict)  # {"state": {"mean", "std"}, "action": {...}} (arm dims)
+    stats: dict = field(default_factory=dict)  # {"state": {"mean", "std"}, "action": {...}} (every dim)
+    state_layout: list = field(default_factory=list)  # the model's state and action dims (robot/layout.py rows)
+    action_layout: list = field(default_factory=list)
     instructions: dict = field(default_factory=dict)  # episode_id -> instruction (fine-tuning's text)
     text_embeddings: dict = field(default_factory=dict)  # instruction -> its stored embedding (fine-tuning)
     text: dict = field(default_factory=lambda: dict(NO_TEXT))  # the text model: {"model", "pretrained", "dim"}
@@ -232,8 +235,13 @@ def _plan_steps(lake: Lake, history: int, chunk: int, config: DataConfig, tokeni
         raise TrainingDataError(f"lake {lake.root} has no robot episodes: ingest some (gr2 ingest-robot) first")
     text_cols = [c for c in ("instruction_embedding", "text_model", "text_pretrained")
                  if c in lake.dataset("episodes").schema.names]
+    layout_column = "source_action_layout" if config.action_column == "source_action" else "action_layout"
+    if layout_column not in lake.dataset("episodes").schema.names:
+        raise TrainingDataError(f"lake {lake.root} was ingested before episodes declared their state and action "
+                                "layouts: ingest the robot data again into a new lake")
     episodes = lake.read("episodes", columns=["episode_id", "status", "cameras", "tokenizer_id", "instruction",
-                                              "action_dim", "state_dim", *text_cols], filter="status = 'accepted'")
+                                              "action_dim", "state_dim", "state_layout", layout_column, *text_cols],
+                         filter="status = 'accepted'")
     if len(episodes) == 0:
         raise TrainingDataError(f"lake {lake.root} has no accepted robot episodes")
     rows = episodes.to_pylist()
@@ -243,6 +251,9 @@ def _plan_steps(lake: Lake, history: int, chunk: int, config: DataConfig, tokeni
     if untokenized:
         raise TrainingDataError(f"{len(untokenized)} accepted episodes in {lake.root} have no tokens of tokenizer "
                                 f"{tokenizer_id} (e.g. {untokenized[0]}); tokenize them before training")
+    # before anything else about the episodes: vectors of two layouts cannot be mixed at all
+    action_layout = _one_layout(rows, layout_column)
+    state_layout = _select_layout(_one_layout(rows, "state_layout"), config.state_dims)
     cameras = tuple(config.cameras) or tuple(rows[0]["cameras"] or ())
     for r in rows:
         missing = [c for c in cameras if c not in (r["cameras"] or [])]
@@ -270,16 +281,36 @@ def _plan_steps(lake: Lake, history: int, chunk: int, config: DataConfig, tokeni
                     codebook_size=codebook, tokenizer_id=tokenizer_id, tokenizer_path=path,
                     table_version=steps.version, train_ids=train, heldout_ids=held, config=config,
                     cameras=cameras, state_dim=state_dim, action_dim=action_dim, stats=stats,
+                    state_layout=lay.to_rows(state_layout), action_layout=lay.to_rows(action_layout),
                     instructions={r["episode_id"]: r["instruction"] or "" for r in rows},
                     text_embeddings=embeddings, text=text)
 
 
+def _one_layout(rows: list[dict], column: str) -> lay.Layout:
+    """The layout every training episode declares for `column`; refused when two differ (their
+    vectors would be mixed dimension by dimension)."""
+    first = lay.from_rows(rows[0][column])
+    for r in rows[1:]:
+        other = lay.from_rows(r[column])
+        if not lay.same(first, other):
+            raise TrainingDataError(
+                f"episodes {rows[0]['episode_id']} and {r['episode_id']} declare different {column.replace('_', ' ')}s "
+                f"({', '.join(lay.names(first))} vs {', '.join(lay.names(other))}): train on one with --where")
+    return first
+
+
+def _select_layout(layout: lay.Layout, dims: tuple[int, ...] | None) -> lay.Layout:
+    if dims is not None and max(dims) >= len(layout):
+        raise TrainingDataError(f"state dims {list(dims)} do not exist in a state of width {len(layout)}")
+    return lay.select(layout, dims)
+
+
 def _robot_stats(steps, train: tuple[str, ...], config: DataConfig) -> tuple[dict, int, int]:
-    """Mean/std of the state dims and of the action's arm dims over the training episodes.
+    """Mean/std of every state and action dim over the training episodes.
 
     Computed here rather than read from the lake's stats file because training normalises its own
     choice of columns and dims, over its own split; the stats go into every checkpoint so the policy
-    undoes exactly this. The gripper stays raw: its sign is the label (model.py)."""
+    undoes exactly this. A binary gripper's are unused: layout.to_model makes it -1/+1, its label."""
     t = steps.to_table(columns=["episode_id", "state", config.action_column],
                        filter=f"episode_id IN ({', '.join(sql_literal(i) for i in train)})")
     state = _select(np.asarray(t.column("state").to_pylist(), np.float64), config.state_dims, "state")
@@ -287,7 +318,7 @@ def _robot_stats(steps, train: tuple[str, ...], config: DataConfig) -> tuple[dic
     if not actions:
         raise TrainingDataError(f"steps of the training episodes have no {config.action_column!r} values")
     action = np.asarray(actions, np.float64)
-    return ({"state": _mean_std(state), "action": _mean_std(action[:, :-1])}, state.shape[1], action.shape[1])
+    return ({"state": _mean_std(state), "action": _mean_std(action)}, state.shape[1], action.shape[1])
 
 
 def _mean_std(x: np.ndarray) -> dict:
@@ -440,9 +471,9 @@ def episode_windows(steps: pa.Table, spec: DataSpec, episode_id: str = "",
     text: the instruction's stored embedding (None: no instruction)."""
     text = text if text is not None else text_vector(spec, None)
     arrays = episode_arrays(steps, spec, episode_id)
-    state = act.normalize(arrays["state"], spec.stats["state"]).astype(np.float32)
-    action = arrays["action"].copy()
-    action[:, :-1] = act.normalize(action[:, :-1], spec.stats["action"])  # the gripper's sign is its label: raw
+    # as the declared layouts say: regressed dims zero-mean unit-std, binary grippers -1/+1
+    state = lay.to_model(arrays["state"], spec.stats["state"], lay.from_rows(spec.state_layout)).astype(np.float32)
+    action = lay.to_model(arrays["action"], spec.stats["action"], lay.from_rows(spec.action_layout))
     w = act.windows(state, action.astype(np.float32), arrays["action_missing"], spec.history, spec.chunk)
     step_ok = arrays["view_ok"].all(1)
     for t in range(len(steps)):

@@ -23,7 +23,7 @@ import torch
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
 from gr2.lake.query import sql_literal
-from gr2.robot.actions import normalize, unnormalize
+from gr2.robot import layout as lay
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, iter_batches, plan_data
 
@@ -61,6 +61,12 @@ def data_spec_for(lake: Lake, meta: dict) -> DataSpec:
         ckpt.check_text_model(meta, spec.text, lake.root)
     except ckpt.CheckpointError as e:
         raise EvaluationError(str(e)) from None
+    for key in ("state_layout", "action_layout"):
+        mine = meta["data"].get(key)
+        if spec.stage == "finetune" and mine is not None and not lay.same(lay.from_rows(mine), lay.from_rows(getattr(spec, key))):
+            raise EvaluationError(f"checkpoint {meta['checkpoint_id']} was trained on a {key.replace('_', ' ')} of "
+                                  f"{', '.join(lay.names(lay.from_rows(mine)))}; the lake's episodes declare "
+                                  f"{', '.join(lay.names(lay.from_rows(getattr(spec, key))))}")
     return dataclasses.replace(spec, stats=meta["stats"])
 
 
@@ -83,10 +89,14 @@ def heldout_metrics(model, spec: DataSpec, config: EvalConfig = EvalConfig()) ->
             pred = model.select_action(b)[:, 0].numpy()
             true = b["action"][:, -1, 0].numpy()
             valid = ~b["action_is_pad"][:, -1, 0].numpy()
-            arm = np.abs(unnormalize(pred[:, :-1], spec.stats["action"]) - unnormalize(true[:, :-1], spec.stats["action"]))
-            sums["action_l1_units"] = sums.get("action_l1_units", 0.0) + float(arm[valid].mean(1).sum())
-            sums["first_action_gripper_accuracy"] = sums.get("first_action_gripper_accuracy", 0.0) + float(
-                (np.sign(pred[valid, -1]) == np.sign(true[valid, -1])).sum())
+            layout = lay.from_rows(spec.action_layout)
+            regressed = [i for i in range(len(layout)) if i not in lay.binary_dims(layout)]
+            binary = list(lay.binary_dims(layout))
+            arm = np.abs(lay.from_model(pred, spec.stats["action"], layout) - lay.from_model(true, spec.stats["action"], layout))
+            sums["action_l1_units"] = sums.get("action_l1_units", 0.0) + float(arm[valid][:, regressed].mean(1).sum())
+            if binary:
+                sums["first_action_gripper_accuracy"] = sums.get("first_action_gripper_accuracy", 0.0) + float(
+                    (np.sign(pred[valid][:, binary]) == np.sign(true[valid][:, binary])).mean(1).sum())
             sums["_valid"] = sums.get("_valid", 0.0) + float(valid.sum())
         n += size
     if n == 0:
@@ -183,11 +193,13 @@ class MetaWorldPolicy:
         data = meta["data"]
         self.cameras, self.history, self.stats = data["cameras"], data["history"], meta["stats"]
         self.action_column = data["action_column"]
+        self.action_layout = lay.from_rows(data["action_layout"])
         h, w = data["grid"]
         f = self.tokenizer.config.downsample
         self.size = (w * f, h * f)
         dims = data["state_dims"] if data["state_dims"] is not None else list(range(len(STATE_NAMES)))
         self.state_names = [STATE_NAMES[d] for d in dims]
+        self.state_layout = lay.from_rows(data["state_layout"])
         mean = np.asarray(self.stats["state"]["mean"])
         self.state_fill = {n: mean[i] for i, n in enumerate(self.state_names)}
         self.text = torch.as_tensor(instruction_embedding(meta, instruction, lake or meta.get("lake")))[None]
@@ -216,7 +228,7 @@ class MetaWorldPolicy:
         x, y, z, gripper = observation["observation.state"]
         seen = {"x": x, "y": y, "z": z, "gripper": gripper}
         raw = np.array([seen.get(n, self.state_fill[n]) for n in self.state_names])
-        return normalize(raw, self.stats["state"]).astype(np.float32)
+        return lay.to_model(raw, self.stats["state"], self.state_layout).astype(np.float32)
 
     @torch.no_grad()
     def __call__(self, observation: dict) -> np.ndarray:
@@ -231,7 +243,7 @@ class MetaWorldPolicy:
         obs = {"frames": torch.stack(frames)[None], "state": torch.as_tensor(np.stack(states))[None],
                "step_is_pad": torch.tensor([[True] * pad + [False] * len(self.frames)]), "text_embedding": self.text}
         chunk = self.model.select_action(obs)[0].numpy().astype(np.float64)
-        chunk[:, :-1] = unnormalize(chunk[:, :-1], self.stats["action"])
+        chunk = lay.from_model(chunk, self.stats["action"], self.action_layout)
         if self.action_column != "source_action":  # ee_delta: metres -> Meta-World's command units
             chunk = np.concatenate([chunk[:, :3] / self.ACTION_SCALE, chunk[:, -1:]], axis=1)
         actions = [np.clip(a, -1.0, 1.0).astype(np.float32) for a in chunk]

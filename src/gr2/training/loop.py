@@ -31,6 +31,7 @@ from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake
 from gr2.lake.provenance import settings_hash
 from gr2.lake.uri import is_remote
+from gr2.robot import layout as lay
 from gr2.training import checkpoint as ckpt
 from gr2.training.data import DataConfig, DataSpec, TrainingDataError, iter_batches, plan_data
 from gr2.training.launcher import check_cluster, launch
@@ -120,7 +121,9 @@ def model_config_for(config: TrainConfig, spec: DataSpec) -> GR2Config:
     derived: dict[str, Any] = {"codebook_size": spec.codebook_size, "grid_h": spec.grid[0], "grid_w": spec.grid[1],
                                "text_dim": spec.text["dim"]}
     if spec.stage == "finetune":
-        derived.update(n_views=len(spec.cameras), state_dim=spec.state_dim, action_dim=spec.action_dim)
+        derived.update(n_views=len(spec.cameras), state_dim=spec.state_dim, action_dim=spec.action_dim,
+                       action_binary=lay.binary_dims(lay.from_rows(spec.action_layout)),
+                       state_gripper=lay.gripper_dims(lay.from_rows(spec.state_layout)))
     clash = {k: (config.model[k], v) for k, v in derived.items() if k in config.model and config.model[k] != v}
     if clash:
         raise TrainingConfigError("model settings contradict the lake: " + ", ".join(
@@ -384,7 +387,8 @@ def checkpoint_meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, 
         "table_version": spec.table_version, "init": args["init"],
         "data": {"history": spec.history, "chunk": spec.chunk, "cameras": list(spec.cameras),
                  "state_dims": list(spec.config.state_dims) if spec.config.state_dims is not None else None,
-                 "action_column": spec.config.action_column, "grid": list(spec.grid)},
+                 "action_column": spec.config.action_column, "grid": list(spec.grid),
+                 "state_layout": spec.state_layout, "action_layout": spec.action_layout},
         "stats": spec.stats, "unigram_entropy_nats": spec.unigram_entropy_nats,
         "text": spec.text,  # the text model whose stored embeddings the model was trained on
         "train_config": config.model_dump(), "metrics": record,

@@ -14,12 +14,14 @@ Batches are dicts (LeRobot's words where they exist):
     frames          (B, T, V, h, w) or (B, T, V, h*w) VQ token ids; V <= n_views, T <= history
     text_embedding  (B, text_dim) CLIP text embeddings (all zeros: no caption), or
     text            list of B strings, encoded by the frozen CLIP text tower
-    state           (B, T, state_dim), gripper last             [fine-tuning, select_action]
-    action          (B, T, k, action_dim): a_{t:t+k} for each step t, gripper last  [fine-tuning]
+    state           (B, T, state_dim)                           [fine-tuning, select_action]
+    action          (B, T, k, action_dim): a_{t:t+k} for each step t                [fine-tuning]
     action_is_pad   (B, T, k) bool, chunk entries past the episode's end            [optional]
     step_is_pad     (B, T) bool, history steps before the episode's start           [optional]
-Arm dimensions are expected normalised by the data; the gripper is a command whose sign is
-what counts (> 0 closes), learned as a binary label and returned as -1/+1.
+Which dimensions are what comes from the layouts the lake declares (robot/layout.py): the action's
+binary grippers (`action_binary`) are commands whose sign is what counts, learned as labels and
+returned as -1/+1; every other action dimension (arm, continuous gripper, hand joint) is regressed,
+normalised by the data. The state's grippers (`state_gripper`) get their own encoder, as in GR-1.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ class GR2Config:
     history: int = 10  # T steps in a window (GR-1: 10, frames 1/3 s apart)
     chunk: int = 5  # k actions decoded per step (GR-MG: 5)
     state_dim: int = 7  # 3 pos + 3 rot + 1 gripper; Meta-World: 3 pos + 1 gripper
-    action_dim: int = 7  # same layout as the state
+    action_dim: int = 7
+    # Indices of the action's binary grippers and of the state's grippers, from the lake's layouts;
+    # None: the last dimension (GR-1's layout), what a model built without a lake assumes.
+    action_binary: tuple[int, ...] | None = None
+    state_gripper: tuple[int, ...] | None = None
     text_dim: int = 512  # width of the CLIP text embedding
     clip_model: str | None = None  # open_clip text tower (training/text.py); None: batches carry text_embedding
     clip_pretrained: str | None = None  # open_clip tag or local file; None: random init
@@ -70,9 +76,33 @@ class GR2Config:
     kl_weight: float = 1.0
     image_weight: float = 0.1  # next-frame CE beside the action loss; pre-training uses CE alone
 
+    def __post_init__(self):
+        for name, width in (("action_binary", self.action_dim), ("state_gripper", self.state_dim)):
+            dims = getattr(self, name)
+            if dims is not None:
+                object.__setattr__(self, name, tuple(int(i) for i in dims))  # a JSON list after a load
+                if any(not 0 <= i < width for i in dims):
+                    raise ValueError(f"{name} {list(dims)}: every index must be within 0..{width - 1}")
+
     @property
     def tokens_per_view(self) -> int:
         return self.grid_h * self.grid_w
+
+    @property
+    def binary_dims(self) -> list[int]:
+        return list(self.action_binary) if self.action_binary is not None else [self.action_dim - 1]
+
+    @property
+    def regressed_dims(self) -> list[int]:
+        return [i for i in range(self.action_dim) if i not in self.binary_dims]
+
+    @property
+    def state_gripper_dims(self) -> list[int]:
+        return list(self.state_gripper) if self.state_gripper is not None else [self.state_dim - 1]
+
+    @property
+    def state_arm_dims(self) -> list[int]:
+        return [i for i in range(self.state_dim) if i not in self.state_gripper_dims]
 
     @classmethod
     def named(cls, size: str, **overrides) -> GR2Config:
@@ -143,7 +173,8 @@ def block_causal_mask(n_steps: int, per_step: int, device=None) -> torch.Tensor:
 
 
 class ActionVAE(nn.Module):
-    """Encoder: (context, true chunk) -> mu, logvar. Decoder: (z, context) -> arm and gripper logits.
+    """Encoder: (context, true chunk) -> mu, logvar. Decoder: (z, context) -> regressed dims and
+    binary gripper logits.
 
     The context is the GPT's output at one step's action query. At inference z = 0, the prior's
     mean, so the chunk is a deterministic function of the context."""
@@ -165,8 +196,9 @@ class ActionVAE(nn.Module):
         self.decoder = nn.ModuleList(
             Block(d, config.vae_n_head, config.dropout, config.bias) for _ in range(config.vae_n_layer))
         self.decoder_ln = nn.LayerNorm(d, bias=config.bias)
-        self.arm_head = nn.Linear(d, config.action_dim - 1)
-        self.gripper_head = nn.Linear(d, 1)
+        self.arm_head = nn.Linear(d, len(config.regressed_dims))
+        # a layout without a binary gripper (a hand, a continuous gripper) has no labels to predict
+        self.gripper_head = nn.Linear(d, len(config.binary_dims)) if config.binary_dims else None
 
     def encode(self, context, action, action_is_pad):
         """context (N, n_embd), action (N, k, A), action_is_pad (N, k) -> mu, logvar (N, latent)."""
@@ -181,14 +213,15 @@ class ActionVAE(nn.Module):
         return mu, logvar
 
     def decode(self, context, z):
-        """context (N, n_embd), z (N, latent) -> arm (N, k, A-1), gripper logits (N, k)."""
+        """context (N, n_embd), z (N, latent) -> regressed (N, k, A-b), binary gripper logits (N, k, b)."""
         N = context.shape[0]
         x = torch.cat([self.latent_proj(z)[:, None], self.context_proj(context)[:, None],
                        self.queries.expand(N, -1, -1)], dim=1) + self.decoder_pos
         for block in self.decoder:
             x = block(x)
         x = self.decoder_ln(x[:, 2:])
-        return self.arm_head(x), self.gripper_head(x).squeeze(-1)
+        logits = self.gripper_head(x) if self.gripper_head is not None else x.new_zeros(*x.shape[:2], 0)
+        return self.arm_head(x), logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,10 +238,10 @@ class GR2(nn.Module):
         self.view_emb = nn.Parameter(torch.zeros(c.n_views, c.n_embd))
         self.step_emb = nn.Parameter(torch.zeros(c.history, c.n_embd))
         self.text_proj = nn.Linear(c.text_dim, c.n_embd)
-        # GR-1's state encoder: arm and gripper apart, then mixed
-        self.state_arm = nn.Linear(c.state_dim - 1, c.n_embd)
-        self.state_gripper = nn.Linear(1, c.n_embd)
-        self.state_proj = nn.Linear(2 * c.n_embd, c.n_embd)
+        # GR-1's state encoder: arm and gripper apart, then mixed (a state without a gripper: arm alone)
+        self.state_arm = nn.Linear(len(c.state_arm_dims), c.n_embd)
+        self.state_gripper = nn.Linear(len(c.state_gripper_dims), c.n_embd) if c.state_gripper_dims else None
+        self.state_proj = nn.Linear((2 if c.state_gripper_dims else 1) * c.n_embd, c.n_embd)
         self.action_query = nn.Parameter(torch.zeros(c.n_embd))
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer))
@@ -273,14 +306,17 @@ class GR2(nn.Module):
 
     def _trunk(self, batch: dict) -> torch.Tensor:
         """Hidden states (B, T, P, n_embd): P = V*h*w view tokens [+ state, action query]."""
+        c = self.config
         frames = self._frames(batch)
         B, T, V, _ = frames.shape
         x = self.tok_emb(frames) + self.grid_pos + self.view_emb[:V, None]
         x = x.flatten(2, 3)
         if "state" in batch:
             state = batch["state"].float()
-            s = self.state_proj(torch.cat([self.state_arm(state[..., :-1]),
-                                           self.state_gripper(state[..., -1:])], dim=-1))
+            parts = [self.state_arm(state[..., c.state_arm_dims])]
+            if self.state_gripper is not None:
+                parts.append(self.state_gripper(state[..., c.state_gripper_dims]))
+            s = self.state_proj(torch.cat(parts, dim=-1))
             q = self.action_query.expand(B, T, -1)
             x = torch.cat([x, s[:, :, None], q[:, :, None]], dim=2)
         x = x + self.step_emb[:T, None]
@@ -359,20 +395,23 @@ class GR2(nn.Module):
         mu, logvar, arm, gripper_logit = mu.float(), logvar.float(), arm.float(), gripper_logit.float()
 
         valid = ~pad
-        arm_target, closed = action[..., :-1], (action[..., -1] > 0).float()
+        arm_target, closed = action[..., c.regressed_dims], (action[..., c.binary_dims] > 0).float()
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
-        return {
+        out = {
             "loss_arm": _masked_mean(F.smooth_l1_loss(arm, arm_target, reduction="none").mean(-1), valid),
-            "loss_gripper": _masked_mean(
-                F.binary_cross_entropy_with_logits(gripper_logit, closed, reduction="none"), valid),
+            "loss_gripper": arm.new_zeros(()),
             "loss_kl": _masked_mean(kl, valid.any(-1)),
             "action_l1": _masked_mean((arm - arm_target).abs().mean(-1), valid),
-            "gripper_accuracy": _masked_mean(((gripper_logit > 0).float() == closed).float(), valid),
         }
+        if c.binary_dims:  # no binary gripper (a hand, a continuous gripper): nothing to classify
+            out["loss_gripper"] = _masked_mean(
+                F.binary_cross_entropy_with_logits(gripper_logit, closed, reduction="none").mean(-1), valid)
+            out["gripper_accuracy"] = _masked_mean(((gripper_logit > 0).float() == closed).float().mean(-1), valid)
+        return out
 
     @torch.no_grad()
     def select_action(self, obs: dict) -> torch.Tensor:
-        """The chunk a_{t:t+k} for the last step of obs: (B, k, action_dim), gripper as -1/+1.
+        """The chunk a_{t:t+k} for the last step of obs: (B, k, action_dim), binary grippers as -1/+1.
 
         obs holds frames, state and text over the history seen so far. The latent is zero, so
         the answer is deterministic; call .eval() first, as dropout is not."""
@@ -381,8 +420,11 @@ class GR2(nn.Module):
         context = self._trunk(obs)[:, -1, -1]
         z = context.new_zeros(context.shape[0], self.config.latent_dim)
         arm, gripper_logit = self.action_head.decode(context, z)
-        gripper = torch.where(gripper_logit > 0, 1.0, -1.0).to(arm.dtype)
-        return torch.cat([arm, gripper[..., None]], dim=-1)
+        c = self.config
+        chunk = arm.new_zeros(*arm.shape[:2], c.action_dim)
+        chunk[..., c.regressed_dims] = arm
+        chunk[..., c.binary_dims] = torch.where(gripper_logit > 0, 1.0, -1.0).to(arm.dtype)
+        return chunk
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
