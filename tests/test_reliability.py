@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -284,3 +285,55 @@ def test_an_s3_source_overwritten_in_place_is_built_again(ray_local, s3_bucket, 
     second = build.run_build([uri], lake, FAST, log=lambda *_: None)
     assert second.funnel["processed"] == 1
     assert len(lake.read("videos")) == 2 and set(lake.read("videos")["codec"].to_pylist()) == {"vp9", "mpeg4"}
+
+
+def fail_first_clips(marker: str):
+    """An extra build stage that fails each video's first clip, as a decode error would, the first
+    time it runs (the marker file says it has)."""
+
+    def stage(batch):
+        import os
+
+        import numpy as np
+
+        if os.path.exists(marker):
+            return batch
+        status, reason = np.array(batch["status"], dtype=object), np.array(batch["reason"], dtype=object)
+        first = np.asarray(batch["shot_index"]) == 0
+        status[first], reason[first] = "failed", "read: injected decode error"
+        return {**batch, "status": status, "reason": reason}
+
+    return stage
+
+
+def test_a_video_with_a_failed_clip_is_retried_and_its_clips_recovered(ray_local, media, tmp_path):
+    marker = tmp_path / "repaired"
+    lake = Lake(str(tmp_path / "lake"))
+    sources = [str(media["cut"])]
+    first = build.run_build(sources, lake, FAST, extra_stages=(build.Stage(fail_first_clips(str(marker))),),
+                            log=lambda *_: None)
+    assert first.funnel["clips_failed"] >= 1 and lake.read("videos")["status"].to_pylist() == ["accepted"]
+    marker.touch()  # the fault is gone
+    plain = build.run_build(sources, lake, FAST, log=lambda *_: None)
+    assert plain.funnel["skipped_already_in_lake"] == 1  # without --retry-failed the video stays as it is
+    again = build.run_build(sources, lake, FAST, retry_failed=True, log=lambda *_: None)
+    assert again.funnel["retried"] == 1 and again.funnel["retried_outcomes"] == {"accepted": 1}
+    clips = lake.read("clips")
+    assert "failed" not in clips["status"].to_pylist()
+    assert len(set(clips["clip_id"].to_pylist())) == len(clips) == first.funnel["clips"]
+
+
+def test_every_uri_of_the_same_bytes_is_recorded_with_its_own_caption(ray_local, media, tmp_path):
+    a, b = tmp_path / "a.webm", tmp_path / "b.webm"
+    shutil.copy(media["webm"], a), shutil.copy(media["webm"], b)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"uri": str(a), "caption": "a dog runs"}) + "\n"
+                        + json.dumps({"uri": str(b), "caption": "a puppy runs", "dataset": "pets"}) + "\n")
+    lake = Lake(str(tmp_path / "lake"))
+    build.run_build([str(manifest)], lake, FAST, log=lambda *_: None)
+    build.run_build([str(manifest)], lake, FAST, log=lambda *_: None)  # seen again: still one row each
+    assert len(lake.read("videos")) == 1
+    inputs = sorted(lake.read("inputs").to_pylist(), key=lambda r: r["uri"])
+    assert [(r["uri"], r["caption"], r["dataset"]) for r in inputs] == [
+        (str(a), "a dog runs", None), (str(b), "a puppy runs", "pets")]
+    assert len({r["video_id"] for r in inputs}) == 1

@@ -157,3 +157,5 @@ def test_training_follows_the_lakes_layouts_and_refuses_two_kinds_of_action(tmp_
     _sample_lake(str(tmp_path / "lake"), ("xhand",))
     with pytest.raises(TrainingDataError, match="declare different action layouts"):
         plan_data(lake, "finetune", history=2, chunk=3, config=DataConfig(holdout=0.0))
+    xhand = plan_data(lake, "finetune", history=2, chunk=3, config=DataConfig(holdout=0.0, episodes="dataset = 'xhand'"))
+    assert lay.names(lay.from_rows(xhand.action_layout))[6:] == [f"hand_{i}" for i in range(12)]

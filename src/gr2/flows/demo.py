@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     config = replace(IngestConfig(), tokenizer=current_tokenizer(Lake(lake)))
     robot = ingest_robot_trajectories(sources=[robot_dir], lake=lake, config=config)
     print(robot_funnel(robot["build_id"], robot["funnel"]))
+    print(language_summary(lake))
 
     from gr2.flows.query_cli import as_text
     from gr2.lake import gallery
@@ -90,6 +91,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  .venv/bin/gr2 status --lake {lake}")
     print(f"  .venv/bin/gr2 query --lake {lake} --text \"a hand opens a drawer\" --format html --out hits.html")
     print(f"  .venv/bin/gr2 sql --lake {lake} \"select status, count(*) from clips group by status\"")
+
+
+def language_summary(lake: str) -> str:
+    """Which text model embedded the captions and instructions the model will be conditioned on."""
+    from gr2.lake.query import sql
+
+    lines = ["language reaching the model (stored text embeddings, by text model and weights):"]
+    for table, text, vector in (("clips", "caption", "caption_embedding"), ("episodes", "instruction", "instruction_embedding")):
+        rows = sql(lake, f"select text_model, text_pretrained, count(*) as n from {table} "
+                         f"where status = 'accepted' and {vector} is not null group by all order by n desc").to_pylist()
+        for r in rows or [{"text_model": None, "text_pretrained": None, "n": 0}]:
+            weights = r["text_pretrained"]
+            note = " (seeded random init: wiring only, no meaning)" if weights == "none" else ""
+            lines.append(f"  {r['n']:>4} {table} {text}s embedded by {r['text_model']} weights={weights}{note}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ def train_command(args) -> str:
     config = load_train_config(args.config, {"stage": args.stage, "init": args.init, "workers": args.workers,
                                              "steps": args.steps, "batch_size": args.batch_size, "size": args.size,
                                              "use_gpu": args.gpu or None})
+    if args.where:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"episodes": args.where})})
     result = train(lake=args.lake, stage=args.stage, config=config)
     return json.dumps(result, indent=2, default=str) if args.json else train_markdown(result)
 
@@ -46,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="global batch, split over the workers (default 32)")
     p.add_argument("--size", choices=("tiny", "S", "B"), help="model size (default tiny)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    p.add_argument("--where", help="fine-tuning: SQL over episodes, which to train on (e.g. \"dataset = 'bridge'\")")
     p.add_argument("--config", help="YAML/JSON file of TrainConfig settings (model, data, lr, ...)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=train_command)

@@ -14,6 +14,7 @@ TABLE_IDS = {
     "videos": "video_id",
     "clips": "clip_id",
     "builds": "build_id",
+    "inputs": "input_id",
     "episodes": "episode_id",
     "steps": "step_id",
 }
@@ -138,7 +139,21 @@ BUILDS = pa.schema(
     ]
 )
 
-SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "builds": BUILDS}
+# Every input a build was given, as given: two uris with the same bytes are one video (one row in
+# videos, its clips once) but two inputs here, each with its own manifest caption and dataset.
+INPUTS = pa.schema(
+    [
+        pa.field("input_id", pa.string(), nullable=False),  # of the uri and the video its bytes are
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),  # the manifest's caption for this uri
+        pa.field("dataset", pa.string()),
+        pa.field("build_id", pa.string(), nullable=False),  # the build that first saw this uri with these bytes
+        pa.field("seen_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "builds": BUILDS, "inputs": INPUTS}
 
 # Fixed-size float vectors (what Lance's vector indexes need): their width is the model's, read from the rows.
 VECTORS = {"clips": ("embedding", "caption_embedding"), "episodes": ("instruction_embedding",)}

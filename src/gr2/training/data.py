@@ -55,6 +55,7 @@ class DataConfig(BaseModel):
     cameras: tuple[str, ...] = ()  # fine-tuning views, in model view order; empty: every camera of the episodes
     state_dims: tuple[int, ...] | None = None  # columns of `state` the model sees; None: all
     action_column: str = "action"  # steps column: "action" (ee_delta) or "source_action" (as recorded)
+    episodes: str | None = None  # fine-tuning: SQL over episodes choosing which train (e.g. "dataset = 'bridge'")
     holdout: float = Field(0.1, ge=0.0, lt=1.0)  # fraction of episodes / clips held out for evaluation
     shuffle_buffer: int = Field(512, ge=1)  # samples in all: each of N ranks holds 1/N of them
     episodes_per_read: int = Field(16, ge=1)  # episodes fetched from steps.lance in one filtered scan
@@ -241,9 +242,10 @@ def _plan_steps(lake: Lake, history: int, chunk: int, config: DataConfig, tokeni
                                 "layouts: ingest the robot data again into a new lake")
     episodes = lake.read("episodes", columns=["episode_id", "status", "cameras", "tokenizer_id", "instruction",
                                               "action_dim", "state_dim", "state_layout", layout_column, *text_cols],
-                         filter="status = 'accepted'")
+                         filter=f"status = 'accepted' AND ({config.episodes})" if config.episodes else "status = 'accepted'")
     if len(episodes) == 0:
-        raise TrainingDataError(f"lake {lake.root} has no accepted robot episodes")
+        chosen = f" matching {config.episodes!r}" if config.episodes else ""
+        raise TrainingDataError(f"lake {lake.root} has no accepted robot episodes{chosen}")
     rows = episodes.to_pylist()
     tokenizer_id, path, codebook = _resolve_tokenizer(
         lake, {r["tokenizer_id"] for r in rows if r["tokenizer_id"]}, "steps.lance", tokenizer, "accepted episodes")

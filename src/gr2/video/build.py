@@ -360,6 +360,7 @@ def _run_stages(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: s
     workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     hashing, surveying, *per_clip = pipeline
     hashed = _run_stage(hashing, inputs, workers)
+    _commit_inputs(lake, hashed, build_id)
     finished = _finished_videos(lake, {r["video_id"] for r in hashed}, retry_failed)
     failed_before = _failed_uris(lake) if retry_failed else set()
     todo, seen_ids = [], set()
@@ -452,18 +453,36 @@ def model_counts(lake: Lake, build_id: str) -> dict:
     return {**caption.counts(rows), **dedup.counts(rows)}
 
 
+def _commit_inputs(lake: Lake, hashed: list[dict], build_id: str) -> None:
+    """A row per (uri, bytes) the build was given; the first build to see one keeps it."""
+    now = datetime.now(timezone.utc)
+    rows = [{"input_id": hashlib.sha256(f"{r['uri']}\n{r['video_id']}".encode()).hexdigest()[:32], "uri": r["uri"],
+             "video_id": r["video_id"], "caption": r.get("caption"), "dataset": r.get("dataset"),
+             "build_id": build_id, "seen_at": now} for r in hashed]
+    lake.commit("inputs", rows, update=False)
+
+
 def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str, str]:
-    """{video_id: status} of the inputs the lake already holds a finished row for."""
+    """{video_id: status} of the inputs the lake already holds a finished row for. With
+    `retry_failed`, a failed video is not finished, nor is an accepted one with a failed clip."""
     if not ids or not lake.exists("videos"):
         return {}
     done = lake.read("videos", columns=["video_id", "status"]).to_pylist()
+    retry = _videos_with_failed_clips(lake) if retry_failed else set()
     return {r["video_id"]: r["status"] for r in done
-            if r["video_id"] in ids and not (retry_failed and r["status"] == "failed")}
+            if r["video_id"] in ids and not (retry_failed and (r["status"] == "failed" or r["video_id"] in retry))}
+
+
+def _videos_with_failed_clips(lake: Lake) -> set[str]:
+    if not lake.exists("clips"):
+        return set()
+    return set(lake.read("clips", columns=["video_id"], filter="status = 'failed'").column("video_id").to_pylist())
 
 
 def _failed_uris(lake: Lake) -> set[str]:
-    """Uris whose latest outcome in the lake is `failed`."""
-    return {u for u, r in latest_by_uri(lake).items() if r["status"] == "failed"}
+    """Uris whose latest outcome in the lake is `failed`, or whose video has a failed clip."""
+    retry = _videos_with_failed_clips(lake)
+    return {u for u, r in latest_by_uri(lake).items() if r["status"] == "failed" or r["video_id"] in retry}
 
 
 def latest_by_uri(lake: Lake) -> dict[str, dict]:
