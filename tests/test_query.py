@@ -158,7 +158,8 @@ def test_index_gives_the_same_top_hit_as_exact_search(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     lake.commit("clips", clip_rows(vectors, status="accepted"))
     report = index.build_indexes(lake, min_rows=1000)
-    assert report["vector"].startswith("IVF_PQ trained on 3000") and "clip_id" in report["scalar"]
+    assert report["vector"].startswith("IVF_PQ trained on 3000")
+    assert "clip_id_idx" in {i.name for i in lake.dataset("clips").describe_indices()}  # made with the table
     assert has_vector_index(lake)
     for i in rng.choice(3000, 15, replace=False):
         probe = f"clip0-{i:05d}"

@@ -25,8 +25,12 @@ from gr2.video.config import BuildConfig
 FAST = BuildConfig(frame_size=64, frames_per_clip=4, clip_model=None, caption_model=None)  # no models: fast
 
 
-def _rows(lo, hi):
-    return pa.table({"id": [f"id-{i}" for i in range(lo, hi)], "x": list(range(lo, hi))})
+def _rows(lo, hi, primary_key: bool = False):
+    from gr2.lake.schema import PRIMARY_KEY
+
+    key = pa.field("id", pa.string(), nullable=False, metadata=PRIMARY_KEY if primary_key else None)
+    return pa.table({"id": [f"id-{i}" for i in range(lo, hi)], "x": list(range(lo, hi))},
+                    schema=pa.schema([key, pa.field("x", pa.int64())]))
 
 
 def _race(fns):
@@ -46,22 +50,55 @@ def _race(fns):
     assert not errors, errors
 
 
-def lance_merge_race(uri: str, opts: dict | None = None) -> int:
-    """Two concurrent bare merge_inserts of the same 50 new ids; returns the rows those ids got."""
-    lance.write_dataset(_rows(0, 10), uri, storage_options=opts)
+def lance_merge_race(uri: str, opts: dict | None = None, primary_key: bool = False, indexed: bool = False) -> int:
+    """Three concurrent bare merge_inserts of the same 50 new ids; returns the rows those ids got."""
+    ds = lance.write_dataset(_rows(0, 10, primary_key), uri, storage_options=opts)
+    if indexed:
+        ds.create_scalar_index("id", "BTREE")
 
     def merge():
         ds = lance.dataset(uri, storage_options=opts)
-        ds.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(_rows(100, 150))
+        ds.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(_rows(100, 150, primary_key))
 
-    _race([merge, merge])
+    _race([merge, merge, merge])
     return lance.dataset(uri, storage_options=opts).count_rows("x >= 100")
 
 
 def test_bare_lance_merge_insert_doubles_ids_under_concurrency(tmp_path):
-    # The fact the lake's design rests on (DESIGN.md). If Lance ever fixes it, this fails: good news
-    # to act on, not a test to delete.
-    assert lance_merge_race(str(tmp_path / "t.lance")) == 100
+    # Why every table declares its id the primary key (DESIGN.md): without it, the race inserts both.
+    # If Lance ever changes this, the test fails: news to act on, not a test to delete.
+    assert lance_merge_race(str(tmp_path / "t.lance")) > 50
+
+
+def test_a_declared_primary_key_makes_lance_keep_each_id_once(tmp_path):
+    assert lance_merge_race(str(tmp_path / "t.lance"), primary_key=True) == 50
+
+
+def test_a_merge_through_a_scalar_index_on_the_key_loses_that_guarantee(tmp_path):
+    # Why Lake.commit merges with use_index(False) (lance PR 9238). When this fails, Lance has fixed
+    # it: let merges use the id's index again, and commit cost stops growing with the table.
+    assert lance_merge_race(str(tmp_path / "t.lance"), primary_key=True, indexed=True) > 50
+
+
+def _commit_batches(root: str, writer: int, batches: int) -> None:
+    """One writer process: overlapping 64-row batches of builds ids, each committed alone."""
+    lake = Lake(root)
+    for b in range(batches):
+        lake.commit("builds", [{"build_id": f"b{i:04d}", "flow": f"writer-{writer}"} for i in range(b * 40, b * 40 + 64)])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_four_processes_committing_overlapping_ids_with_no_lock_leave_each_once(where, tmp_path, request):
+    import multiprocessing
+
+    root = str(tmp_path / "lake") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/lake"
+    ctx = multiprocessing.get_context("spawn")  # Lance is not fork-safe
+    procs = [ctx.Process(target=_commit_batches, args=(root, w, 5)) for w in range(4)]
+    [p.start() for p in procs]
+    [p.join(timeout=300) for p in procs]
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    ids = Lake(root).read("builds")["build_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 4 * 40 + 64  # every writer wrote the same ids: each once
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -337,3 +374,55 @@ def test_every_uri_of_the_same_bytes_is_recorded_with_its_own_caption(ray_local,
     assert [(r["uri"], r["caption"], r["dataset"]) for r in inputs] == [
         (str(a), "a dog runs", None), (str(b), "a puppy runs", "pets")]
     assert len({r["video_id"] for r in inputs}) == 1
+
+
+def _many_commits(root: str, first: int, n: int) -> None:
+    lake = Lake(root)
+    for i in range(first, first + n):
+        lake.commit("builds", [{"build_id": f"b{i:04d}", "flow": "test"}])
+
+
+def test_compaction_folds_fragments_keeps_tags_and_runs_beside_a_committer(tmp_path):
+    from datetime import timedelta
+
+    root = str(tmp_path / "lake")
+    lake = Lake(root)
+    _many_commits(root, 0, 10)
+    lake.tag("builds", "early")
+    _many_commits(root, 10, 30)
+    assert len(lake.dataset("builds").get_fragments()) == 40
+    committer = threading.Thread(target=_many_commits, args=(root, 40, 20))  # a build going on meanwhile
+    committer.start()
+    done = lake.compact(("builds",), older_than=timedelta(0))
+    committer.join()
+    assert done["builds"]["fragments_after"] < 40 and done["builds"]["versions_removed"] > 0
+    ids = lake.read("builds")["build_id"].to_pylist()
+    assert sorted(ids) == [f"b{i:04d}" for i in range(60)]
+    assert len(lake.read("builds", version="early")) == 10  # a tagged version outlives the cleanup
+    assert "build_id_idx" in {i.name for i in lake.dataset("builds").describe_indices()}
+
+
+def test_a_compaction_killed_half_way_leaves_the_table_whole(tmp_path):
+    root = str(tmp_path / "lake")
+    _many_commits(root, 0, 60)
+    code = f"from gr2.lake.lake import Lake; Lake({root!r}).compact(('builds',))"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lake = Lake(root)
+    assert sorted(lake.read("builds")["build_id"].to_pylist()) == [f"b{i:04d}" for i in range(60)]
+    lake.compact(("builds",))
+    assert len(lake.dataset("builds").get_fragments()) == 1 and lake.dataset("builds").count_rows() == 60
+
+
+def test_gr2_compact_prints_what_it_did(tmp_path, capsys):
+    from gr2.flows.cli import main
+
+    root = str(tmp_path / "lake")
+    _many_commits(root, 0, 5)
+    assert main(["compact", "--lake", root]) == 0
+    out = capsys.readouterr().out
+    assert "| builds | 5 | 1 |" in out
+    assert main(["compact", "--lake", str(tmp_path / "none")]) == 2
+    assert "no lake at" in capsys.readouterr().err

@@ -28,6 +28,26 @@ def build_videos(args) -> str:
     return funnel_markdown(result["build_id"], result["funnel"]) + f"\nlake: {result['lake']}"
 
 
+def compact(args) -> str:
+    from datetime import timedelta
+
+    from gr2.lake.lake import Lake
+
+    lake = Lake(args.lake)
+    if not lake.exists():
+        raise CommandError(f"no lake at {lake.root}")
+    if args.older_than_days < 0:
+        raise CommandError(f"--older-than-days must be 0 or more (got {args.older_than_days:g})")
+    done = lake.compact(older_than=timedelta(days=args.older_than_days))
+    if args.json:
+        return json.dumps(done, indent=2)
+    lines = ["| table | fragments before | after | versions removed | MB freed | note |", "|---|---|---|---|---|---|"]
+    for table, r in done.items():
+        lines.append(f"| {table} | {r['fragments_before']} | {r['fragments_after']} | {r['versions_removed']} | "
+                     f"{r['bytes_removed'] / 1e6:.1f} | {r.get('skipped', '')} |")
+    return "\n".join(lines)
+
+
 def status(args) -> str:
     from gr2.flows.build import funnel_markdown
     from gr2.lake.lake import Lake
@@ -117,6 +137,13 @@ def register(sub) -> None:
     p.add_argument("--failed", action="store_true", help="list failed inputs grouped by reason")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=status)
+
+    p = sub.add_parser("compact", help="fold small fragments, update indexes, drop old untagged versions")
+    p.add_argument("--lake", required=True)
+    p.add_argument("--older-than-days", type=float, default=7.0,
+                   help="delete versions (and unreferenced files) older than this that no build tag holds (default 7)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=compact)
 
     p = sub.add_parser("serve", help="serve the build on a cron schedule (Prefect serve)")
     p.add_argument("--lake", required=True)

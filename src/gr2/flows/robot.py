@@ -52,7 +52,7 @@ def funnel_markdown(build_id: str, funnel: dict, reasons: list[str] | None = Non
 def ingest_robot_trajectories(sources: list[str], lake: str, config: IngestConfig = IngestConfig()) -> dict:
     """Robot episodes from `sources` into the lake's episodes and steps tables; returns the funnel."""
     from gr2.flows.runtime import ensure_ray
-    from gr2.lake.lake import Lake
+    from gr2.lake.lake import COMPACT_AT_FRAGMENTS, Lake
     from gr2.robot.ingest import ingest
 
     params = IngestRobotParams(sources=sources, lake=lake, config=config)
@@ -61,6 +61,7 @@ def ingest_robot_trajectories(sources: list[str], lake: str, config: IngestConfi
     started = datetime.now(timezone.utc)
     the_lake = Lake(params.lake)
     result = ingest(params.sources, the_lake, params.config, build_id=started.strftime("robot-%Y%m%dT%H%M%S%fZ"))
+    result.funnel["compaction"] = the_lake.compact(("episodes", "steps"), min_fragments=COMPACT_AT_FRAGMENTS)
     versions = the_lake.record_build(result.build_id, FLOW_NAME, params.sources,
                                      json.dumps(asdict(params.config), default=list), params.config.hash(),
                                      result.funnel, started, ("episodes", "steps"))

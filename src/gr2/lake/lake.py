@@ -1,9 +1,15 @@
 """The lake: Lance tables under one root URI, and the only code that writes them.
 
-Idempotence never rests on Lance's merge_insert alone: two concurrent merge_inserts with the same
-new ids both insert (measured with pylance 14, see DESIGN.md). Every write therefore goes through
-`Lake.commit`, which holds the lake's lease while it merges, so one committer at a time touches a
-table. Ray workers only ever produce rows; the driver commits them.
+Exactly-once rests on Lance itself: every table's id is declared its primary key (schema.py), so
+two committers merging the same new ids at once conflict and Lance retries the later merge against
+the earlier one's rows; every id lands once, with no lock of ours (tests/test_reliability.py runs
+four processes at it, on disk and on S3). Without the declaration the same race inserts both, and
+so does a merge that goes through a scalar index on the id (both kept under test). Each table's id
+has a BTREE index for lookups by id; merges do not use it (see `commit`), and `compact` folds the
+small fragments many commits leave behind.
+
+The one lease left (`lease`) keeps two processes from doing the same expensive, idempotent work at
+once: training the vector index, writing a dataset's statistics. Rows never depend on it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import lance
 import pyarrow as pa
@@ -25,6 +31,15 @@ import pyarrow.compute as pc
 from gr2.errors import Gr2Error
 from gr2.lake import models, schema
 from gr2.lake.uri import is_remote, local_path, storage_options
+
+KEEP_VERSIONS = timedelta(days=7)  # versions (and unnamed files) younger than this are never cleaned up
+COMPACT_AT_FRAGMENTS = 32  # a build or ingest compacts a table it wrote once it has this many fragments
+COMPACT_ROWS = 1024 * 1024  # rows per fragment after compaction (Lance's default)
+COMMIT_RETRIES = 20  # Lance's retries of a merge that conflicted with a concurrent commit (its default: 10)
+
+
+def id_index(table: str) -> str:
+    return f"{schema.TABLE_IDS[table]}_idx"
 
 
 class LakeError(Gr2Error):
@@ -99,18 +114,20 @@ class Lake:
     # -- writing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator[None]:
-        """Exclusive right to commit to this lake, across processes."""
+    def lease(self) -> Iterator:
+        """Exclusive right to do once-only work on this lake (training its vector index, writing
+        statistics), across processes; commits never need it. Yields, on object storage, the lease
+        (`.lost` is set if it was taken over meanwhile)."""
         if not self.is_local:
             from gr2.lake.lease import LeaseTimeout, object_store_lease
 
             try:
                 lease = object_store_lease(self.root, self._opts, timeout_s=self.lease_timeout_s)
-                lease.__enter__()
+                held = lease.__enter__()
             except LeaseTimeout as e:
                 raise LakeError(str(e)) from None
             try:
-                yield
+                yield held
             finally:
                 lease.__exit__(None, None, None)
             return
@@ -131,12 +148,12 @@ class Lake:
                         raise LakeError(f"lake {self.root} stayed leased for {self.lease_timeout_s:.0f}s") from None
                     time.sleep(0.05)
             try:
-                yield
+                yield None  # a local lock is held until released: nothing can take it over
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def commit(self, table: str, rows: list[dict] | pa.Table, update: bool = True) -> int:
-        """Merge `rows` into `table` on its id; returns the table's new version.
+        """Merge `rows` into `table` on its primary key; returns the table's new version.
 
         `update=False` keeps rows already in the table untouched (insert only the new ids).
         """
@@ -145,16 +162,82 @@ class Lake:
         if len(data) == 0:
             return self.dataset(table).version if self.exists(table) else 0
         data = _last_per_id(data, key)
-        with self.lease():
-            if not self.exists(table):
-                ds = lance.write_dataset(data, self.uri(table), storage_options=self._opts)
-                return ds.version
-            ds = self.dataset(table)
-            merge = ds.merge_insert(key)
-            if update:
-                merge = merge.when_matched_update_all()
-            merge.when_not_matched_insert_all().execute(data)
+        if not self.exists(table) and self._create(table, data):
             return self.dataset(table).version
+        # use_index(False): merged through the id's BTREE index, Lance (pylance 14) records no inserted
+        # keys for conflict detection, and two concurrent merges of one new id both insert it (tested
+        # in tests/test_reliability.py; lance PR 9238 is the open fix). The full scan keeps every id once.
+        merge = self._keyed(table).merge_insert(key).use_index(False)
+        if update:
+            merge = merge.when_matched_update_all()
+        # A conflicting concurrent commit is re-read and the merge re-run against it, this many times.
+        merge.when_not_matched_insert_all().conflict_retries(COMMIT_RETRIES).execute(data)
+        return self.dataset(table).version
+
+    def _create(self, table: str, data: pa.Table) -> bool:
+        """Write `table` with `data` as its first version, and index its id; False if another
+        committer created it first (then the caller merges into theirs)."""
+        try:
+            ds = lance.write_dataset(data, self.uri(table), mode="create", storage_options=self._opts)
+        except (OSError, ValueError) as e:
+            if self.exists(table):
+                return False
+            raise LakeError(f"cannot create {table} in lake {self.root}: {e}") from None
+        with contextlib.suppress(OSError, ValueError):  # a concurrent creator indexed it already
+            ds.create_scalar_index(schema.TABLE_IDS[table], "BTREE", name=id_index(table))
+        return True
+
+    def _keyed(self, table: str) -> lance.LanceDataset:
+        """`table`, its id declared the primary key: a table written before gr2 declared one is
+        migrated in place (a metadata-only commit), once."""
+        ds = self.dataset(table)
+        key = schema.TABLE_IDS[table]
+        field = ds.schema.field(key)
+        if (field.metadata or {}).get(b"lance-schema:unenforced-primary-key") == b"true":
+            return ds
+        if field.nullable:
+            raise LakeError(f"{self.uri(table)}: its id {key!r} is nullable, so Lance cannot take it as the primary "
+                            f"key that keeps commits exactly-once; rebuild this lake with this version of gr2")
+        logging.getLogger("gr2.lake").info("%s: declaring %s its primary key (a lake from before gr2 did)",
+                                           self.uri(table), key)
+        ds.update_field_metadata({key: schema.PRIMARY_KEY})
+        return self.dataset(table)
+
+    def compact(self, tables: tuple[str, ...] | None = None, older_than: timedelta = KEEP_VERSIONS,
+                min_fragments: int = 2) -> dict[str, dict]:
+        """Fold each table's small fragments into large ones, bring its indexes up to date, and delete
+        versions older than `older_than` that no build tag holds; what it did, per table.
+
+        Safe beside a running build: compaction commits like any other writer, so Lance either
+        rebases a concurrent merge onto it or turns the compaction away (then the table is as it
+        was, and this says so). Safe to kill: a compaction that never committed leaves only files no
+        version names, and cleanup deletes unnamed files only once they are older than `older_than`,
+        so another writer's files still in flight are never taken (lance issue 7207 is what the
+        opposite costs). A table with fewer than `min_fragments` fragments is not rewritten.
+        """
+        done: dict[str, dict] = {}
+        for table in tables or tuple(schema.TABLE_IDS):
+            if not self.exists(table):
+                continue
+            ds = self._keyed(table)
+            report = {"fragments_before": len(ds.get_fragments()), "version_before": ds.version}
+            try:
+                if id_index(table) not in {i.name for i in ds.describe_indices()}:
+                    ds.create_scalar_index(schema.TABLE_IDS[table], "BTREE", name=id_index(table))
+                # indexes first: Lance compacts only fragments an index covers alike, so fragments
+                # committed since the last index update would otherwise stay apart
+                self.dataset(table).optimize.optimize_indices()
+                if report["fragments_before"] >= min_fragments:
+                    metrics = self.dataset(table).optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
+                    report["fragments_removed"] = metrics.fragments_removed
+            except (OSError, ValueError, RuntimeError) as e:  # a conflicting commit won: nothing lost
+                report["skipped"] = " ".join(str(e).split())[:200]
+            cleaned = self.dataset(table).cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
+            ds = self.dataset(table)
+            report.update(fragments_after=len(ds.get_fragments()), version_after=ds.version,
+                          versions_removed=cleaned.old_versions, bytes_removed=cleaned.bytes_removed)
+            done[table] = report
+        return done
 
     def update(self, table: str, rows: pa.Table) -> int:
         """Set some columns of rows already in `table` (`rows` holds the id and those columns only).
@@ -171,19 +254,18 @@ class Lake:
                 raise ValueError(f"{table}: columns not in the schema: {unknown}")
             rows = rows.cast(pa.schema([target.field(c) for c in rows.column_names]))
         rows = _last_per_id(rows, key)
-        with self.lease():
-            self.dataset(table).merge_insert(key).when_matched_update_all().execute(rows)
-            return self.dataset(table).version
+        self._keyed(table).merge_insert(key).when_matched_update_all().conflict_retries(COMMIT_RETRIES).execute(rows)
+        return self.dataset(table).version
 
     def tag(self, table: str, name: str, version: int | None = None) -> None:
         """Tag `table`'s `version` (default: latest) as `name`; re-tagging moves the tag."""
         ds = self.dataset(table)
         version = version or ds.version
-        with self.lease():
-            if name in ds.tags.list():
-                ds.tags.update(name, version)
-            else:
-                ds.tags.create(name, version)
+        # Tag names are build ids, one writer each; Lance refuses a second create of a name.
+        if name in ds.tags.list():
+            ds.tags.update(name, version)
+        else:
+            ds.tags.create(name, version)
 
     # -- the builds ledger -------------------------------------------------------------------------
 

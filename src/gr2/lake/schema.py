@@ -10,6 +10,17 @@ from __future__ import annotations
 import pyarrow as pa
 
 # Tables and the column each one merges on.
+# Lance's own marker of a primary key (unenforced: Lance does not reject a duplicate insert by itself).
+# With it, two merge_inserts of the same new ids at once conflict and the later one is retried against
+# the earlier's rows, so every id lands once with no lock of ours (DESIGN.md: four writers, local and S3).
+PRIMARY_KEY = {"lance-schema:unenforced-primary-key": "true"}
+
+
+def primary_key(name: str) -> pa.Field:
+    """A table's id column: a non-null string declared as the table's primary key."""
+    return pa.field(name, pa.string(), nullable=False, metadata=PRIMARY_KEY)
+
+
 TABLE_IDS = {
     "videos": "video_id",
     "clips": "clip_id",
@@ -21,7 +32,7 @@ TABLE_IDS = {
 
 VIDEOS = pa.schema(
     [
-        pa.field("video_id", pa.string(), nullable=False),  # sha256 of the file bytes (or of the uri when unreadable)
+        primary_key("video_id"),  # sha256 of the file bytes (or of the uri when unreadable)
         pa.field("uri", pa.string(), nullable=False),
         pa.field("bytes", pa.int64()),
         pa.field("status", pa.string(), nullable=False),
@@ -83,7 +94,7 @@ def schema_for(table: str, rows: list[dict] | pa.Table, widths: dict[str, int] |
 
 CLIPS = pa.schema(
     [
-        pa.field("clip_id", pa.string(), nullable=False),  # from video_id and the frame span
+        primary_key("clip_id"),  # from video_id and the frame span
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("uri", pa.string()),
         pa.field("shot_index", pa.int32()),
@@ -127,7 +138,7 @@ CLIPS = pa.schema(
 
 BUILDS = pa.schema(
     [
-        pa.field("build_id", pa.string(), nullable=False),
+        primary_key("build_id"),
         pa.field("flow", pa.string()),  # build-videos | ingest-robot | ...
         pa.field("started_at", pa.timestamp("us", tz="UTC")),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
@@ -143,7 +154,7 @@ BUILDS = pa.schema(
 # videos, its clips once) but two inputs here, each with its own manifest caption and dataset.
 INPUTS = pa.schema(
     [
-        pa.field("input_id", pa.string(), nullable=False),  # of the uri and the video its bytes are
+        primary_key("input_id"),  # of the uri and the video its bytes are
         pa.field("uri", pa.string(), nullable=False),
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("caption", pa.string()),  # the manifest's caption for this uri
@@ -230,7 +241,7 @@ LAYOUT = pa.list_(pa.struct([
 
 EPISODES = pa.schema(
     [
-        pa.field("episode_id", pa.string(), nullable=False),  # sha256 of the episode's content (of its uri when unreadable)
+        primary_key("episode_id"),  # sha256 of the episode's content (of its uri when unreadable)
         pa.field("source", pa.string(), nullable=False),  # the dataset's root uri
         pa.field("episode_key", pa.string(), nullable=False),  # the episode within its source
         pa.field("format", pa.string()),  # lerobot | hdf5-robomimic | hdf5-aloha | calvin | annotated-json
@@ -283,7 +294,7 @@ STEP_VIEW = pa.struct(
 
 STEPS = pa.schema(
     [
-        pa.field("step_id", pa.string(), nullable=False),  # episode_id and step
+        primary_key("step_id"),  # episode_id and step
         pa.field("episode_id", pa.string(), nullable=False),
         pa.field("dataset", pa.string()),
         pa.field("step", pa.int32(), nullable=False),

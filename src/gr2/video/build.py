@@ -33,7 +33,7 @@ from PIL import Image
 
 from gr2.lake import gallery, schema
 from gr2.lake.index import build_indexes
-from gr2.lake.lake import Lake, worker_env
+from gr2.lake.lake import COMPACT_AT_FRAGMENTS, Lake, worker_env
 from gr2.lake.query import sql_literal
 from gr2.video import caption, decode, dedup, fingerprint, gates, probe, shots
 from gr2.video.caption import Captioner
@@ -348,6 +348,8 @@ def run_build(sources: list[str], lake: Lake, config: BuildConfig = BuildConfig(
     funnel.update(tokenize_after_build(lake, tokenizer, build_id, log=log))
     if lake.exists("clips"):
         funnel["indexes"] = build_indexes(lake)
+    # many small commits leave many small fragments: folded once there are enough to slow reads
+    funnel["compaction"] = lake.compact(("inputs", "videos", "clips"), min_fragments=COMPACT_AT_FRAGMENTS)
     versions = lake.record_build(build_id, FLOW, sources, config.model_dump_json(), config.hash(), funnel, started,
                                  ("videos", "clips"))
     return BuildResult(build_id, funnel, versions)
@@ -467,10 +469,22 @@ def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str,
     `retry_failed`, a failed video is not finished, nor is an accepted one with a failed clip."""
     if not ids or not lake.exists("videos"):
         return {}
-    done = lake.read("videos", columns=["video_id", "status"]).to_pylist()
+    done = rows_with_ids(lake, "videos", "video_id", ids, ["video_id", "status"])
     retry = _videos_with_failed_clips(lake) if retry_failed else set()
     return {r["video_id"]: r["status"] for r in done
             if r["video_id"] in ids and not (retry_failed and (r["status"] == "failed" or r["video_id"] in retry))}
+
+
+def rows_with_ids(lake: Lake, table: str, column: str, ids: set[str], columns: list[str],
+                  per_lookup: int = 2000) -> list[dict]:
+    """The rows of `table` whose `column` is one of `ids`, found through the id's index in slices,
+    never by reading the whole table (a 38M-clip lake's videos table is gigabytes)."""
+    out: list[dict] = []
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), per_lookup):
+        chosen = ", ".join(sql_literal(i) for i in ordered[start:start + per_lookup])
+        out += lake.read(table, columns=columns, filter=f"{column} IN ({chosen})").to_pylist()
+    return out
 
 
 def _videos_with_failed_clips(lake: Lake) -> set[str]:
@@ -518,7 +532,8 @@ def _funnel(inputs, hashed, finished, lake, video_rows, clips: ClipCounts, elaps
     # Every input is counted once, by its outcome in this build or its standing outcome in the lake.
     prior = {}
     if finished:
-        prior = {r["video_id"]: r for r in lake.read("videos", columns=["video_id", "status", "reason"]).to_pylist()}
+        prior = {r["video_id"]: r for r in rows_with_ids(lake, "videos", "video_id", set(finished),
+                                                          ["video_id", "status", "reason"])}
     seconds = 0.0
     for r in hashed:
         v = video_rows.get(r["video_id"]) or prior.get(r["video_id"]) or {"status": "failed", "reason": "unknown"}
