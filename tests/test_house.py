@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # Ground up. A room imports rooms on lower floors; rooms on one floor import each other only where
 # SIDEWAYS says, one way.
 FLOORS = (
-    ("errors",),
+    ("errors", "progress"),
     ("lake", "tokenizers"),
     ("video", "robot"),
     ("sim",),

@@ -8,6 +8,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from gr2.progress import Progress
 from gr2.training.evaluate import EvalConfig
 from gr2.training.loop import TrainConfig
 
@@ -52,13 +53,21 @@ def train(lake: str, stage: Literal["pretrain", "finetune"] = "pretrain", config
     logger = get_run_logger()
     ensure_ray()
 
+    bar = Progress(config.steps, f"train {stage}", "step")
+
     def progress(record: dict) -> None:
         if record.get("event") == "start":
             logger.info(f"workers started ({record['world']}) from step {record['from_step']}")
-        elif "step" in record and (record["step"] % config.report_every == 0 or record["step"] == config.steps):
-            logger.info(f"step {record['step']}/{config.steps}: {_fmt(record)}")
+            bar.update(record["from_step"] - bar.done)
+        elif "step" in record:
+            bar.update(record["step"] - bar.done)
+            if record["step"] % config.report_every == 0 or record["step"] == config.steps:
+                logger.info(f"step {record['step']}/{config.steps}: {_fmt(record)}")
 
-    result = run_training(lake, config, progress=progress).to_dict()
+    try:
+        result = run_training(lake, config, progress=progress).to_dict()
+    finally:
+        bar.close()
     create_table_artifact(key=f"{stage}-loss-curve", table=curve_rows(read_metrics(result["run_dir"])),
                           description=f"per-step metrics of {result['run_id']}")
     create_markdown_artifact(key=f"{stage}-run", markdown=train_markdown(result),

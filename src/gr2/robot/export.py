@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gr2.errors import Gr2Error
+from gr2.progress import Progress
 from gr2.robot import actions as act
 from gr2.robot import layout as lay
 from gr2.robot import lerobot
@@ -513,6 +514,7 @@ def export_lerobot(lake, out: str, config: ExportConfig = ExportConfig()) -> Exp
         raise ExportError("no selected episode can be exported:\n" + "\n".join(skipped))
 
     reports = []
+    bar = Progress(sum(len(rows) for rows in by_rate.values()), "export: episodes", "episode")
     for rate, rows in sorted(by_rate.items()):
         root = out if len(by_rate) == 1 else os.path.join(out, f"{rate}hz")
         writer = DatasetWriter(root, rate, config)
@@ -524,12 +526,15 @@ def export_lerobot(lake, out: str, config: ExportConfig = ExportConfig()) -> Exp
                     reason = _export_episode(writer, row, steps)
                     if reason:
                         skipped.append(f"{_name(row)}: {reason}")
+                    bar.update()
             report = writer.close()
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)  # a half-written dataset would load as a wrong one
+            bar.close()
             raise
         if report.episodes:
             reports.append(report)
+    bar.close()
     if not reports:
         raise ExportError("no selected episode could be exported:\n" + "\n".join(skipped))
     return ExportResult(reports, skipped)

@@ -32,6 +32,7 @@ from gr2.lake import schema
 from gr2.lake.lake import worker_env
 from gr2.lake.provenance import settings_hash
 from gr2.lake.uri import is_remote, local_path
+from gr2.progress import progress
 from gr2.robot import actions as act
 from gr2.robot import annotated_json, calvin, hdf5, lerobot, remote
 from gr2.robot import layout as lay
@@ -490,10 +491,12 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
         # no config.widths() here: it would import open_clip in the driver (see above); the Committer
         # widens this row's null embedding to the width the episodes beside it carry
         committer.add(schema.conform("episodes", [{**row, "config_hash": config.hash(), "build_id": build_id}]))
-    for out in episode_outputs(refs, config, build_id, _done_ids(lake), offsets, offset_errors):
-        rows = tally.take(out)
-        if rows is not None:
-            committer.add(*rows)
+    with progress(len(refs), "ingest: episodes", "episode") as bar:
+        for out in episode_outputs(refs, config, build_id, _done_ids(lake), offsets, offset_errors):
+            rows = tally.take(out)
+            if rows is not None:
+                committer.add(*rows)
+            bar.update()
     committer.flush()
     stats = {d: refresh_stats(lake, d) for d in sorted(tally.datasets)}
     return IngestResult(build_id, tally.funnel(len(refs), len(listing_failures), offsets), committer.versions, stats,

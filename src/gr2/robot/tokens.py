@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gr2.lake.lake import Lake, worker_env
+from gr2.progress import progress
 from gr2.robot.episode import EpisodeError
 from gr2.robot.ingest import _from_ipc, _ipc, _tokens_u16
 from gr2.video.tokenize import FrameTokenizer
@@ -96,14 +97,16 @@ def tokenize_steps(lake: Lake, checkpoint_dir: str, only_missing: bool = True, a
     ds = ray.data.from_items([{"episode_id": e} for e in todo]).map_batches(
         EpisodeTokens, fn_constructor_args=(lake.root, checkpoint_dir), batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), **worker_env())
-    for row in ds.iter_rows():
-        if row["error"]:
-            result.failed += 1
-            result.failures.append(row["error"])
-            continue
-        # steps first, then the episode's tokenizer_id: an interrupted run redoes this episode
-        lake.update("steps", _from_ipc(row["ipc"]))
-        lake.update("episodes", pa.table({"episode_id": [row["episode_id"]], "tokenizer_id": [tid]}))
-        result.tokenized += 1
+    with progress(len(todo), "tokenize: episodes", "episode") as bar:
+        for row in ds.iter_rows():
+            bar.update()
+            if row["error"]:
+                result.failed += 1
+                result.failures.append(row["error"])
+                continue
+            # steps first, then the episode's tokenizer_id: an interrupted run redoes this episode
+            lake.update("steps", _from_ipc(row["ipc"]))
+            lake.update("episodes", pa.table({"episode_id": [row["episode_id"]], "tokenizer_id": [tid]}))
+            result.tokenized += 1
     log(f"tokenizer {tid}: {result.tokenized} episodes tokenized, {result.failed} failed")
     return result

@@ -22,6 +22,7 @@ from PIL import Image
 
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake, worker_env
+from gr2.progress import progress
 from gr2.training.launcher import check_cluster, launch
 from gr2.video import shots
 from gr2.video.tokenize import clip_items, decode_clip_frames, to_resolution
@@ -227,11 +228,14 @@ def train_tokenizer(lake: Lake, config, steps: int, train_config=None, workers: 
             "models": lake.models_dir("tokenizer"), "lake": lake.root, "counts": frames.counts, "workers": workers,
             "cpus_per_worker": cpus_per_worker, "run": run}
     if workers == 1:
-        def progress(step: int, record: dict) -> None:
-            log(f"step {step}/{steps}: " + " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                                     if k != "step" and isinstance(v, float)))
+        with progress(steps, "tokenizer", "step") as bar:
+            def report_step(step: int, record: dict) -> None:
+                bar.update(step - bar.done)
+                if bar.bar is None:  # no terminal: the metrics go to the log instead
+                    log(f"step {step}/{steps}: " + " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                             if k != "step" and isinstance(v, float)))
 
-        report = _train_and_save(args, frames.train, frames.held_out, progress)
+            report = _train_and_save(args, frames.train, frames.held_out, report_step)
     else:
         _fit(args, frames, workers, cpus_per_worker)
         report = _saved_by(lake, run)

@@ -35,6 +35,7 @@ from gr2.lake import gallery, schema
 from gr2.lake.index import build_indexes
 from gr2.lake.lake import COMPACT_AT_FRAGMENTS, Lake, worker_env
 from gr2.lake.query import sql_literal
+from gr2.progress import progress
 from gr2.video import caption, decode, dedup, fingerprint, gates, probe, shots
 from gr2.video.caption import Captioner
 from gr2.video.config import BuildConfig
@@ -415,6 +416,12 @@ def _commit_clips(lake: Lake, video_rows: dict[str, dict], config: BuildConfig, 
     ds = ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), workers * 8)))
     for stage in per_clip:
         ds = stage.apply(ds, workers)
+    with progress(len(specs), "build: clips", "clip") as bar:
+        _commit_clip_batches(lake, ds, config, video_rows, remaining, clip_count, counts, build_id, bar)
+    return counts
+
+
+def _commit_clip_batches(lake, ds, config, video_rows, remaining, clip_count, counts, build_id, bar) -> None:
     for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
         lake.commit("clips", batch)
         counts.frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
@@ -427,7 +434,7 @@ def _commit_clips(lake: Lake, video_rows: dict[str, dict], config: BuildConfig, 
             if remaining[row["video_id"]] == 0:
                 done_videos.append(video_rows[row["video_id"]])
         _commit_videos(lake, done_videos, clip_count, config, build_id)
-    return counts
+        bar.update(len(batch))
 
 
 def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:

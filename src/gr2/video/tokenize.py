@@ -27,6 +27,7 @@ from PIL import Image
 from gr2.errors import Gr2Error
 from gr2.lake.lake import Lake, LakeError, worker_env
 from gr2.lake.query import sql_literal
+from gr2.progress import progress
 from gr2.video import decode, probe
 
 DEFAULT_FRAME_SIZE = 128  # BuildConfig's default, for a clip whose frame size nothing records
@@ -310,6 +311,16 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
         .map_batches(_token_columns, batch_size=None)
     )
     by_build: Counter = Counter()
+    with progress(len(items), "tokenize: clips", "clip") as bar:
+        _commit_tokens(lake, ds, commit_every, result, built, by_build, bar)
+    result.by_build = dict(by_build)
+    result.seconds = time.perf_counter() - t0
+    log(f"tokenizer {tid}: {result.tokenized} clips tokenized, {result.failed} failed, "
+        f"{result.frames / max(result.seconds, 1e-9):.1f} frames/s")
+    return result
+
+
+def _commit_tokens(lake, ds, commit_every: int, result, built: dict, by_build: Counter, bar) -> None:
     for batch in ds.iter_batches(batch_size=commit_every, batch_format="pyarrow"):
         ok = pc.equal(batch["status"], "accepted")
         done = batch.filter(ok)
@@ -322,11 +333,7 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
             result.tokenized += len(done)
             result.frames += int(pc.sum(pc.list_element(done["token_shape"], 0)).as_py() or 0)
             by_build.update(built[c] for c in done.column("clip_id").to_pylist())
-    result.by_build = dict(by_build)
-    result.seconds = time.perf_counter() - t0
-    log(f"tokenizer {tid}: {result.tokenized} clips tokenized, {result.failed} failed, "
-        f"{result.frames / max(result.seconds, 1e-9):.1f} frames/s")
-    return result
+        bar.update(len(batch))
 
 
 def _token_columns(batch: dict[str, np.ndarray]) -> pa.Table:
