@@ -123,14 +123,20 @@ def test_two_dataloader_workers_give_the_batches_one_process_gives(lake):
     ds = StepsDataset(lake, {FRONT: [-0.05, 0.0], "action": [0.0, 0.05]}, serve="tokens")
     batches = []
     for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False, num_workers=workers)
-        batches.append(list(loader))
+        batches.append(list(ds.loader(batch_size=8, num_workers=workers)))
     assert len(batches[0]) == len(batches[1]) == 3
     for one, two in zip(*batches):
         assert one.keys() == two.keys() and one["task"] == two["task"]
         for key in one:
             if key != "task":
                 assert torch.equal(one[key], two[key]), key
+
+
+def test_a_forked_dataloader_worker_is_refused_rather_than_left_to_hang_in_lance(lake):
+    ds = StepsDataset(lake, serve="tokens")
+    forked = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(LoaderError, match="forked DataLoader worker.*multiprocessing_context='forkserver'"):
+        next(iter(forked))
 
 
 def test_unknown_keys_and_cameras_are_refused_when_the_dataset_is_made(lake):

@@ -2,7 +2,7 @@
 masks, and every camera served as VQ tokens or as decoded frames.
 
     dataset = StepsDataset(lake, {"observation.images.corner": [-0.1, 0.0], "action": [0.0, 0.0125]})
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, num_workers=2)
+    loader = dataset.loader(batch_size=32, shuffle=True, num_workers=2)  # a DataLoader, workers by forkserver
 
 An item looks like LeRobotDataset's: "observation.state", "action", "observation.images.<cam>",
 "timestamp" (seconds since the episode's first step), "episode_index" (into `episode_ids`),
@@ -24,8 +24,13 @@ effector held).
 Why it is fast: everything small (state, action, times, which neighbour each offset lands on) is
 resolved once, into numpy arrays, when the dataset is made; an item is then array lookups plus
 one Lance `take` of the views it needs. DataLoader's batched fetch (`__getitems__`) takes a whole
-batch's views in one call and decodes each distinct frame once (history windows overlap). The
-Lance handle is opened lazily in each process, so DataLoader workers never share one across a fork.
+batch's views in one call and decodes each distinct frame once (history windows overlap).
+
+Lance is not fork-safe: a DataLoader worker forked from a process that has read Lance (this one,
+to make the dataset) hung in its first `take` here, waiting on the parent's runtime. Workers are
+therefore started by forkserver or spawn (`StepsDataset.loader` does it), each opening its own
+handle on the pinned table version; a forked worker is refused with an error that says so, rather
+than left to hang.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class StepsDataset(torch.utils.data.Dataset):
         self.steps_version = self.lake.dataset("steps").version
         self._steps = None
         self._pid = None
+        self._made_in, self._unpickled = os.getpid(), False
         self._load_steps(episodes)
         self._load_texts(episodes)
         self._resolve()
@@ -264,60 +270,74 @@ class StepsDataset(torch.utils.data.Dataset):
         return torch.from_numpy(values[rows])
 
     def _views(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Every camera's tokens or frames for the batch, each distinct (step, camera) read and decoded once."""
+        """Every camera's tokens or frames for the batch: one Lance take of the steps they come from,
+        each distinct frame decoded once (neighbouring windows share most of theirs)."""
         if not self.cameras:
             return {}
-        wanted = []  # per camera: [B, K] or [B] step positions whose view it shows
+        wanted = []  # per camera: [B, K] or [B] positions of the steps whose view it shows
         for c, camera in enumerate(self.cameras):
             key = IMAGE_PREFIX + camera
-            rows = self._at[key][idx] if key in self._at else idx
-            wanted.append(self._source[rows, c])
-        unique, inverse = np.unique(np.concatenate([np.stack([w.reshape(-1), np.full(w.size, c)], 1)
-                                                    for c, w in enumerate(wanted)]), axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        values = self._read_views(unique[:, 0], unique[:, 1])
-        out, start = {}, 0
+            wanted.append(self._source[self._at[key][idx] if key in self._at else idx, c])
+        rows = np.unique(np.concatenate([w.reshape(-1) for w in wanted]))
+        # _take_rows keeps the order asked for; `views` is each step's list of per-camera structs
+        views = self._steps_dataset()._take_rows(pa.array(self._row_id[rows]), columns=["views"])
+        views = views.column("views").combine_chunks()
+        first = views.offsets.to_numpy()[:-1]
+        out = {}
         for c, camera in enumerate(self.cameras):
-            size = wanted[c].size
-            out[IMAGE_PREFIX + camera] = values[torch.from_numpy(inverse[start:start + size])].reshape(
-                *wanted[c].shape, *values.shape[1:])
-            start += size
+            steps, back = np.unique(wanted[c], return_inverse=True)
+            slots = first[np.searchsorted(rows, steps)] + self._view_slot[self._episode[steps], c]
+            values = self._decode(views.values.take(pa.array(slots)), camera)
+            picked = values[torch.from_numpy(back.reshape(-1))].reshape(*wanted[c].shape, *values.shape[1:])
+            # frames become float after the gather: a quarter of the bytes move until then
+            out[IMAGE_PREFIX + camera] = picked.float().div_(255) if self.serve == "frames" else picked
         return out
 
-    def _read_views(self, rows: np.ndarray, cams: np.ndarray) -> torch.Tensor:
-        """[n, ...] tokens (int64 [h, w]) or frames (float [3, H, W]) of the views (step position, camera)."""
-        distinct, back = np.unique(rows, return_inverse=True)
-        table = self._steps_dataset()._take_rows(pa.array(self._row_id[distinct]), columns=["views"])
-        # _take_rows returns rows in the order asked for; the views of all of them, flattened
-        views = table.column("views").combine_chunks()
-        slot = views.offsets.to_numpy()[:-1][back] + self._view_slot[self._episode[rows], cams]
-        entries = pc.list_flatten(views).take(pa.array(slot))
+    def _decode(self, entries: pa.StructArray, camera: str) -> torch.Tensor:
+        """One camera's views as tokens (int64 [n, h, w]) or frames (uint8 [n, 3, H, W])."""
         if self.serve == "tokens":
-            shapes = entries.field("token_shape")
-            h, w = shapes[0].as_py()
+            h, w = entries.field("token_shape")[0].as_py()
             tokens = pc.list_flatten(entries.field("tokens")).to_numpy().astype(np.int64)
             if tokens.size != len(entries) * h * w:
-                raise LoaderError(f"views of episode {self.episode_ids[self._episode[rows[0]]]} hold token grids "
-                                  f"of several shapes (the first is {h}x{w}): re-run `gr2 tokenize`")
+                raise LoaderError(f"camera {camera!r} holds token grids of several shapes (one is {h}x{w}): "
+                                  f"re-run `gr2 tokenize` with one tokenizer")
             return torch.from_numpy(tokens.reshape(len(entries), h, w))
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        # torchvision decodes a list of JPEGs in one call (libjpeg-turbo), twice as fast here as PIL
         jpegs = entries.field("jpeg").cast(pa.large_binary())  # only good views are read: never null
         _, offsets, data = jpegs.buffers()
         offsets = np.frombuffer(offsets, np.int64)[jpegs.offset:jpegs.offset + len(jpegs) + 1]
         data = torch.from_numpy(np.frombuffer(data, np.uint8).copy())  # one writable copy of the batch's bytes
         frames = decode_jpeg([data[a:b] for a, b in zip(offsets[:-1], offsets[1:])], mode=ImageReadMode.RGB)
-        return torch.stack(frames).float().div_(255)
+        return torch.stack(frames)
 
     def _steps_dataset(self):
-        """This process's Lance handle on the pinned steps version (opened again after a fork)."""
+        """This process's Lance handle on the pinned steps version."""
         if self._steps is None or self._pid != os.getpid():
+            if os.getpid() != self._made_in and not self._unpickled:
+                raise LoaderError(
+                    "StepsDataset reached a forked DataLoader worker, where Lance can hang (it is not fork-safe): "
+                    "pass multiprocessing_context='forkserver' (or 'spawn') to the DataLoader, or use "
+                    "StepsDataset.loader(...)")
             self._steps, self._pid = self.lake.dataset("steps", self.steps_version), os.getpid()
         return self._steps
 
     def __getstate__(self) -> dict:
-        # A spawned worker gets the arrays, never this process's Lance handle.
+        # A worker started by forkserver or spawn gets the arrays, never this process's Lance handle.
         return {**self.__dict__, "_steps": None, "_pid": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._unpickled = True
+
+    def loader(self, batch_size: int = 32, shuffle: bool = False, num_workers: int = 0,
+               **kwargs) -> torch.utils.data.DataLoader:
+        """A torch DataLoader over this dataset whose workers start by forkserver (see the module docstring)."""
+        if num_workers > 0:
+            kwargs.setdefault("multiprocessing_context", "forkserver")
+        return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                           **kwargs)
 
     # -- what LeRobot users ask of a dataset -----------------------------------------------------
 
