@@ -1,10 +1,11 @@
 """Samples per second a training loop gets from the lake, beside LeRobot's own loader on the same
 episodes (issue 16; LeRobot's tracker #1623: 1.0 s waiting for data per 0.7 s of backprop).
 
-    .venv/bin/python benchmarks/loader.py [--episodes 16] [--size 128] [--seconds 20] [--work DIR]
+    .venv/bin/python benchmarks/loader.py [--episodes 16] [--size 128] [--rounds 7] [--seconds 4]
+        [--work DIR] [--lake LAKE] [--lerobot-python .venv-lerobot/bin/python]
 
-Builds (or, with --work pointing at an earlier run, reuses) a lake of Meta-World drawer-open-v3
-expert episodes with two cameras: record (gr2.sim.record) -> ingest -> tokenize (gr2 tokenize's
+Builds (or, with --work pointing at an earlier run, reuses; with --lake, takes) a lake of
+Meta-World drawer-open-v3 expert episodes with two cameras: record (gr2.sim.record) -> ingest -> tokenize (gr2 tokenize's
 tokenize_steps, a random-init tokenizer: its tokens mean nothing, their cost is what is measured),
 then exports it as LeRobot v3.0 (gr2.robot.export.export_lerobot). Then, in one run, each loader
 serves shuffled batches of 32 through a torch DataLoader with 2 workers and the same
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,57 +55,68 @@ def delta_timestamps(fps: int) -> dict[str, list[float]]:
 # -- the lake and its LeRobot copy ------------------------------------------------------------------
 
 
-def build(work: Path, episodes: int, size: int) -> dict:
-    """Record, ingest, tokenize and export under `work`, skipping whatever an earlier run finished."""
+def build(work: Path, episodes: int, size: int, lake_root: str | None = None) -> dict:
+    """Record, ingest, tokenize and export under `work`, skipping whatever an earlier run finished;
+    with `lake_root` (a tokenized lake with CAMERAS), only its export."""
     from gr2.flows.runtime import ensure_ray, offline_defaults
 
     offline_defaults()
     os.environ["GR2_PROGRESS"] = "0"
-    recording, lake_root, lerobot_root = work / "recording", work / "lake", work / "lerobot"
-    timings = {}
     done = work / "built.json"
     if done.exists():
         return json.loads(done.read_text())
     ensure_ray(num_cpus=2)
     from gr2.lake.lake import Lake
     from gr2.robot.export import export_lerobot
-    from gr2.robot.ingest import IngestConfig, ingest
-    from gr2.robot.tokens import tokenize_steps
-    from gr2.sim.record import RecordConfig, record
 
-    if not (recording / "meta" / "info.json").exists():
-        t = time.perf_counter()
-        # Ray workers render and exit (max_calls=1): osmesa never meets torch in this process.
-        record(str(recording), RecordConfig(tasks=(TASK,), episodes=episodes, seed=0, width=size, height=size))
-        timings["record_s"] = time.perf_counter() - t
-    lake = Lake(str(lake_root))
-    t = time.perf_counter()
-    result = ingest([str(recording)], lake, IngestConfig(concurrency=2))
-    timings["ingest_s"] = time.perf_counter() - t
-
-    import torch
-
-    from gr2.tokenizers import Tokenizer, TokenizerConfig, save_checkpoint
-
-    torch.manual_seed(0)
-    tokenizer = str(work / "tokenizer")
-    if not (Path(tokenizer) / "config.json").exists():
-        save_checkpoint(Tokenizer(TokenizerConfig(**TOKENIZER)), tokenizer, info={"note": "random init, loader benchmark"})
-    t = time.perf_counter()
-    tokenize_steps(lake, tokenizer, actors=2)
-    timings["tokenize_s"] = time.perf_counter() - t
+    timings, funnel = {}, None
+    if lake_root is None:
+        lake_root = str(work / "lake")
+        funnel = record_ingest_tokenize(work, Lake(lake_root), episodes, size, timings)
+    lake = Lake(lake_root)
+    lerobot_root = work / "lerobot"
+    shutil.rmtree(lerobot_root, ignore_errors=True)  # a half-written export of a killed run
     t = time.perf_counter()
     exported = export_lerobot(lake, str(lerobot_root))
     timings["export_s"] = time.perf_counter() - t
     (dataset,) = exported.datasets
-    built = {"lake": str(lake_root), "lerobot": dataset.root, "fps": dataset.fps, "episodes": dataset.episodes,
-             "frames": dataset.frames, "cameras": dataset.cameras, "size": size, "funnel": result.funnel,
+    width = lake.read("episodes", columns=["frame_width"], filter="status = 'accepted'").column(0)[0].as_py()
+    built = {"lake": lake.root, "lerobot": dataset.root, "fps": dataset.fps, "episodes": dataset.episodes,
+             "frames": dataset.frames, "cameras": dataset.cameras, "size": width, "funnel": funnel,
              "build_timings_s": timings}
     done.write_text(json.dumps(built, indent=1))
     import ray
 
     ray.shutdown()  # its idle workers would share the 2 cores with the loaders
     return built
+
+
+def record_ingest_tokenize(work: Path, lake, episodes: int, size: int, timings: dict) -> dict:
+    """Meta-World expert episodes into `lake`, tokenized by a random-init tokenizer; the ingest funnel."""
+    import torch
+
+    from gr2.robot.ingest import IngestConfig, ingest
+    from gr2.robot.tokens import tokenize_steps
+    from gr2.sim.record import RecordConfig, record
+    from gr2.tokenizers import Tokenizer, TokenizerConfig, save_checkpoint
+
+    recording = work / "recording"
+    if not (recording / "meta" / "info.json").exists():
+        t = time.perf_counter()
+        # Ray workers render and exit (max_calls=1): osmesa never meets torch in this process.
+        record(str(recording), RecordConfig(tasks=(TASK,), episodes=episodes, seed=0, width=size, height=size))
+        timings["record_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = ingest([str(recording)], lake, IngestConfig(concurrency=2))  # adds only what the lake lacks
+    timings["ingest_s"] = time.perf_counter() - t
+    torch.manual_seed(0)
+    tokenizer = str(work / "tokenizer")
+    if not (Path(tokenizer) / "config.json").exists():
+        save_checkpoint(Tokenizer(TokenizerConfig(**TOKENIZER)), tokenizer, info={"note": "random init, loader benchmark"})
+    t = time.perf_counter()
+    tokenize_steps(lake, tokenizer, actors=2)  # what `gr2 tokenize` runs
+    timings["tokenize_s"] = time.perf_counter() - t
+    return result.funnel
 
 
 # -- the loaders, round after round ------------------------------------------------------------------
@@ -206,6 +219,7 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=16)
     p.add_argument("--size", type=int, default=128, help="camera frame width and height, pixels")
     p.add_argument("--work", default=None, help="where the lake and its export live (reused when built)")
+    p.add_argument("--lake", default=None, help="an existing tokenized lake with both cameras: export and measure it")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=4.0, help="per loader per round")
     p.add_argument("--batch", type=int, default=32)
@@ -215,7 +229,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="gr2-loader-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    built = build(work, args.episodes, args.size)
+    built = build(work, args.episodes, args.size, args.lake)
     if args.build_only:
         print(json.dumps(built, indent=1))
         return
