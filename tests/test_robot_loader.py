@@ -7,12 +7,14 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from test_robot_export import lerobot_iterate, lerobot_python  # noqa: F401  (a fixture: LeRobot's own venv)
 from test_robot_readers import write_lerobot_v2
 from test_robot_tokens import checkpoint  # noqa: F401  (a fixture: a small random-init tokenizer)
 from test_training_lakes import robot_lake
 
 from gr2.lake.lake import Lake
 from gr2.robot.episode import decode_jpeg
+from gr2.robot.export import export_lerobot
 from gr2.robot.ingest import IngestConfig, ingest
 from gr2.robot.loader import LoaderError, StepsDataset
 
@@ -162,3 +164,29 @@ def test_a_lake_without_tokens_says_to_run_gr2_tokenize(tmp_path):
     plain = robot_lake(str(tmp_path / "lake"), episodes=2, length=4, tokenizer_id=None, instruction="")
     with pytest.raises(LoaderError, match="carry no VQ tokens .*run `gr2 tokenize` first"):
         StepsDataset(plain, serve="tokens")
+
+
+@pytest.mark.slow
+def test_lerobot_reading_the_lakes_export_gets_the_items_the_lake_serves(lake, lerobot_python, tmp_path):  # noqa: F811
+    """The same request of LeRobot 0.4.4 over `gr2 export-lerobot`'s copy and of StepsDataset over the lake."""
+    export_lerobot(lake, str(tmp_path / "export"))
+    summary, got = lerobot_iterate(lerobot_python, tmp_path / "export", tmp_path)
+    fps, camera = summary["fps"], summary["cameras"][0]  # lerobot_iterate's request: these offsets
+    ds = StepsDataset(lake, {"action": [0.0, 1 / fps, 2 / fps], camera: [-1 / fps, 0.0]}, serve="frames")
+    batch = next(iter(ds.loader(batch_size=len(ds))))
+    assert summary["frames"] == len(ds) and summary["tasks"] == ["stack the cups"] * 2
+    np.testing.assert_array_equal(batch["observation.state"].numpy(), got["state"])
+    for key in ("episode_index", "frame_index"):
+        np.testing.assert_array_equal(batch[key].numpy(), got[key])
+    np.testing.assert_allclose(batch["timestamp"].numpy(), got["timestamp"], atol=1e-6)
+    # Padding: LeRobot's (past the episode) and, beyond it, only the null action LeRobot is handed as a fill.
+    ours, theirs = batch["action_is_pad"].numpy(), got["action_is_pad"]
+    assert (ours | ~theirs).all()
+    rows, k = np.nonzero(ours & ~theirs)
+    last_step = {0: 11, 1: 9}  # the ee_delta episodes' last steps, whose action is null in the lake
+    assert len(rows) and all(batch["frame_index"][i] + j == last_step[int(batch["episode_index"][i])]
+                             for i, j in zip(rows, k))
+    np.testing.assert_allclose(batch["action"].numpy()[~ours], got["action"][~ours], atol=1e-7)
+    # The current frame: the lake's JPEG beside LeRobot's H.264 decode of it.
+    ours_frames = np.round(batch[camera][:, -1].numpy().transpose(0, 2, 3, 1) * 255)
+    assert np.abs(ours_frames - got[f"frame:{camera}"].astype(float)).mean(axis=(1, 2, 3)).max() < 8
