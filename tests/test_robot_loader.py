@@ -1,5 +1,6 @@
 """StepsDataset: LeRobot-style items straight from the lake's steps, checked against the rows they
-come from (delta windows, padding at the edges, tokens, frames, DataLoader workers)."""
+come from (delta windows, padding at the edges, tokens, frames, DataLoader workers) and against
+what LeRobot itself reads from the lake's export."""
 
 from __future__ import annotations
 
