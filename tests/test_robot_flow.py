@@ -54,10 +54,13 @@ def test_the_flow_ingests_the_real_samples_and_records_the_build(ray_local, pref
     for table in ("episodes", "steps"):
         assert out["build_id"] in the_lake.dataset(table).tags.list()
     assert set(out["stats"]) == {"rt1", "bridge", "xhand"}
+    # the doctor's summary of every dataset that gained episodes rides along with the funnel
+    assert set(f["doctor"]) == {"rt1", "bridge", "xhand"} and f["doctor"]["xhand"]["episodes"] == 1
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["robot-ingest-funnel"])))
-    assert any(out["build_id"] in (a.data or "") and "| accepted | 3 |" in a.data for a in artifacts)
+    assert any(out["build_id"] in (a.data or "") and "| accepted | 3 |" in a.data and "**Doctor**" in a.data
+               for a in artifacts)
 
 
 def test_ingest_robot_command_parses_offsets_and_rejects_unknown_settings(tmp_path):

@@ -41,6 +41,13 @@ def funnel_markdown(build_id: str, funnel: dict, reasons: list[str] | None = Non
              for source, cams in sorted(funnel.get("offsets_estimated", {}).items()) for camera, offset in sorted(cams.items())]
     body = "\n".join(f"| {k.replace('_', ' ')} | {v} |" for k, v in rows)
     text = f"### Robot ingest `{build_id}`\n\n| episodes | count |\n|---|---|\n{body}\n"
+    if funnel.get("doctor"):
+        text += "\n**Doctor** (`gr2 doctor --lake ...` for each finding)\n\n"
+        for dataset, found in sorted(funnel["doctor"].items()):
+            checks = ", ".join(f"{k} {v}" for k, v in found.items() if k not in ("episodes", "with_findings", "skipped"))
+            said = found.get("skipped") or (f"{found['with_findings']} of {found['episodes']} episodes with findings"
+                                            + (f": {checks}" if checks else ""))
+            text += f"- {dataset}: {said}\n"
     if reasons:
         text += "\n**Not accepted**\n\n" + "\n".join(f"- {r}" for r in reasons[:50]) + "\n"
         if len(reasons) > 50:
@@ -53,6 +60,7 @@ def ingest_robot_trajectories(sources: list[str], lake: str, config: IngestConfi
     """Robot episodes from `sources` into the lake's episodes and steps tables; returns the funnel."""
     from gr2.flows.runtime import ensure_ray
     from gr2.lake.lake import COMPACT_AT_FRAGMENTS, Lake
+    from gr2.robot.doctor import summary as doctor_summary
     from gr2.robot.ingest import ingest
 
     params = IngestRobotParams(sources=sources, lake=lake, config=config)
@@ -62,6 +70,7 @@ def ingest_robot_trajectories(sources: list[str], lake: str, config: IngestConfi
     the_lake = Lake(params.lake)
     result = ingest(params.sources, the_lake, params.config, build_id=started.strftime("robot-%Y%m%dT%H%M%S%fZ"))
     result.funnel["compaction"] = the_lake.compact(("episodes", "steps"), min_fragments=COMPACT_AT_FRAGMENTS)
+    result.funnel["doctor"] = doctor_summary(the_lake, sorted(result.stats))
     versions = the_lake.record_build(result.build_id, FLOW_NAME, params.sources,
                                      json.dumps(asdict(params.config), default=list), params.config.hash(),
                                      result.funnel, started, ("episodes", "steps"))

@@ -97,6 +97,23 @@ def examine(lake, dataset: str | None = None, config: DoctorConfig = DoctorConfi
     return diagnosis
 
 
+def summary(lake, datasets: list[str], max_episodes: int = 200, config: DoctorConfig = DoctorConfig()) -> dict:
+    """What ingest reports: findings per check of each dataset that gained episodes, examined whole
+    (its checks compare an episode with its dataset). A dataset above `max_episodes` is left to
+    `gr2 doctor`, which the summary says, rather than decoding all of it at the end of every ingest."""
+    out: dict[str, dict] = {}
+    for name in datasets:
+        n = lake.dataset("episodes").count_rows(filter=f"dataset = '{name.replace(chr(39), chr(39) * 2)}'")
+        if n > max_episodes:
+            out[name] = {"episodes": n, "skipped": f"more than {max_episodes} episodes: run gr2 doctor"}
+            continue
+        diagnosis = examine(lake, name, config)
+        counts = diagnosis.counts().get(name, dict.fromkeys(CHECKS, 0))
+        out[name] = {"episodes": n, "with_findings": len({f.episode_key for f in diagnosis.findings}),
+                     **{check: k for check, k in counts.items() if k}}
+    return out
+
+
 def _examine_dataset(lake, name: str, episodes: list[dict], config: DoctorConfig, diagnosis: Diagnosis) -> None:
     accepted = [e for e in episodes if e["status"] == "accepted"]
     for e in episodes:
