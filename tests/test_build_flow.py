@@ -196,18 +196,17 @@ def _wait_for_nodes(port: int, n: int, timeout: float = 120) -> None:
 
 
 def test_serve_makes_a_cron_deployment_of_the_build_and_refuses_a_bad_cron(tmp_path):
-    import argparse
-
     from gr2.flows.build_cli import scheduled_deployment
+    from gr2.flows.cli import parser
     from gr2.flows.options import CommandError
 
-    args = argparse.Namespace(cron="0 3 * * *", name="nightly", config=None, workers=2,
-                              sources=[str(tmp_path)], lake=str(tmp_path / "lake"))
-    d = scheduled_deployment(args)
+    argv = ["serve", "--lake", str(tmp_path / "lake"), str(tmp_path), "--name", "nightly", "--workers", "2", "--no-embed"]
+    d = scheduled_deployment(parser().parse_args([*argv, "--cron", "0 3 * * *"]))
     assert d.name == "nightly" and d.schedules[0].schedule.cron == "0 3 * * *"
     assert d.parameters["lake"] == str(tmp_path / "lake") and d.parameters["config"]["workers"] == 2
+    assert d.parameters["config"]["clip_model"] is None and d.parameters["config"]["caption_model"] == "coca_ViT-B-32"
     with pytest.raises(CommandError, match="not a cron expression"):
-        scheduled_deployment(argparse.Namespace(**{**vars(args), "cron": "every night"}))
+        scheduled_deployment(parser().parse_args([*argv, "--cron", "every night"]))
 
 
 def test_every_file_in_a_directory_gets_a_row_and_ffprobe_not_the_name_decides(ray_local, prefect_server, tmp_path,

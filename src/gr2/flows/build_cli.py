@@ -15,15 +15,21 @@ def load_config(path: str | None, overrides: dict | None = None) -> BuildConfig:
     return BuildConfig(**data)
 
 
-def build_videos(args) -> str:
-    from gr2.flows.build import build_video_dataset, funnel_markdown
-
+def config_from_args(args) -> BuildConfig:
+    """The BuildConfig the build flags ask for: --config, then the model and worker flags over it."""
     config = load_config(args.config, {
         "workers": args.workers, "clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained,
         "caption_model": args.caption_model, "caption_pretrained": args.caption_pretrained, "tokenizer": args.tokenizer})
     for key, flag in (("clip_model", args.no_embed), ("caption_model", args.no_caption)):
         if flag:
             config = config.model_copy(update={key: None})
+    return config
+
+
+def build_videos(args) -> str:
+    from gr2.flows.build import build_video_dataset, funnel_markdown
+
+    config = config_from_args(args)
     result = build_video_dataset(sources=args.sources, lake=args.lake, config=config, retry_failed=args.retry_failed)
     return funnel_markdown(result["build_id"], result["funnel"]) + f"\nlake: {result['lake']}"
 
@@ -100,8 +106,7 @@ def scheduled_deployment(args):
         CronSchedule(cron=args.cron)
     except ValidationError:
         raise CommandError(f"--cron {args.cron!r} is not a cron expression (e.g. \"0 3 * * *\")") from None
-    config = load_config(args.config, {"workers": args.workers})
-    params = BuildParams(sources=args.sources, lake=args.lake, config=config)
+    params = BuildParams(sources=args.sources, lake=args.lake, config=config_from_args(args))
     # Scheduled builds retry: a build that failed half-way resumes on the retry (nothing twice).
     flow = build_video_dataset.with_options(retries=2, retry_delay_seconds=60)
     return flow.to_deployment(
@@ -116,13 +121,10 @@ def serve(args) -> None:
     prefect_serve(scheduled_deployment(args))
 
 
-def register(sub) -> None:
-    p = sub.add_parser("build-videos", help="build (or extend) a lake of video clips from sources")
-    p.add_argument("--lake", required=True, help="lake root: a directory or s3://bucket/prefix")
-    p.add_argument("sources", nargs="+", help="directories, globs, manifests (.csv/.jsonl/.parquet), URIs")
+def add_config_flags(p) -> None:
+    """The flags `config_from_args` reads: the same for a build now and a scheduled one."""
     p.add_argument("--config", help="YAML/JSON file of BuildConfig settings")
     p.add_argument("--workers", type=int, help="parallel decode tasks (default: all CPUs)")
-    p.add_argument("--retry-failed", action="store_true", help="retry inputs whose last outcome was failed")
     p.add_argument("--clip-model", help="open_clip model for embeddings (default ViT-B-32)")
     p.add_argument("--clip-pretrained", help="open_clip tag in the local cache, a checkpoint file, or none (random init)")
     p.add_argument("--caption-model", help="CoCa model for clips without a caption (default coca_ViT-B-32)")
@@ -130,6 +132,14 @@ def register(sub) -> None:
     p.add_argument("--no-embed", action="store_true", help="no embeddings (and so no dedup, no text search)")
     p.add_argument("--no-caption", action="store_true", help="no generated captions (uncaptioned clips are flagged)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint id (default: the lake's latest)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build-videos", help="build (or extend) a lake of video clips from sources")
+    p.add_argument("--lake", required=True, help="lake root: a directory or s3://bucket/prefix")
+    p.add_argument("sources", nargs="+", help="directories, globs, manifests (.csv/.jsonl/.parquet), URIs")
+    add_config_flags(p)
+    p.add_argument("--retry-failed", action="store_true", help="retry inputs whose last outcome was failed")
     p.set_defaults(run=build_videos)
 
     p = sub.add_parser("status", help="the funnel of the lake's latest build (videos or robot)")
@@ -149,7 +159,6 @@ def register(sub) -> None:
     p.add_argument("--lake", required=True)
     p.add_argument("sources", nargs="+")
     p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
-    p.add_argument("--name", default="scheduled-build")
-    p.add_argument("--config")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--name", default="scheduled-build", help="the deployment's name (default scheduled-build)")
+    add_config_flags(p)
     p.set_defaults(run=serve)

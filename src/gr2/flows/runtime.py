@@ -25,6 +25,8 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
     import ray
 
     if not ray.is_initialized():
+        # A run of a served deployment starts in a process of Prefect's, not through `gr2`'s main.
+        offline_defaults()
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=False)
