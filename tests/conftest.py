@@ -16,6 +16,11 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 os.environ.setdefault("GR2_PROGRESS", "0")
 os.environ.pop("RAY_ADDRESS", None)  # tests start their own Ray; never join a user's cluster
+# moto's credentials, set before any Ray starts: Ray workers take keys from their own environment
+# (gr2 never ships keys to them), so they must hold these from the start. No real key is ever used.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+for _key in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    os.environ.pop(_key, None)
 
 DATA = Path(__file__).parent / "data"
 

@@ -229,3 +229,18 @@ def test_training_reads_an_s3_lake_in_the_driver_and_in_ray_train_workers(ray_lo
     meta = ckpt.read_meta(result.checkpoint)
     assert meta["lake"] == root and meta["table_version"] == spec.table_version
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1")  # the loopback server, never a real store
+
+
+def test_no_aws_key_travels_in_ray_metadata_or_a_pickled_filesystem(monkeypatch):
+    import pickle
+
+    from gr2.lake.lake import worker_env
+    from gr2.training.launcher import _storage
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-not-for-ray")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    env = worker_env()["runtime_env"]["env_vars"]
+    assert env == {k: v for k, v in env.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET", "AWS_SESSION"))}
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"  # where the store is still reaches the workers
+    storage = _storage("s3://bucket/runs")["storage_filesystem"]
+    assert b"s3cr3t-not-for-ray" not in pickle.dumps(storage)

@@ -46,18 +46,18 @@ class LakeError(Gr2Error):
     """A lake that cannot be opened, read or written."""
 
 
-# The settings a Ray worker needs to reach the same object store as the driver.
-_WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-               "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
+# Where the object store is, which a Ray worker needs to reach the driver's: never a secret. Keys
+# and tokens are not passed on: a runtime_env's variables show in Ray's dashboard and state API, so
+# workers take credentials from their own environment, profile or instance role, as any AWS client.
+_WORKER_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def worker_env() -> dict:
-    """Ray remote args that carry the driver's AWS settings to the workers of a stage.
-
-    Workers are started with the environment Ray had when it started, and a cluster's workers never
-    saw this driver's shell. A stage that reads s3:// sources or an s3:// lake runs with these
-    settings, so credentials set after `ray.init` (a notebook, a test) reach it too. Empty when none
-    are set, so local-only runs keep Ray's default worker pool.
+    """Ray remote args that carry the driver's object-store location (endpoint, region, profile) to
+    the workers of a stage, so a stage reads the store the driver means. Credentials are the
+    workers' own (see _WORKER_ENV). Empty when none are set, so local-only runs keep Ray's default
+    worker pool.
     """
     env = {k: os.environ[k] for k in _WORKER_ENV if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}

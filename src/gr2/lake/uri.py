@@ -69,11 +69,13 @@ def storage_options(uri: str) -> dict[str, str]:
     return opts
 
 
-def arrow_filesystem(uri: str):
+def arrow_filesystem(uri: str, credentials: bool = True):
     """(pyarrow filesystem, path) for `uri`, with the object store's settings spelled out.
 
     Such a filesystem pickles with its settings, so a Ray actor that never saw this process's AWS
     variables (Ray Train's controller, which resolves a run's storage itself) reaches the same store.
+    `credentials=False` leaves the keys out, for a filesystem handed to other processes: they sign
+    with their own environment's, and no key travels in a pickle.
     """
     import pyarrow.fs as pafs
 
@@ -83,7 +85,7 @@ def arrow_filesystem(uri: str):
         return pafs.FileSystem.from_uri(uri)
     opts = storage_options(uri)
     kwargs = {"region": opts.get("aws_region")}
-    if opts.get("aws_access_key_id") and opts.get("aws_secret_access_key"):
+    if credentials and opts.get("aws_access_key_id") and opts.get("aws_secret_access_key"):
         kwargs.update(access_key=opts["aws_access_key_id"], secret_key=opts["aws_secret_access_key"],
                       session_token=opts.get("aws_session_token"))
     if opts.get("aws_endpoint"):

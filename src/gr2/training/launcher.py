@@ -58,5 +58,5 @@ def _storage(path: str) -> dict:
         return {"storage_path": os.path.abspath(path)}
     # An explicit filesystem: Ray Train's controller actor resolves a bare URI with its own
     # environment, which never saw this driver's AWS settings (endpoint, credentials).
-    fs, root = arrow_filesystem(path)
+    fs, root = arrow_filesystem(path, credentials=False)  # pickled to Ray Train's controller: no keys
     return {"storage_path": root, "storage_filesystem": fs}
