@@ -1,15 +1,20 @@
 """Indexes on the clips table, built after a build: Lance's own vector and scalar indexes.
 
 Below `min_rows` embeddings there is no vector index: an exact scan of a few thousand vectors takes
-milliseconds and is exact, and IVF_PQ needs rows to train its centroids and codebooks. Above it, an
-IVF_PQ index (cosine); later builds add their rows to the existing partitions (Lance's
-optimize_indices) and the index is retrained once the table has grown `retrain_growth` times since
-training. Scalar indexes cover the columns people filter on.
+milliseconds and is exact. Above it, an IVF_PQ index (cosine) whose shape follows the table's size
+(`vector_index_settings`). Later builds' fragments join the existing index without retraining it
+(Lance's optimize_indices writes a small delta for the new rows, which a search reads beside the
+main one); the index is retrained once the table has grown `retrain_growth` times since training,
+so its partitions keep fitting the data. Scalar indexes (bitmaps for few-valued columns, B-trees
+for ranges and ids) cover the columns people filter on, and serve the planner's selectivity count
+in query.py.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 
 from gr2.lake.lake import Lake
 
@@ -24,13 +29,51 @@ SCALAR_INDEXES = {
     "caption_source": "BITMAP",
     "clip_model": "BITMAP",
     "build_id": "BITMAP",
-    "duration_s": "BTREE",
+    "duration_s": "BITMAP",  # few distinct values (clips are windows of a set length); ranges over a
+    # bitmap cost ~6 ms at 1M rows where a B-tree took ~200 ms (benchmarks/query_latency.py)
     "text_score": "BTREE",
 }
 
 
-def build_indexes(lake: Lake, min_rows: int = MIN_ROWS, target_partition_size: int | None = None,
-                  num_sub_vectors: int | None = None, retrain_growth: float = 4.0) -> dict:
+@dataclass(frozen=True)
+class VectorIndexSettings:
+    """How to build the vector index for a table of `rows` embeddings, and how to search it."""
+
+    index_type: str
+    partitions: int
+    num_sub_vectors: int
+    nprobes: int  # partitions searched by an unfiltered query; query.py widens it for filters
+    refine_factor: int  # PQ candidates re-ranked by their full vectors: k * refine_factor
+
+
+def vector_index_settings(rows: int, dim: int) -> VectorIndexSettings:
+    """Index shape and search depth for `rows` vectors of `dim`, from benchmarks/query_latency.py.
+
+    IVF_PQ with refine: at 1M x 512-d, 1,000 partitions, 32 sub-vectors and 64 probes with a
+    refine factor of 10 reached recall@10 0.997 at ~10 ms; IVF_HNSW_SQ and IVF_RQ were measured
+    beside it (see the JSON) and did not beat it here. Partitions grow as sqrt(rows) (1,000 rows
+    each at 1M: the centroid scan and the partition scans cost about the same), so 10k rows get
+    100 and 10M get ~3,200. Probes cover the same share of the data's neighbourhood at every size
+    (~6% of partitions, never fewer than 16), which keeps recall level while a query reads
+    ~sqrt(rows) * 64 codes instead of all rows.
+    """
+    partitions = max(16, int(math.sqrt(rows)))
+    # 16 dimensions per sub-vector: 32 bytes a 512-d vector, 1/64 of its float32 size.
+    subvectors = max(1, dim // 16)
+    nprobes = min(partitions, max(16, round(partitions * 0.064)))
+    return VectorIndexSettings("IVF_PQ", partitions, subvectors, nprobes, refine_factor=10)
+
+
+def vector_index_of(ds) -> dict | None:
+    """The vector index's partition count and coverage, or None when the table has none."""
+    if VECTOR_INDEX not in {i.name for i in ds.describe_indices()}:
+        return None
+    stats = ds.stats.index_stats(VECTOR_INDEX)
+    return {"index_type": stats["index_type"], "partitions": stats["indices"][0]["num_partitions"],
+            "indexed_rows": stats["num_indexed_rows"], "unindexed_rows": stats["num_unindexed_rows"]}
+
+
+def build_indexes(lake: Lake, min_rows: int = MIN_ROWS, retrain_growth: float = 4.0) -> dict:
     """Create or update the clips table's indexes; returns what was done (for the build artifact)."""
     if not lake.exists("clips"):
         return {"vector": "none (no clips table)", "scalar": []}
@@ -51,23 +94,22 @@ def build_indexes(lake: Lake, min_rows: int = MIN_ROWS, target_partition_size: i
         if VECTOR_INDEX in have:
             indexed = int(have[VECTOR_INDEX].num_rows_indexed or rows)
             if rows > retrain_growth * max(indexed, 1):
-                _create_vector_index(ds, rows, target_partition_size, num_sub_vectors)
-                done["vector"] = f"IVF_PQ retrained on {rows} rows"
+                settings = create_vector_index(ds, rows)
+                done["vector"] = f"{settings.index_type} retrained on {rows} rows ({settings.partitions} partitions)"
             else:
                 done["vector"] = f"IVF_PQ updated ({rows} rows)"
         elif rows >= min_rows:
-            _create_vector_index(ds, rows, target_partition_size, num_sub_vectors)
-            done["vector"] = f"IVF_PQ trained on {rows} rows"
+            settings = create_vector_index(ds, rows)
+            done["vector"] = f"{settings.index_type} trained on {rows} rows ({settings.partitions} partitions)"
         else:
             done["vector"] = f"exact search ({rows} rows < {min_rows})"
     done["elapsed_s"] = round(time.time() - t0, 2)
     return done
 
 
-def _create_vector_index(ds, rows: int, target_partition_size: int | None, num_sub_vectors: int | None) -> None:
-    dim = ds.schema.field(VECTOR_COLUMN).type.list_size
-    # ~sqrt(rows) partitions; 16 dimensions per PQ sub-vector (32 bytes a 512-d vector).
-    target = target_partition_size or max(256, int(rows ** 0.5))
-    subvectors = num_sub_vectors or max(1, dim // 16)
-    ds.create_index(VECTOR_COLUMN, index_type="IVF_PQ", name=VECTOR_INDEX, metric="cosine", replace=True,
-                    target_partition_size=target, num_sub_vectors=subvectors)
+def create_vector_index(ds, rows: int) -> VectorIndexSettings:
+    """(Re)build the vector index with the settings `rows` calls for."""
+    settings = vector_index_settings(rows, ds.schema.field(VECTOR_COLUMN).type.list_size)
+    ds.create_index(VECTOR_COLUMN, index_type=settings.index_type, name=VECTOR_INDEX, metric="cosine", replace=True,
+                    num_partitions=settings.partitions, num_sub_vectors=settings.num_sub_vectors)
+    return settings
