@@ -38,13 +38,16 @@ DEFAULT_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "sta
 # dedup's neighbour search uses; a query takes its own from the table's size (plan_search).
 NPROBES = 64
 REFINE_FACTOR = 10
-# A filter keeping at most this many rows is searched exactly: comparing that many full vectors
-# costs about what one indexed search does (benchmarks/query_latency.py, selectivity sweep), and it
-# is exact. Above it the index with prefilter is faster.
-EXACT_MAX_ROWS = 25_000
+# A filter keeping at most this many rows is searched exactly. Exact search reads each kept row's
+# full vector by random access (~13 us a row at 1M rows here, Lance's flat search and a plain read
+# alike), while the index reads PQ codes of the probed partitions (~20 ms at 1M rows with 4x the
+# probes): they cost the same near 2,000 rows (benchmarks/query_latency.py, selectivity sweep).
+# Below it exact search is as fast and returns every kept row the index's partitions might miss.
+EXACT_MAX_ROWS = 2_000
 # A filtered search through the index probes more partitions, since the filter's k best rows lie
-# farther out: probes grow as 1/sqrt(selectivity), up to this multiple of the unfiltered probes
-# (at 10% of rows: ~3x, which held recall@10 >= 0.95 at 1M rows).
+# farther out: probes grow as selectivity^(-1/3), up to this multiple of the unfiltered probes
+# (measured at 1M rows: 10% of rows needs 2x for recall@10 0.98, 0.4% needs 4x for 0.97-0.99),
+# and its PQ candidates are re-ranked deeper.
 MAX_PROBE_GROWTH = 4.0
 FILTERED_REFINE_FACTOR = 20
 
@@ -205,7 +208,7 @@ def plan_search(ds, where: str | None, k: int, *, exact: bool = False, nprobes: 
     # The index was built with the settings its row count called for; search it the same way.
     settings = vector_index_settings(max(int(indexed.num_rows_indexed or rows), 1), ds.schema.field(VECTOR_COLUMN).type.list_size)
     selectivity = matched / max(rows, 1)
-    growth = min(MAX_PROBE_GROWTH, 1.0 / np.sqrt(selectivity)) if selectivity < 0.5 else 1.0
+    growth = min(MAX_PROBE_GROWTH, selectivity ** (-1 / 3))  # ~1 for a filter keeping most rows
     probes = nprobes or min(settings.partitions, round(settings.nprobes * growth))
     refine = refine_factor or (FILTERED_REFINE_FACTOR if selectivity < 0.5 else settings.refine_factor)
     return SearchPlan("index", f"filter keeps {selectivity:.1%} of {rows} rows", rows, matched, probes, refine)
