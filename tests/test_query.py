@@ -215,11 +215,18 @@ def test_planner_searches_a_selective_filter_exactly_and_a_broad_one_through_the
         assert recall(indexed_lake, probes, where=where) >= 0.9
 
 
-def test_small_filters_return_every_matching_row_even_below_k(indexed_lake):
-    where = "dataset = 'sthv2' AND duration_s > 3.9"
+def test_small_filters_return_every_matching_row_even_below_k(indexed_lake, monkeypatch):
+    where = "dataset = 'sthv2' AND duration_s > 3.8"
     matching = indexed_lake.dataset("clips").count_rows(filter=where)
     hits = query(indexed_lake, like="clip0-00001", where=where, k=matching + 50)
-    assert 0 < len(hits) == matching and plan_of(hits)["method"] == "exact"
+    assert 10 < len(hits) == matching and plan_of(hits)["method"] == "exact"
+    # Sent through the index with one probe, the filter's rows in that partition are too few: the
+    # query notices and searches the filter's rows exactly instead of returning short.
+    monkeypatch.setattr(query_module, "EXACT_MAX_ROWS", 0)
+    hits = query(indexed_lake, like="clip0-00001", where=where, k=10, nprobes=1)
+    exact = query(indexed_lake, like="clip0-00001", where=where, k=10, exact=True)
+    assert hits["clip_id"].to_pylist() == exact["clip_id"].to_pylist()
+    assert plan_of(hits)["method"] == "exact" and "the index found" in plan_of(hits)["reason"]
 
 
 def test_appended_rows_are_found_before_and_after_the_index_catches_up(tmp_path):

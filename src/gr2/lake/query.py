@@ -12,7 +12,8 @@ in every row), so scores are cosines in one space; a text already embedded by th
 from a cache instead of the encoder. Search goes through Lance, and `plan_search` chooses how: a
 filter that keeps few rows is applied first and those rows' vectors are compared exactly; otherwise
 the IVF_PQ index (see index.py) is searched with the filter applied inside it (prefilter), probing
-more partitions the fewer rows the filter keeps, so every query returns its k rows. The plan rides
+more partitions the fewer rows the filter keeps; should those partitions hold fewer than k of the
+filter's rows, the query falls back to exact search, so it never returns short. The plan rides
 along in the result's schema metadata (`hits.schema.metadata[b"gr2.plan"]`).
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -181,8 +182,13 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
                "use_index": plan.method == "index"}
     if plan.method == "index":
         nearest.update(nprobes=plan.nprobes, refine_factor=plan.refine_factor)
-    table = _run(ds, where, dict(columns=["clip_id", *columns, "_distance"], filter=where_all or None,
-                                 prefilter=True, nearest=nearest))
+    scan = dict(columns=["clip_id", *columns, "_distance"], filter=where_all or None, prefilter=True, nearest=nearest)
+    table = _run(ds, where, scan)
+    if plan.method == "index" and len(table) < min(k, plan.matched_rows):
+        # The probed partitions held fewer than k of the filter's rows: the filter's rows are all
+        # there are to search, so compare them all rather than return short.
+        plan = replace(plan, method="exact", reason=f"{plan.reason}; the index found {len(table)} < {k}")
+        table = _run(ds, where, {**scan, "nearest": {**nearest, "use_index": False}})
     score = pa.array(np.clip(1.0 - table.column("_distance").to_numpy(zero_copy_only=False), -1.0, 1.0), pa.float32())
     table = _with_score(table, score).sort_by([("score", "descending")])
     table = table.select(["clip_id", "score", *columns])
@@ -206,7 +212,8 @@ def plan_search(ds, where: str | None, k: int, *, exact: bool = False, nprobes: 
     if matched <= max(EXACT_MAX_ROWS, k):
         return SearchPlan("exact", f"filter keeps {matched} rows <= {EXACT_MAX_ROWS}", rows, matched)
     # The index was built with the settings its row count called for; search it the same way.
-    settings = vector_index_settings(max(int(indexed.num_rows_indexed or rows), 1), ds.schema.field(VECTOR_COLUMN).type.list_size)
+    dim = ds.schema.field(VECTOR_COLUMN).type.list_size
+    settings = vector_index_settings(max(int(indexed.num_rows_indexed or rows), 1), dim)
     selectivity = matched / max(rows, 1)
     growth = min(MAX_PROBE_GROWTH, selectivity ** (-1 / 3))  # ~1 for a filter keeping most rows
     probes = nprobes or min(settings.partitions, round(settings.nprobes * growth))
