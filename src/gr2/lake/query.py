@@ -24,13 +24,15 @@ import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
+import lance
 import numpy as np
 import pyarrow as pa
 
 from gr2.errors import Gr2Error
 from gr2.lake import schema
 from gr2.lake.index import VECTOR_COLUMN, VECTOR_INDEX, vector_index_settings
-from gr2.lake.lake import Lake, LakeError
+from gr2.lake.lake import Lake
+from gr2.lake.uri import storage_options
 
 DEFAULT_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "start_s", "end_s", "uri", "dataset",
                    "video_id")
@@ -95,6 +97,12 @@ class TextVectorCache:
         return vector
 
 
+# Lance caches opened indexes (IVF centroids, PQ codes, bitmaps) per session, and a dataset opened
+# without one gets a fresh, empty session: every query then re-read its index partitions from disk
+# (p50 ~240 ms instead of ~20 ms for a filtered query at 1M rows). One session per process, shared by
+# every dataset this module opens; a new table version reuses the index files it shares with the old.
+SESSION = lance.Session()
+
 # One per process, on purpose: embeddings are pure functions of (model, weights, text), and the
 # process is what re-runs queries. Clear it with TEXT_VECTORS = TextVectorCache() in tests.
 TEXT_VECTORS = TextVectorCache()
@@ -116,8 +124,11 @@ def clips_dataset(lake: Lake, version: int | str | None = None):
     if not lake.exists("clips"):
         raise QueryError(f"lake {lake.root} has no clips yet")
     try:
-        return lake.dataset("clips", version)
-    except LakeError as e:
+        # Opened as Lake.dataset opens it, but in the shared session, so the indexes that one
+        # query loaded serve the next.
+        return lance.dataset(lake.uri("clips"), version=version, storage_options=storage_options(lake.root),
+                             session=SESSION)
+    except (ValueError, FileNotFoundError, OSError) as e:
         raise QueryError(f"lake {lake.root}: no clips version {version!r} ({e})") from None
 
 
