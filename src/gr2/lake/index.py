@@ -54,17 +54,17 @@ def vector_index_settings(rows: int, dim: int) -> VectorIndexSettings:
     """Index shape and search depth for `rows` vectors of `dim`, from benchmarks/query_latency.py.
 
     IVF_PQ with refine: at 1M x 512-d, 1,000 partitions, 32 sub-vectors and 64 probes with a
-    refine factor of 10 reached recall@10 0.997 at ~10 ms; IVF_HNSW_SQ and IVF_RQ were measured
-    beside it (see the JSON) and did not beat it here. Partitions grow as sqrt(rows) (1,000 rows
-    each at 1M: the centroid scan and the partition scans cost about the same), so 10k rows get
-    100 and 10M get ~3,200. Probes cover the same share of the data's neighbourhood at every size
-    (~6% of partitions, never fewer than 16), which keeps recall level while a query reads
-    ~sqrt(rows) * 64 codes instead of all rows.
+    refine factor of 10 reached recall@10 0.999; IVF_HNSW_SQ and IVF_RQ trained faster at 100k rows
+    but recalled less at the same probes (benchmarks/results/query_latency.json, index_kinds).
+    Partitions grow as sqrt(rows) (1,000 rows each at 1M: the centroid scan and the partition scans
+    cost about the same), so 10k rows get 100 and 10M get ~3,200. Probes: 6.4% of the partitions,
+    but never fewer than 2 * sqrt(partitions): at 100k rows 6.4% (21 of 316) left a text query with
+    none of its true top 10, and small tables can afford more.
     """
     partitions = max(16, int(math.sqrt(rows)))
     # 16 dimensions per sub-vector: 32 bytes a 512-d vector, 1/64 of its float32 size.
     subvectors = max(1, dim // 16)
-    nprobes = min(partitions, max(16, round(partitions * 0.064)))
+    nprobes = min(partitions, max(16, round(partitions * 0.064), round(2 * math.sqrt(partitions))))
     return VectorIndexSettings("IVF_PQ", partitions, subvectors, nprobes, refine_factor=10)
 
 
