@@ -176,11 +176,11 @@ def plan_of(hits: pa.Table) -> dict:
 
 @pytest.fixture(scope="module")
 def indexed_lake(tmp_path_factory) -> Lake:
-    """3,000 clustered clips with an IVF_PQ index (min_rows lowered so a small table gets one)."""
+    """3,000 clustered clips with a vector index (min_rows lowered so a small table gets one)."""
     lake = Lake(str(tmp_path_factory.mktemp("indexed") / "lake"))
     lake.commit("clips", clip_rows(clustered(3000, seed=0), status="accepted"))
     report = index.build_indexes(lake, min_rows=1000)
-    assert report["vector"].startswith("IVF_PQ trained on 3000") and "clip_id" in report["scalar"]
+    assert report["vector"].startswith("IVF_RQ trained on 3000") and "clip_id" in report["scalar"]
     assert has_vector_index(lake)
     return lake
 
@@ -239,7 +239,7 @@ def test_appended_rows_are_found_before_and_after_the_index_catches_up(tmp_path)
     probes = [f"clip5-{i:05d}" for i in range(0, 300, 20)] + [f"clip0-{i:05d}" for i in range(0, 3000, 200)]
     assert query(lake, like="clip5-00007", k=1)["clip_id"][0].as_py() == "clip5-00007"
     assert recall(lake, probes) >= 0.9
-    assert index.build_indexes(lake, min_rows=1000)["vector"].startswith("IVF_PQ updated")
+    assert index.build_indexes(lake, min_rows=1000)["vector"].startswith("IVF_RQ updated")
     stats = index.vector_index_of(lake.dataset("clips"))
     assert stats["indexed_rows"] == 3300 and stats["unindexed_rows"] == 0
     assert query(lake, like="clip5-00007", k=1)["clip_id"][0].as_py() == "clip5-00007"

@@ -11,7 +11,7 @@ Text is embedded by the same CLIP model and weights the lake's clips were embedd
 in every row), so scores are cosines in one space; a text already embedded by that model is taken
 from a cache instead of the encoder. Search goes through Lance, and `plan_search` chooses how: a
 filter that keeps few rows is applied first and those rows' vectors are compared exactly; otherwise
-the IVF_PQ index (see index.py) is searched with the filter applied inside it (prefilter), probing
+the vector index (see index.py) is searched with the filter applied inside it (prefilter), probing
 more partitions the fewer rows the filter keeps; should those partitions hold fewer than k of the
 filter's rows, the query falls back to exact search, so it never returns short. The plan rides
 along in the result's schema metadata (`hits.schema.metadata[b"gr2.plan"]`).
@@ -36,21 +36,21 @@ from gr2.lake.uri import storage_options
 
 DEFAULT_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "start_s", "end_s", "uri", "dataset",
                    "video_id")
-# Searching more IVF partitions and re-ranking PQ candidates by their full vectors trades a little
+# Searching more IVF partitions and re-ranking quantized candidates by their full vectors trades a little
 # latency for recall (measured in benchmarks/query_latency.py). These are the 1M-row settings, which
 # dedup's neighbour search uses; a query takes its own from the table's size (plan_search).
 NPROBES = 64
 REFINE_FACTOR = 10
 # A filter keeping at most this many rows is searched exactly. Exact search reads each kept row's
 # full vector by random access (~13 us a row at 1M rows here, Lance's flat search and a plain read
-# alike), while the index reads PQ codes of the probed partitions (~20 ms at 1M rows with 4x the
+# alike), while the index reads the compact codes of the probed partitions (~20 ms at 1M rows with 4x the
 # probes): they cost the same near 2,000 rows (benchmarks/query_latency.py, selectivity sweep).
 # Below it exact search is as fast and returns every kept row the index's partitions might miss.
 EXACT_MAX_ROWS = 2_000
 # A filtered search through the index probes more partitions, since the filter's k best rows lie
 # farther out: probes grow as selectivity^(-1/3), up to this multiple of the unfiltered probes
 # (measured at 1M rows: 10% of rows needs 2x for recall@10 0.98, 0.4% needs 4x for 0.97-0.99),
-# and its PQ candidates are re-ranked deeper.
+# and its candidates are re-ranked deeper.
 MAX_PROBE_GROWTH = 4.0
 FILTERED_REFINE_FACTOR = 20
 
@@ -97,7 +97,7 @@ class TextVectorCache:
         return vector
 
 
-# Lance caches opened indexes (IVF centroids, PQ codes, bitmaps) per session, and a dataset opened
+# Lance caches opened indexes (IVF centroids, quantized codes, bitmaps) per session, and a dataset opened
 # without one gets a fresh, empty session: every query then re-read its index partitions from disk
 # (p50 ~240 ms instead of ~20 ms for a filtered query at 1M rows). One session per process, shared by
 # every dataset this module opens; a new table version reuses the index files it shares with the old.
