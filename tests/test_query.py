@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from gr2.lake import gallery, index
+from gr2.lake import query as query_module
 from gr2.lake.lake import Lake
-from gr2.lake.query import QueryError, query, sql
+from gr2.lake.query import QueryError, plan_search, query, sql
 
 DIM = 512
 DATASETS = ("ego4d", "howto100m", "sthv2")
@@ -151,25 +152,134 @@ def test_sql_runs_duckdb_over_the_lake_tables(lake):
         sql(lake, "select colour from clips")
 
 
-def test_index_gives_the_same_top_hit_as_exact_search(tmp_path):
-    rng = np.random.default_rng(1)
-    centres = unit(rng.standard_normal((20, DIM)))
-    vectors = unit(centres[rng.integers(0, 20, 3000)] + 0.6 * rng.standard_normal((3000, DIM)) / np.sqrt(DIM) * 4)
-    lake = Lake(str(tmp_path / "lake"))
-    lake.commit("clips", clip_rows(vectors, status="accepted"))
+def clustered(n: int, seed: int) -> np.ndarray:
+    """Embeddings in 20 clusters, the way clips of one scene sit close together."""
+    rng = np.random.default_rng(seed)
+    centres = unit(np.random.default_rng(1).standard_normal((20, DIM)))
+    return unit(centres[rng.integers(0, 20, n)] + 0.6 * rng.standard_normal((n, DIM)) / np.sqrt(DIM) * 4)
+
+
+def recall(lake: Lake, probes: list[str], k: int = 10, **kw) -> float:
+    """Mean overlap of the planned top k with exact search's, over `--like` queries for `probes`."""
+    found = []
+    for probe in probes:
+        planned = query(lake, like=probe, k=k, **kw)["clip_id"].to_pylist()
+        exact = query(lake, like=probe, k=k, exact=True, **kw)["clip_id"].to_pylist()
+        assert len(planned) == len(exact) == k
+        found.append(len(set(planned) & set(exact)) / k)
+    return float(np.mean(found))
+
+
+def plan_of(hits: pa.Table) -> dict:
+    return json.loads(hits.schema.metadata[b"gr2.plan"])
+
+
+@pytest.fixture(scope="module")
+def indexed_lake(tmp_path_factory) -> Lake:
+    """3,000 clustered clips with a vector index (min_rows lowered so a small table gets one)."""
+    lake = Lake(str(tmp_path_factory.mktemp("indexed") / "lake"))
+    lake.commit("clips", clip_rows(clustered(3000, seed=0), status="accepted"))
     report = index.build_indexes(lake, min_rows=1000)
-    assert report["vector"].startswith("IVF_PQ trained on 3000")
+    assert report["vector"].startswith("IVF_RQ trained on 3000")
     assert "clip_id_idx" in {i.name for i in lake.dataset("clips").describe_indices()}  # made with the table
     assert has_vector_index(lake)
-    for i in rng.choice(3000, 15, replace=False):
-        probe = f"clip0-{i:05d}"
-        indexed = query(lake, like=probe, k=10)["clip_id"].to_pylist()
-        exact = query(lake, like=probe, k=10, exact=True)["clip_id"].to_pylist()
-        assert indexed[0] == exact[0] == probe
-        assert len(set(indexed) & set(exact)) >= 8
-    # A later build's rows join the existing index rather than retraining it.
-    lake.commit("clips", clip_rows(vectors[:100], seed=1, status="accepted"))
-    assert index.build_indexes(lake, min_rows=1000)["vector"].startswith("IVF_PQ updated")
+    return lake
+
+
+def test_index_gives_the_same_top_hit_as_exact_search(indexed_lake):
+    probes = [f"clip0-{i:05d}" for i in np.random.default_rng(1).choice(3000, 15, replace=False)]
+    for probe in probes:
+        assert query(indexed_lake, like=probe, k=10)["clip_id"][0].as_py() == probe
+    assert recall(indexed_lake, probes) >= 0.9
+
+
+def test_planner_searches_a_selective_filter_exactly_and_a_broad_one_through_the_index(indexed_lake, monkeypatch):
+    # The exact/index boundary is lowered to this small table's scale; the counts are Lance's own.
+    monkeypatch.setattr(query_module, "EXACT_MAX_ROWS", 500)
+    ds = indexed_lake.dataset("clips")
+    selective = "dataset = 'ego4d' AND duration_s > 3.5"  # ~4% of rows
+    broad = "duration_s > 1"  # ~85%
+    assert ds.count_rows(filter=selective) <= 500 < ds.count_rows(filter=broad)
+
+    small = plan_search(ds, selective, k=10)
+    assert small.method == "exact" and small.matched_rows == ds.count_rows(filter=selective)
+    wide = plan_search(ds, broad, k=10)
+    assert wide.method == "index" and wide.matched_rows == ds.count_rows(filter=broad)
+    # A narrower filter through the index probes more partitions than an unfiltered query does.
+    middle = plan_search(ds, "dataset = 'ego4d'", k=10)
+    assert middle.method == "index" and middle.nprobes > plan_search(ds, None, k=10).nprobes
+
+    probes = [f"clip0-{i:05d}" for i in range(0, 3000, 200)]
+    for where in (selective, broad, "dataset = 'ego4d'"):
+        hits = query(indexed_lake, like=probes[0], where=where, k=10, columns=["duration_s", "dataset"])
+        assert len(hits) == 10 and plan_of(hits)["method"] == plan_search(ds, where, k=10).method
+        assert recall(indexed_lake, probes, where=where) >= 0.9
+
+
+def test_small_filters_return_every_matching_row_even_below_k(indexed_lake, monkeypatch):
+    where = "dataset = 'sthv2' AND duration_s > 3.8"
+    matching = indexed_lake.dataset("clips").count_rows(filter=where)
+    hits = query(indexed_lake, like="clip0-00001", where=where, k=matching + 50)
+    assert 10 < len(hits) == matching and plan_of(hits)["method"] == "exact"
+    # Sent through the index with one probe, the filter's rows in that partition are too few: the
+    # query notices and searches the filter's rows exactly instead of returning short.
+    monkeypatch.setattr(query_module, "EXACT_MAX_ROWS", 0)
+    hits = query(indexed_lake, like="clip0-00001", where=where, k=10, nprobes=1)
+    exact = query(indexed_lake, like="clip0-00001", where=where, k=10, exact=True)
+    assert hits["clip_id"].to_pylist() == exact["clip_id"].to_pylist()
+    assert plan_of(hits)["method"] == "exact" and "the index found" in plan_of(hits)["reason"]
+
+
+def test_appended_rows_are_found_before_and_after_the_index_catches_up(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.commit("clips", clip_rows(clustered(3000, seed=0), status="accepted"))
+    index.build_indexes(lake, min_rows=1000)
+    # A later build adds 10% more rows: searchable at once (Lance scans unindexed fragments beside
+    # the index), then folded into the index without retraining it.
+    lake.commit("clips", clip_rows(clustered(300, seed=5), seed=5, status="accepted"))
+    probes = [f"clip5-{i:05d}" for i in range(0, 300, 20)] + [f"clip0-{i:05d}" for i in range(0, 3000, 200)]
+    assert query(lake, like="clip5-00007", k=1)["clip_id"][0].as_py() == "clip5-00007"
+    assert recall(lake, probes) >= 0.9
+    assert index.build_indexes(lake, min_rows=1000)["vector"].startswith("IVF_RQ updated")
+    stats = index.vector_index_of(lake.dataset("clips"))
+    assert stats["indexed_rows"] == 3300 and stats["unindexed_rows"] == 0
+    assert query(lake, like="clip5-00007", k=1)["clip_id"][0].as_py() == "clip5-00007"
+    assert recall(lake, probes) >= 0.9
+
+
+def test_a_repeated_text_query_pays_the_encoder_once_per_model(lake, embedder, monkeypatch):
+    from gr2.video.embed import ClipEmbedder
+
+    cache = query_module.TextVectorCache(size=2)
+    monkeypatch.setattr(query_module, "TEXT_VECTORS", cache)
+    calls = []
+
+    class Counting:
+        """The real embedder, counting its encoder calls."""
+
+        def __init__(self, inner):
+            self.inner, self.model_name, self.weights = inner, inner.model_name, inner.weights
+
+        def embed_text(self, texts):
+            calls.append(list(texts))
+            return self.inner.embed_text(texts)
+
+    first = query(lake, text=TEXT, k=3, embedder=Counting(embedder))
+    # A new embedder object for the same model (as embedder_for makes each call) still hits the cache.
+    again = query(lake, text=TEXT, k=3, embedder=Counting(ClipEmbedder("ViT-B-32", "none")))
+    assert calls == [[TEXT]] and (cache.hits, cache.misses) == (1, 1)
+    assert again["clip_id"].to_pylist() == first["clip_id"].to_pylist()
+    assert first["clip_id"][0].as_py() == "clip0-00007"
+
+    other = Counting(embedder)
+    other.model_name = "ViT-B-16"  # another model's text embedding is its own entry
+    query(lake, text=TEXT, k=3, embedder=other)
+    assert len(calls) == 2
+    # Least recently used go first: two newer texts push the first one out.
+    for text in ("a cup", "a door"):
+        query(lake, text=text, k=1, embedder=Counting(embedder))
+    query(lake, text=TEXT, k=1, embedder=Counting(embedder))
+    assert calls[-1] == [TEXT] and len(calls) == 5
 
 
 def test_small_tables_stay_on_exact_search(lake):

@@ -8,27 +8,104 @@
     sql("lake/", "select dataset, count(*) from clips group by dataset").to_pandas()
 
 Text is embedded by the same CLIP model and weights the lake's clips were embedded with (recorded
-in every row), so scores are cosines in one space. Search goes through Lance: its IVF_PQ index
-when the table has one (see index.py), an exact scan otherwise or with `exact=True`.
+in every row), so scores are cosines in one space; a text already embedded by that model is taken
+from a cache instead of the encoder. Search goes through Lance, and `plan_search` chooses how: a
+filter that keeps few rows is applied first and those rows' vectors are compared exactly; otherwise
+the vector index (see index.py) is searched with the filter applied inside it (prefilter), probing
+more partitions the fewer rows the filter keeps; should those partitions hold fewer than k of the
+filter's rows, the query falls back to exact search, so it never returns short. The plan rides
+along in the result's schema metadata (`hits.schema.metadata[b"gr2.plan"]`).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
 
+import lance
 import numpy as np
 import pyarrow as pa
 
 from gr2.errors import Gr2Error
 from gr2.lake import schema
-from gr2.lake.lake import Lake, LakeError
+from gr2.lake.index import VECTOR_COLUMN, VECTOR_INDEX, vector_index_settings
+from gr2.lake.lake import Lake
+from gr2.lake.uri import storage_options
 
 DEFAULT_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "start_s", "end_s", "uri", "dataset",
                    "video_id")
-# Searching more IVF partitions and re-ranking PQ candidates by their full vectors trades a little
-# latency for recall (measured in benchmarks/query_latency.py).
+# Searching more IVF partitions and re-ranking quantized candidates by their full vectors trades a little
+# latency for recall (measured in benchmarks/query_latency.py). These are the 1M-row settings, which
+# dedup's neighbour search uses; a query takes its own from the table's size (plan_search).
 NPROBES = 64
 REFINE_FACTOR = 10
+# A filter keeping at most this many rows is searched exactly. Exact search reads each kept row's
+# full vector by random access (~13 us a row at 1M rows here, Lance's flat search and a plain read
+# alike), while the index reads the compact codes of the probed partitions (~20 ms at 1M rows with 4x the
+# probes): they cost the same near 2,000 rows (benchmarks/query_latency.py, selectivity sweep).
+# Below it exact search is as fast and returns every kept row the index's partitions might miss.
+EXACT_MAX_ROWS = 2_000
+# A filtered search through the index probes more partitions, since the filter's k best rows lie
+# farther out: probes grow as selectivity^(-1/3), up to this multiple of the unfiltered probes
+# (measured at 1M rows: 10% of rows needs 2x for recall@10 0.98, 0.4% needs 4x for 0.97-0.99),
+# and its candidates are re-ranked deeper.
+MAX_PROBE_GROWTH = 4.0
+FILTERED_REFINE_FACTOR = 20
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How a vector query runs: `method` "exact" (filter, then compare every kept vector) or "index"."""
+
+    method: str
+    reason: str
+    rows: int
+    matched_rows: int | None = None  # rows the filter keeps (counted with the scalar indexes)
+    nprobes: int | None = None
+    refine_factor: int | None = None
+
+
+class TextVectorCache:
+    """Text embeddings already computed, keyed by (model name, weights tag, text); least recently used go first.
+
+    A notebook re-running a query pays the CLIP text encoder (~50 ms on CPU) once. The key names the
+    model, not the embedder object, because `embedder_for(lake)` makes a new one on every call.
+    """
+
+    def __init__(self, size: int = 4096):
+        self.size, self.hits, self.misses = size, 0, 0
+        self._vectors: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def vector(self, embedder, text: str) -> np.ndarray:
+        weights = getattr(embedder, "weights", None)
+        model = getattr(embedder, "model_name", None)
+        if model is None:  # an embedder that cannot say which model it is: never cached
+            return np.asarray(embedder.embed_text([text])[0], np.float32)
+        key = (model, getattr(weights, "tag", None), text)
+        if key in self._vectors:
+            self.hits += 1
+            self._vectors.move_to_end(key)
+            return self._vectors[key]
+        self.misses += 1
+        vector = np.asarray(embedder.embed_text([text])[0], np.float32)
+        vector.flags.writeable = False  # shared by every later hit
+        self._vectors[key] = vector
+        if len(self._vectors) > self.size:
+            self._vectors.popitem(last=False)
+        return vector
+
+
+# Lance caches opened indexes (IVF centroids, quantized codes, bitmaps) per session, and a dataset opened
+# without one gets a fresh, empty session: every query then re-read its index partitions from disk
+# (p50 ~240 ms instead of ~20 ms for a filtered query at 1M rows). One session per process, shared by
+# every dataset this module opens; a new table version reuses the index files it shares with the old.
+SESSION = lance.Session()
+
+# One per process, on purpose: embeddings are pure functions of (model, weights, text), and the
+# process is what re-runs queries. Clear it with TEXT_VECTORS = TextVectorCache() in tests.
+TEXT_VECTORS = TextVectorCache()
 
 
 class QueryError(Gr2Error):
@@ -47,15 +124,18 @@ def clips_dataset(lake: Lake, version: int | str | None = None):
     if not lake.exists("clips"):
         raise QueryError(f"lake {lake.root} has no clips yet")
     try:
-        return lake.dataset("clips", version)
-    except LakeError as e:
+        # Opened as Lake.dataset opens it, but in the shared session, so the indexes that one
+        # query loaded serve the next.
+        return lance.dataset(lake.uri("clips"), version=version, storage_options=storage_options(lake.root),
+                             session=SESSION)
+    except (ValueError, FileNotFoundError, OSError) as e:
         raise QueryError(f"lake {lake.root}: no clips version {version!r} ({e})") from None
 
 
 def query(lake: Lake | str, text: str | None = None, like: str | None = None, where: str | None = None,
           k: int = 20, columns: list[str] | None = None, *, status: str | None = "accepted",
           exact: bool = False, version: int | str | None = None, embedder=None, vector=None,
-          nprobes: int = NPROBES, refine_factor: int = REFINE_FACTOR) -> pa.Table:
+          nprobes: int | None = None, refine_factor: int | None = None) -> pa.Table:
     """The `k` clips best matching `text` or most like clip `like`, filtered by `where` (SQL).
 
     Returns a pyarrow Table (`.to_pandas()` for a DataFrame): `clip_id`, `score` (cosine
@@ -63,6 +143,7 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
     `status` keeps only clips of that status (None: all). `version` reads an earlier build (a
     number or a build id tag). `embedder` embeds `text` (gr2.video.embed.embedder_for(lake) gives
     the model the clips were embedded with); `vector` searches with an embedding of your own.
+    `nprobes` and `refine_factor` override the planner's for an indexed search.
     """
     text = text.strip() if isinstance(text, str) else text
     like = like.strip() if isinstance(like, str) else like
@@ -92,7 +173,7 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
             # video/embed.py does, and hands the query one.
             raise QueryError("text search needs the text model the clips were embedded with: "
                              "query(lake, text=..., embedder=gr2.video.embed.embedder_for(lake))")
-        vector = embedder.embed_text([text])[0]
+        vector = TEXT_VECTORS.vector(embedder, text)
     if vector is not None and "embedding" in names:
         dim = ds.schema.field("embedding").type.list_size
         if np.asarray(vector).shape != (dim,):
@@ -103,15 +184,52 @@ def query(lake: Lake | str, text: str | None = None, like: str | None = None, wh
 
     # No "embedding IS NOT NULL" filter: Lance's search already skips null vectors, and that
     # filter would read every embedding to evaluate it (0.7 s at 1M rows).
-    nearest = {"column": "embedding", "q": np.asarray(vector, np.float32), "k": k, "metric": "cosine",
-               "use_index": not exact}
-    if not exact:
-        nearest.update(nprobes=nprobes, refine_factor=refine_factor)
-    table = _run(ds, where, dict(columns=["clip_id", *columns, "_distance"], filter=" AND ".join(filters),
-                                 prefilter=True, nearest=nearest))
+    where_all = " AND ".join(filters)
+    try:
+        plan = plan_search(ds, where_all or None, k, exact=exact, nprobes=nprobes, refine_factor=refine_factor)
+    except (ValueError, OSError) as e:  # the count ran the user's filter first
+        raise QueryError(_filter_error(str(e), where, names)) from None
+    nearest = {"column": VECTOR_COLUMN, "q": np.asarray(vector, np.float32), "k": k, "metric": "cosine",
+               "use_index": plan.method == "index"}
+    if plan.method == "index":
+        nearest.update(nprobes=plan.nprobes, refine_factor=plan.refine_factor)
+    scan = dict(columns=["clip_id", *columns, "_distance"], filter=where_all or None, prefilter=True, nearest=nearest)
+    table = _run(ds, where, scan)
+    if plan.method == "index" and len(table) < min(k, plan.matched_rows):
+        # The probed partitions held fewer than k of the filter's rows: the filter's rows are all
+        # there are to search, so compare them all rather than return short.
+        plan = replace(plan, method="exact", reason=f"{plan.reason}; the index found {len(table)} < {k}")
+        table = _run(ds, where, {**scan, "nearest": {**nearest, "use_index": False}})
     score = pa.array(np.clip(1.0 - table.column("_distance").to_numpy(zero_copy_only=False), -1.0, 1.0), pa.float32())
     table = _with_score(table, score).sort_by([("score", "descending")])
-    return table.select(["clip_id", "score", *columns])
+    table = table.select(["clip_id", "score", *columns])
+    return table.replace_schema_metadata({b"gr2.plan": json.dumps(asdict(plan)).encode()})
+
+
+def plan_search(ds, where: str | None, k: int, *, exact: bool = False, nprobes: int | None = None,
+                refine_factor: int | None = None) -> SearchPlan:
+    """Choose exact search over the filter's rows or the vector index with prefilter, from the filter's selectivity.
+
+    The filter's rows are counted with Lance's scalar indexes (bitmaps: a few ms at 1M rows), not
+    guessed: the same filter keeps 0.4% of one lake and 60% of another.
+    """
+    rows = ds.count_rows()
+    indexed = {i.name: i for i in ds.describe_indices()}.get(VECTOR_INDEX)
+    if exact:
+        return SearchPlan("exact", "asked for", rows)
+    if indexed is None:
+        return SearchPlan("exact", "no vector index (small table)", rows)
+    matched = ds.count_rows(filter=where) if where else rows
+    if matched <= max(EXACT_MAX_ROWS, k):
+        return SearchPlan("exact", f"filter keeps {matched} rows <= {EXACT_MAX_ROWS}", rows, matched)
+    # The index was built with the settings its row count called for; search it the same way.
+    dim = ds.schema.field(VECTOR_COLUMN).type.list_size
+    settings = vector_index_settings(max(int(indexed.num_rows_indexed or rows), 1), dim)
+    selectivity = matched / max(rows, 1)
+    growth = min(MAX_PROBE_GROWTH, selectivity ** (-1 / 3))  # ~1 for a filter keeping most rows
+    probes = nprobes or min(settings.partitions, round(settings.nprobes * growth))
+    refine = refine_factor or (FILTERED_REFINE_FACTOR if selectivity < 0.5 else settings.refine_factor)
+    return SearchPlan("index", f"filter keeps {selectivity:.1%} of {rows} rows", rows, matched, probes, refine)
 
 
 def _clip_vector(ds, clip_id: str, lake: Lake) -> np.ndarray:
