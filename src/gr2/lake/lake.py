@@ -34,7 +34,10 @@ from gr2.lake.uri import is_remote, local_path, storage_options
 
 KEEP_VERSIONS = timedelta(days=7)  # versions (and unnamed files) younger than this are never cleaned up
 COMPACT_AT_FRAGMENTS = 32  # a build or ingest compacts a table it wrote once it has this many fragments
-COMPACT_ROWS = 1024 * 1024  # rows per fragment after compaction (Lance's default)
+# Rows per fragment after compaction. Lance rewrites every fragment below the target, so at its default
+# (1M rows) a clips table's one part-full 1M-row fragment (~16 GB of rows with their thumbnails and
+# previews) was rewritten by each compaction (benchmarks/lake_scale.py); 128k rows is ~2 GB.
+COMPACT_ROWS = 128 * 1024
 COMMIT_RETRIES = 20  # Lance's retries of a merge that conflicted with a concurrent commit (its default: 10)
 
 

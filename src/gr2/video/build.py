@@ -285,7 +285,10 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
             "lake_root": lake.root, "max_bits": config.fingerprint_max_bits})]
           if config.fingerprint_max_bits is not None else []),
         Stage(thumbnails),
-        Stage(Captioner, **model, memory_gb=2.0 if config.caption_model else None, kwargs={
+        # Without a caption model the captioner only flags uncaptioned clips: it reserves no CPU, or a
+        # 1-CPU node's 0.75 left over would seat no decode task (a 1-CPU build stalled on it).
+        Stage(Captioner, **{**model, "cpus": model["cpus"] if config.caption_model else 0},
+              memory_gb=2.0 if config.caption_model else None, kwargs={
             "model_name": config.caption_model, "pretrained": config.caption_pretrained,
             "max_tokens": config.caption_max_tokens}),
         *([Stage(ClipEmbedder, **model, memory_gb=1.8, kwargs={
