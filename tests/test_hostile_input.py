@@ -154,3 +154,23 @@ def test_a_calvin_annotation_file_carrying_code_is_refused(tmp_path):
     np.save(path, np.array([_Evil()], dtype=object))  # np.save pickles object arrays: the attack file
     with pytest.raises(EpisodeError, match="refusing to unpickle"):
         load_object_npy(str(path))
+
+
+def test_the_download_cache_is_private_and_a_cut_short_entry_is_fetched_again(s3_bucket, media, tmp_path):
+    import boto3
+
+    from gr2.video.probe import ProbeError, local_copy
+
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(str(media["webm"]), s3_bucket, "v.webm")
+    uri = f"s3://{s3_bucket}/v.webm"
+    cache = tmp_path / "cache"
+    path = local_copy(uri, str(cache))
+    assert (os.stat(cache).st_mode & 0o777) == 0o700 and open(path, "rb").read() == media["webm"].read_bytes()
+    with open(path, "r+b") as f:  # a copy cut short (a killed download, a full disk)
+        f.truncate(10)
+    assert open(local_copy(uri, str(cache)), "rb").read() == media["webm"].read_bytes()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)  # others could plant a file under the name the next download would use
+    with pytest.raises(ProbeError, match="not private"):
+        local_copy(uri, str(shared))

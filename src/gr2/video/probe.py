@@ -21,16 +21,28 @@ class ProbeError(Gr2Error):
     """An input that is not a readable video; the message says which and why."""
 
 
+def private_cache_dir(cache_dir: str | None = None) -> str:
+    """This user's download cache (default: <tmp>/gr2-cache-<uid>), made mode 0700; refused when it
+    is another user's or others may write to it, since whatever sits there is read as the object."""
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), f"gr2-cache-{os.getuid()}")
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    st = os.stat(cache_dir)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ProbeError(f"download cache {cache_dir} is not private (owner uid {st.st_uid}, mode "
+                         f"{st.st_mode & 0o777:o}): files others can place there would be read as videos")
+    return cache_dir
+
+
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local path holding `uri`'s bytes: the path itself when local, else a cached download.
 
     ffprobe and the decoders need a seekable local file; object-store inputs are copied once per
-    node into a cache keyed by the uri.
+    node into this user's private cache, keyed by the uri and the object's version, and an entry
+    is used only when its size is the object's (a cut-short copy is fetched again).
     """
     if not is_remote(uri):
         return local_path(uri)
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "gr2-cache")
-    os.makedirs(cache_dir, exist_ok=True)
+    cache_dir = private_cache_dir(cache_dir)
     # Keyed by the object's version too (ETag, size, mtime): an object overwritten in place is new
     # content and must be fetched again, or its new bytes would never reach the lake.
     try:
@@ -41,7 +53,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     version = f"{info.get('ETag') or info.get('etag')}:{info.get('size')}:{info.get('LastModified') or info.get('mtime')}"
     name = hashlib.sha256(f"{uri}#{version}".encode()).hexdigest()[:24] + os.path.splitext(uri)[1]
     path = os.path.join(cache_dir, name)
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) != info.get("size"):
         try:
             with fsspec.open(uri, "rb") as src, tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as dst:
                 shutil.copyfileobj(src, dst, CHUNK)
