@@ -174,3 +174,19 @@ def test_the_download_cache_is_private_and_a_cut_short_entry_is_fetched_again(s3
     os.chmod(shared, 0o777)  # others could plant a file under the name the next download would use
     with pytest.raises(ProbeError, match="not private"):
         local_copy(uri, str(shared))
+
+
+@pytest.mark.parametrize("name,text,demuxer", [
+    ("playlist.mp4", "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{video}\n#EXT-X-ENDLIST\n", "hls"),
+    ("list.mkv", "ffconcat version 1.0\nfile '{video}'\n", "concat"),
+])
+def test_a_playlist_or_concat_list_given_as_a_video_is_rejected_unread(name, text, demuxer, media, tmp_path):
+    from gr2.video import build
+    from gr2.video.config import BuildConfig
+
+    disguised = tmp_path / name
+    disguised.write_text(text.format(video=media["tiny"]))
+    row = build.survey_video({"uri": str(disguised), "local_path": str(disguised)}, BuildConfig())
+    assert row["status"] == "rejected" and row["reason"].startswith(f"container: a {demuxer} file is not a video")
+    real = build.survey_video({"uri": str(media["tiny"]), "local_path": str(media["tiny"])}, BuildConfig())
+    assert real["status"] != "rejected" or not real["reason"].startswith("container")

@@ -437,3 +437,17 @@ def test_a_real_build_embeds_captions_dedups_and_can_be_queried(ray_local, sthv2
     code, _, _ = gr2("query", "--lake", lake.root, "--text", "pushing a box", "--format", "html", "--out", str(page),
                      capsys=capsys)
     assert code == 0 and page.read_text().count("data:image/webp;base64,") == min(20, len(accepted))
+
+
+def test_read_only_sql_answers_from_the_tables_and_touches_no_file(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.commit("clips", clip_rows(unit(np.random.default_rng(0).standard_normal((5, DIM))), status="accepted"))
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    assert sql(lake, f"select count(*) n from read_csv('{secret}')").to_pylist() == [{"n": 1}]  # a local command may
+    assert sql(lake, "select count(*) n from clips", read_only=True).to_pylist() == [{"n": 5}]
+    with pytest.raises(QueryError, match="disabled"):
+        sql(lake, f"select * from read_csv('{secret}')", read_only=True)
+    with pytest.raises(QueryError, match="disabled"):
+        sql(lake, f"copy clips to '{tmp_path / 'out.csv'}'", read_only=True)
+    assert not (tmp_path / "out.csv").exists()

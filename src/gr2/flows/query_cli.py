@@ -70,7 +70,7 @@ def run_query(args) -> str:
 def run_sql(args) -> str:
     from gr2.lake.query import sql
 
-    result = sql(args.lake, args.statement)
+    result = sql(args.lake, args.statement, read_only=args.read_only)
     text = as_json(result) if args.format == "json" else as_text(result, max_width=80)
     return _emit(text, args.out, f"{len(result)} rows")
 
@@ -102,6 +102,8 @@ def register(sub) -> None:
     p.add_argument("statement", help='e.g. "select dataset, count(*) from clips group by 1"')
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--out", metavar="FILE")
+    p.add_argument("--read-only", action="store_true",
+                   help="no file access beyond the lake's tables (DuckDB can otherwise read and write any file)")
     p.set_defaults(run=run_sql)
 
     p = sub.add_parser("index", help="build or update the clips table's vector and scalar indexes")

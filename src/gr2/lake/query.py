@@ -280,8 +280,13 @@ def _has_unsigned(t: pa.DataType) -> bool:
     return False
 
 
-def sql(lake: Lake | str, statement: str) -> pa.Table:
-    """Run a DuckDB SQL `statement` over the lake's tables (videos, clips, builds, ...) as Arrow."""
+def sql(lake: Lake | str, statement: str, read_only: bool = False) -> pa.Table:
+    """Run a DuckDB SQL `statement` over the lake's tables (videos, clips, builds, ...) as Arrow.
+
+    DuckDB can read and write any file this process can (`read_csv('/...')`, `COPY ... TO`): right
+    for a local command, wrong for anything that runs other people's queries. `read_only` turns
+    DuckDB's file system access off once the lake's tables are registered; the tables still answer.
+    """
     import duckdb
 
     if not statement or not statement.strip():
@@ -301,6 +306,8 @@ def sql(lake: Lake | str, statement: str) -> pa.Table:
             # the table has unsigned integers (VQ tokens are uint16): DuckDB filters instead, and
             # still pushes down the columns it reads.
             con.sql("SET disabled_optimizers = 'filter_pushdown'")
+        if read_only:
+            con.execute("SET enable_external_access = false")  # cannot be turned back on by the statement
         result = con.sql(statement)
         return result.to_arrow_table() if result is not None else pa.table({})
     except duckdb.Error as e:

@@ -28,6 +28,7 @@ import numpy as np
 from gr2.robot import layout as lay
 from gr2.robot.actions import quat_from_euler, quat_from_wxyz
 from gr2.robot.episode import Camera, EndEffector, Episode, EpisodeError, EpisodeRef, VideoFrames, video_timestamps
+from gr2.video.probe import OPEN_OPTIONS
 
 FORMAT = "annotated-json"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -145,7 +146,7 @@ def _array(ann: dict, keys: tuple[str, ...], ref: EpisodeRef) -> np.ndarray:
 def _fps(path: str) -> float:
     import av
 
-    with av.open(path) as c:
+    with av.open(path, options=OPEN_OPTIONS) as c:
         rate = c.streams.video[0].average_rate or c.streams.video[0].guessed_rate
         return float(rate) if rate else 1.0
 

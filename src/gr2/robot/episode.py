@@ -17,6 +17,7 @@ import numpy as np
 
 from gr2.errors import Gr2Error
 from gr2.robot.layout import Layout
+from gr2.video.probe import OPEN_OPTIONS
 
 
 class EpisodeError(Gr2Error):
@@ -320,7 +321,7 @@ def video_timestamps(path: str) -> np.ndarray:
     """Presentation times (s) of every frame of a video, read from the container without decoding."""
     import av
 
-    with av.open(path) as container:
+    with av.open(path, options=OPEN_OPTIONS) as container:
         stream = container.streams.video[0]
         pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
         base = float(stream.time_base)

@@ -89,6 +89,8 @@ def survey_video(item: dict, config: BuildConfig) -> dict:
         return {**row, "status": "failed", "reason": item["error"]}
     try:
         info = probe.probe(item["local_path"])
+    except probe.ContainerRefused as e:
+        return {**row, "status": "rejected", "reason": f"container: {str(e).split(': ', 1)[-1]}"}
     except probe.ProbeError as e:
         # A readable file with no video stream is a rejection (it is not video); the rest failed.
         status = "rejected" if "no video stream" in str(e) else "failed"

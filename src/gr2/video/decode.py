@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from gr2.errors import Gr2Error
+from gr2.video import probe
 
 
 class DecodeError(Gr2Error):
@@ -76,7 +77,7 @@ def _open_av(path: str):
     import av
 
     try:
-        container = av.open(path)
+        container = av.open(path, options=probe.OPEN_OPTIONS)
         stream = container.streams.video[0]
     except Exception as e:
         raise DecodeError(f"{path}: cannot open for decoding ({_first_line(e)})") from None

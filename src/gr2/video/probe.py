@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from fractions import Fraction
@@ -19,6 +20,19 @@ CHUNK = 1 << 20
 
 class ProbeError(Gr2Error):
     """An input that is not a readable video; the message says which and why."""
+
+
+class ContainerRefused(ProbeError):
+    """A file in a container gr2 does not open as video (a playlist, a concat list, ...)."""
+
+
+# The demuxers gr2 opens input through, by ffmpeg's names: video containers, and a few audio ones so
+# an audio file is told "no video stream" rather than refused. Anything else is refused before a
+# decoder opens it: playlist and concat demuxers (hls, concat, ...) read the files or URLs a text
+# file lists, whatever the file is called (DESIGN.md), and local files open by the file protocol only.
+DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpegts", "flv", "ogg", "asf", "mxf", "mpeg",
+            "mpegvideo", "h264", "hevc", "ivf", "dv", "gif", "mp3", "wav", "aac", "flac")
+OPEN_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(DEMUXERS)}
 
 
 def private_cache_dir(cache_dir: str | None = None) -> str:
@@ -107,9 +121,14 @@ def probe(path: str) -> dict:
     if os.path.getsize(path) == 0:
         raise ProbeError(f"{path}: empty file (0 bytes)")
     try:
-        info = ffmpeg.probe(path)
+        info = ffmpeg.probe(path, **OPEN_OPTIONS)
     except ffmpeg.Error as e:
-        lines = [ln for ln in e.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        text = e.stderr.decode("utf-8", "replace")
+        refused = re.search(r"\[(\w+) @ [^\]]*\] Format not on whitelist", text)
+        if refused:
+            raise ContainerRefused(f"{path}: a {refused.group(1)} file is not a video container gr2 opens "
+                                   "(playlists and concat lists make a decoder read the files they name)") from None
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         detail = lines[-1].split(": ", 1)[-1] if lines else "ffprobe failed"
         raise ProbeError(f"{path}: not a readable video ({detail})") from None
     streams = info.get("streams", [])
