@@ -190,3 +190,50 @@ def test_a_playlist_or_concat_list_given_as_a_video_is_rejected_unread(name, tex
     assert row["status"] == "rejected" and row["reason"].startswith(f"container: a {demuxer} file is not a video")
     real = build.survey_video({"uri": str(media["tiny"]), "local_path": str(media["tiny"])}, BuildConfig())
     assert real["status"] != "rejected" or not real["reason"].startswith("container")
+
+
+def test_a_manifest_in_object_storage_names_only_objects(s3_bucket):
+    import boto3
+
+    rows = ["/etc/hostname", "file:///etc/hostname", "../elsewhere/x.mp4", "clips/a.mp4", f"s3://{s3_bucket}/b.mp4"]
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object(
+        Bucket=s3_bucket, Key="videos/m.csv", Body=("uri\n" + "\n".join(rows) + "\n").encode())
+    got = sources.read_manifest(f"s3://{s3_bucket}/videos/m.csv")
+    errors = [g["source_error"] for g in got[:3]]
+    assert all(e and "a local path; a manifest in object storage may name only objects" in e for e in errors)
+    assert "'/etc/hostname'" in errors[0] and "row 1" in errors[0]
+    assert [g["uri"] for g in got[3:]] == [f"s3://{s3_bucket}/videos/clips/a.mp4", f"s3://{s3_bucket}/b.mp4"]
+    assert all(g["source_error"] is None for g in got[3:])
+
+
+@pytest.mark.parametrize("template", ["/etc/{episode_index}.parquet", "../../outside/{episode_index}.parquet"])
+def test_a_lerobot_data_path_outside_the_dataset_fails_its_episodes_naming_it(template, tmp_path):
+    from test_robot_readers import write_lerobot_v2
+
+    from gr2.robot.ingest import IngestConfig, list_sources, process_episode
+
+    root = write_lerobot_v2(tmp_path / "ds", lengths=(6,))
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["data_path"] = template
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    refs, _ = list_sources([str(root)])
+    row, steps = process_episode(refs[0], IngestConfig(), "test")
+    assert row["status"] == "failed" and steps is None
+    assert "data_path names" in row["reason"] and "must stay inside its root" in row["reason"]
+
+
+def test_an_annotation_video_path_outside_the_dataset_fails_the_episode(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from gr2.robot.ingest import IngestConfig, list_sources, process_episode
+
+    root = Path(shutil.copytree(Path(__file__).parent / "data" / "robot" / "rt1", tmp_path / "rt1"))
+    ann_path = root / "annotation" / "val" / "6.json"
+    ann = json.loads(ann_path.read_text())
+    ann["videos"] = [{"video_path": "/etc/hostname"}]
+    ann_path.write_text(json.dumps(ann))
+    refs, failed = list_sources([str(root)])
+    assert not failed
+    row, _ = process_episode(refs[0], IngestConfig(), "test")
+    assert row["status"] == "failed" and "video_path names '/etc/hostname'" in row["reason"]

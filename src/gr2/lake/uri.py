@@ -18,6 +18,19 @@ def local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def inside(root: str, relative: str) -> str:
+    """`relative` under the local directory `root`; ValueError when it is absolute, a URI, or climbs
+    out (`../`): a path a dataset's own metadata names must stay inside the dataset. Checked on the
+    path as written, so a dataset's own symlinks (the Hugging Face cache's blobs) still resolve."""
+    if os.path.isabs(relative) or is_remote(relative) or relative.startswith("file:"):
+        raise ValueError(f"names {relative!r}, not a path inside the dataset")
+    base = os.path.normpath(root)
+    path = os.path.normpath(os.path.join(base, relative))
+    if os.path.commonpath([path, base]) != base:
+        raise ValueError(f"names {relative!r}, which climbs out of the dataset")
+    return path
+
+
 def join(base: str, *parts: str) -> str:
     """`parts` under `base`, one "/" apart; a bare scheme ("s3://") stays as it is."""
     head = base if base.endswith("://") else base.rstrip("/") + "/"

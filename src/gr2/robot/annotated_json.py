@@ -27,7 +27,16 @@ import numpy as np
 
 from gr2.robot import layout as lay
 from gr2.robot.actions import quat_from_euler, quat_from_wxyz
-from gr2.robot.episode import Camera, EndEffector, Episode, EpisodeError, EpisodeRef, VideoFrames, video_timestamps
+from gr2.robot.episode import (
+    Camera,
+    EndEffector,
+    Episode,
+    EpisodeError,
+    EpisodeRef,
+    VideoFrames,
+    dataset_path,
+    video_timestamps,
+)
 from gr2.video.probe import OPEN_OPTIONS
 
 FORMAT = "annotated-json"
@@ -90,8 +99,17 @@ def _read(path: str, uri: str) -> dict:
         raise EpisodeError(f"{uri}: cannot read annotation {path} ({e})") from None
 
 
-def _view_paths(root: str, ann: dict) -> list[str]:
-    listed = [os.path.join(root, v["video_path"]) for v in ann.get("videos", []) if v.get("video_path")]
+def _view_paths(root: str, ann: dict, where: str | None = None) -> list[str]:
+    """The episode's videos; a video_path outside the dataset is EpisodeError when loading the episode
+    (`where`: its uri), and left out of the listing's camera names."""
+    listed = []
+    for v in ann.get("videos", []):
+        if v.get("video_path"):
+            try:
+                listed.append(dataset_path(where or root, root, v["video_path"], "the annotation's video_path"))
+            except EpisodeError:
+                if where is not None:
+                    raise
     found = list(listed)
     for folder in dict.fromkeys(os.path.dirname(p) for p in listed):
         for path in sorted(glob.glob(os.path.join(folder, "*"))):
@@ -110,7 +128,7 @@ def load_episode(ref: EpisodeRef) -> Episode:
     action = _array(ann, ("actions", "action"), ref)
     texts = ann.get("texts") or []
     cameras = {}
-    for path in _view_paths(ref.source, ann):
+    for path in _view_paths(ref.source, ann, ref.uri):
         name = os.path.splitext(os.path.basename(path))[0]
         if not os.path.exists(path):
             continue  # Episode.validate names the missing camera

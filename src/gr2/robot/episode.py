@@ -16,8 +16,17 @@ from typing import Protocol
 import numpy as np
 
 from gr2.errors import Gr2Error
+from gr2.lake.uri import inside
 from gr2.robot.layout import Layout
 from gr2.video.probe import OPEN_OPTIONS
+
+
+def dataset_path(where: str, root: str, relative: str, what: str) -> str:
+    """`relative` inside the dataset at `root`, or EpisodeError naming `where`, `what` named it and the rule."""
+    try:
+        return inside(root, relative)
+    except ValueError as e:
+        raise EpisodeError(f"{where}: {what} {e} (paths a dataset names must stay inside its root)") from None
 
 
 class EpisodeError(Gr2Error):

@@ -32,6 +32,7 @@ from gr2.robot.episode import (
     EpisodeRef,
     SelectedFrames,
     VideoFrames,
+    dataset_path,
     video_timestamps,
 )
 
@@ -90,7 +91,7 @@ def load_episode(ref: EpisodeRef) -> Episode:
     index = int(ref.key.rsplit("_", 1)[-1])
     version = _version(info)
     meta = _v3_episode_row(root, index) if version == 3 else None
-    path = os.path.join(root, _data_path(info, index, meta))
+    path = dataset_path(ref.uri, root, _data_path(info, index, meta), "meta/info.json's data_path")
     if version == 3:
         table = _read_parquet(pq, path, ref)
         import pyarrow.compute as pc
@@ -143,7 +144,7 @@ def _camera(ref, root, info, key, index, version, meta, table) -> Camera | None:
         encoded = [row["bytes"] if isinstance(row, dict) else row for row in table.column(key).to_pylist()]
         frames = EncodedFrames(encoded)
         return Camera(name, np.asarray(table.column("timestamp").to_numpy(zero_copy_only=False), np.float64), frames, fps)
-    path = os.path.join(root, _video_path(info, key, index, meta))
+    path = dataset_path(ref.uri, root, _video_path(info, key, index, meta), "meta/info.json's video_path")
     if not os.path.exists(path):
         return None  # Episode.validate names the missing camera
     try:
@@ -184,7 +185,7 @@ def _v2_camera_times(root, info, key, index, video_path, count, fps) -> np.ndarr
     if template:
         import pyarrow.parquet as pq
 
-        path = os.path.join(root, _times_path(info, key, index))
+        path = dataset_path(root, root, _times_path(info, key, index), "meta/info.json's camera_timestamps_path")
         t = pq.read_table(path).sort_by("frame_index")
         return np.asarray(t.column("timestamp").to_numpy(), np.float64)
     pts = video_timestamps(video_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 from glob import glob as local_glob
 
 import fsspec
@@ -98,10 +99,16 @@ def read_manifest(uri: str) -> list[dict]:
         if "\x00" in u:
             inputs.append(_input(where, error=f"{where}: uri contains a NUL byte"))
             continue
-        if not is_remote(u) and not os.path.isabs(u) and not is_remote(base):
-            u = os.path.abspath(os.path.join(base, u))
-        elif not is_remote(u) and not u.startswith("/") and is_remote(base):
-            u = join(base, u)
+        if is_remote(base) and not is_remote(u):
+            # A manifest in object storage names objects: never a file of the machine that reads it
+            # (a worker's /etc, a mounted volume), and its relative rows stay under its own prefix.
+            if u.startswith(("/", "file:", "~")) or posixpath.normpath(u).startswith(".."):
+                inputs.append(_input(where, error=f"{where}: names {u!r}, a local path; a manifest in object "
+                                                  "storage may name only objects (other URIs, or paths under it)"))
+                continue
+            u = join(base, posixpath.normpath(u))
+        elif not is_remote(u) and not os.path.isabs(u):
+            u = os.path.abspath(os.path.join(base, u))  # a local manifest may name local files anywhere
         inputs.append(_input(u, _text(caption), _text(dataset)))
     return inputs
 
