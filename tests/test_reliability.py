@@ -426,3 +426,15 @@ def test_gr2_compact_prints_what_it_did(tmp_path, capsys):
     assert "| builds | 5 | 1 |" in out
     assert main(["compact", "--lake", str(tmp_path / "none")]) == 2
     assert "no lake at" in capsys.readouterr().err
+
+
+def test_a_file_uri_lake_is_the_directory_it_names_lease_included(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a lock file relative to the working directory would land here
+    root = tmp_path / "elsewhere" / "lake"
+    lake = Lake(f"file://{root}")
+    assert lake.root == str(root) and lake.is_local
+    lake.commit("builds", [{"build_id": "b1"}])
+    with lake.lease():
+        pass
+    assert (root / "builds.lance").is_dir() and (root / ".lease").exists()
+    assert not (tmp_path / "file:").exists()
