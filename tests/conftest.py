@@ -15,6 +15,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 os.environ.setdefault("GR2_PROGRESS", "0")
+# One math thread per process: two pytest workers and their Ray workers already fill both cores, and
+# a tiny model trained across two threads on a busy machine took 40 s where one thread took 3 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.pop("RAY_ADDRESS", None)  # tests start their own Ray; never join a user's cluster
 # moto's credentials, set before any Ray starts: Ray workers take keys from their own environment
 # (gr2 never ships keys to them), so they must hold these from the start. No real key is ever used.
