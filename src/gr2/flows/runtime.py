@@ -11,6 +11,9 @@ import warnings
 def offline_defaults() -> None:
     """Settings for a machine without internet: no telemetry, no usage stats."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary server takes ~20 s to start here, its default limit: on a busy 2-core
+    # machine `make demo` timed out before the first flow ran. Wait longer rather than fail.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # MuJoCo renders offscreen through OSMesa (no display here); set before Ray starts its workers.
