@@ -33,6 +33,23 @@ class EpisodeError(Gr2Error):
     """An episode that cannot be read or is not valid; the message names the episode and the fault."""
 
 
+# Bounds no real episode reaches (5.5 h at 100 Hz; a few hundred joints), checked against a file's
+# declared shape before reading it: an HDF5 or .npy header may claim a billion steps in a tiny file,
+# and reading that would take the worker's memory or hours of hashing fill values.
+MAX_STEPS = 2_000_000
+MAX_WIDTH = 100_000
+
+
+def check_shape(where: str, what: str, shape: tuple[int, ...]) -> None:
+    """EpisodeError naming `where` and `what` unless `shape` is [steps, ...] within MAX_STEPS and MAX_WIDTH."""
+    if len(shape) == 0:
+        raise EpisodeError(f"{where}: {what} is a scalar, not a [steps, ...] array")
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    if shape[0] > MAX_STEPS or width > MAX_WIDTH:
+        raise EpisodeError(f"{where}: {what} claims shape {tuple(shape)}, beyond {MAX_STEPS} steps "
+                           f"or {MAX_WIDTH} values per step")
+
+
 @dataclass(frozen=True)
 class EpisodeRef:
     """Where one episode lives: listed on the driver, loaded on a worker."""
