@@ -233,7 +233,7 @@ class Episode:
             raise EpisodeError(f"{name}: no steps")
         _check_2d(name, "state", self.state, t)
         _check_finite(name, "state", self.state)
-        _check_finite(name, "action", np.asarray(self.action).reshape(len(self.action), -1))
+        _check_finite(name, "action", _per_step(name, "action", self.action))
         if len(self.action) not in (t, t - 1):
             raise EpisodeError(f"{name}: length mismatch: state has {t} steps, action has {len(self.action)}")
         _check_times(name, "timestamp", self.timestamps_s, t)
@@ -241,7 +241,7 @@ class Episode:
         declared = (("state", self.state_layout, self.state), ("action", self.action_layout, self.action),
                     ("end_effector.effector", ee.layout if ee else None, ee.effector if ee else None))
         for what, layout, values in declared:
-            width = np.asarray(values).reshape(len(values), -1).shape[1] if layout is not None else None
+            width = _per_step(name, what, values).shape[1] if layout is not None else None
             if layout is not None and len(layout) != width:
                 raise EpisodeError(f"{name}: {what} has {width} dimensions but the source declares "
                                    f"{len(layout)} ({', '.join(d.name for d in layout)})")
@@ -301,6 +301,14 @@ def _hash_array(h, arr) -> None:
     a = np.ascontiguousarray(np.asarray(arr, dtype=np.float64))
     h.update(f"{a.shape}".encode())
     h.update(a.tobytes())
+
+
+def _per_step(name: str, what: str, values) -> np.ndarray:
+    """`values` as [steps, dims]; numpy cannot infer the width of an empty array by itself (reshape(0, -1))."""
+    arr = np.asarray(values)
+    if arr.ndim == 0:
+        raise EpisodeError(f"{name}: {what} is a scalar, not a [steps, dims] array")
+    return arr.reshape(len(arr), int(np.prod(arr.shape[1:], dtype=np.int64)))
 
 
 def _check_2d(name: str, what: str, arr: np.ndarray, steps: int) -> None:
