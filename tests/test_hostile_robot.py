@@ -381,3 +381,38 @@ def test_hostile_calvin_indices_and_annotations_fail_or_are_harmless(calvin_temp
     if kind in ("absurd_range", "reversed") and (annotated or not (root / "lang_annotations").exists()):
         assert statuses(rows) == ["failed"], rows
 
+
+
+# -- annotated JSON: one annotation per episode, beside its videos ----------------------------------
+
+SAMPLES = Path(__file__).parent / "data" / "robot"
+ANNOTATION = "annotation/val/6.json"
+ANNOTATION_KEYS = ("state", "action", "texts", "videos", "continuous_gripper_state", "episode_id")
+
+
+@SETTINGS
+@given(key=st.sampled_from(ANNOTATION_KEYS), value=hostile_value,
+       kind=st.sampled_from(["value", "missing", "nonfinite", "shorter", "document", "truncated"]),
+       fraction=st.floats(0, 0.99))
+def test_a_damaged_annotation_fails_its_episode_or_is_harmless(key, value, kind, fraction):
+    with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
+        root = Path(shutil.copytree(SAMPLES / "rt1", Path(tmp) / "rt1"))
+        path = root / ANNOTATION
+        ann = json.loads(path.read_text())
+        if kind == "value":
+            ann[key] = value
+        elif kind == "missing":
+            ann.pop(key)
+        elif kind == "nonfinite" and key in ("state", "action"):
+            ann[key][3][0] = float("nan")  # json.dumps writes NaN, which Python's json reads back
+        elif kind == "shorter" and isinstance(ann[key], list):
+            ann[key] = ann[key][: len(ann[key]) // 2]
+        elif kind == "document":
+            ann = value
+        path.write_text(json.dumps(ann))
+        if kind == "truncated":
+            truncate(path, fraction)
+        rows = ingest(root)
+        assert rows and all(r["status"] in ("failed", "accepted") for r in rows), rows
+        if kind in ("nonfinite", "truncated", "document") and key in ("state", "action"):
+            assert statuses(rows) == ["failed"], rows
