@@ -93,7 +93,7 @@ def load_episode(ref: EpisodeRef) -> Episode:
     """The episode `ref` names, with its camera streams opened (frames decode on demand)."""
     try:
         return _load_episode(ref)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
         # meta/ is JSON and parquet anyone may write: a template that does not fill, a feature, a number
         # or a column of the wrong kind all end here, named, instead of as a bare Python error.
         raise EpisodeError(f"{ref.uri}: meta/info.json, meta/episodes or the episode's parquet has a field "
