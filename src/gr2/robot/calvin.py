@@ -81,15 +81,23 @@ def _annotations(root: str) -> list[tuple[int, int, str]] | None:
     if not os.path.exists(path):
         return None
     ann = load_object_npy(path)
-    return [(int(a), int(b), str(text)) for (a, b), text in zip(ann["info"]["indx"], ann["language"]["ann"])]
+    try:
+        return [(int(a), int(b), str(text)) for (a, b), text in zip(ann["info"]["indx"], ann["language"]["ann"])]
+    except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as e:
+        raise EpisodeError(f"{path}: not CALVIN's {{'info': {{'indx': [(first, last), ...]}}, 'language': "
+                           f"{{'ann': [...]}}}} ({type(e).__name__}: {e})") from None
 
 
 def list_episodes(root: str, dataset: str | None = None) -> list[EpisodeRef]:
     name = dataset or os.path.basename(os.path.normpath(root))
     spans = _annotations(root)
     if spans is None:
-        ranges = np.load(os.path.join(root, "ep_start_end_ids.npy"))
-        spans = [(int(a), int(b), "") for a, b in ranges]
+        path = os.path.join(root, "ep_start_end_ids.npy")
+        try:
+            spans = [(int(a), int(b), "") for a, b in np.load(path)]
+        except (OSError, ValueError, TypeError, ArithmeticError, EOFError) as e:  # cut, text, NaN, not [[first, last]]
+            raise EpisodeError(f"{path}: not a readable [[first, last], ...] integer array "
+                               f"({type(e).__name__}: {e})") from None
     cams = tuple(sorted(CAMERAS.values()))
     return [EpisodeRef(FORMAT, root, f"{a:07d}-{b:07d}", cams, name) for a, b, _ in spans]
 

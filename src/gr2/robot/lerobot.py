@@ -82,10 +82,15 @@ def list_episodes(root: str, dataset: str | None = None) -> list[EpisodeRef]:
     info = read_info(root)
     cams = tuple(camera_name(k) for k in camera_keys(info))
     name = dataset or os.path.basename(os.path.normpath(root))
-    if _version(info) == 3:
-        indices = sorted(int(i) for i in _v3_episodes(root)["episode_index"])
-    else:
-        indices = [int(e["episode_index"]) for e in _jsonl(os.path.join(root, "meta", "episodes.jsonl"))]
+    where = "meta/episodes" if _version(info) == 3 else "meta/episodes.jsonl"
+    try:
+        if _version(info) == 3:
+            indices = sorted(int(i) for i in _v3_episodes(root)["episode_index"])
+        else:
+            indices = [int(e["episode_index"]) for e in _jsonl(os.path.join(root, "meta", "episodes.jsonl"))]
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # NaN, text, null or no episode_index
+        raise EpisodeError(f"{root}: {where} has an episode without an integer episode_index "
+                           f"({type(e).__name__}: {e})") from None
     return [EpisodeRef(FORMAT, root, f"episode_{i:06d}", cams, name) for i in indices]
 
 
