@@ -59,6 +59,7 @@ def ingest(root: Path) -> list[dict]:
 
 def _assert_explained(reason: str, where: str) -> None:
     said = reason.split(f"{where}: ", 1)[-1]
+    said = said.removeprefix("cannot list episodes (")  # list_sources wraps the reader's own message
     assert said.strip() and not BARE_ERROR.match(said), reason
 
 

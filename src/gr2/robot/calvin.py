@@ -64,12 +64,12 @@ class _ArraysOnly(pickle.Unpickler):
 def load_object_npy(path: str):
     """The object stored in a .npy of dtype object (a pickle inside), through `_ArraysOnly`."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        _, _, dtype = read_header(f)
-        if dtype != object:
-            return np.load(path)
-        try:
+        try:  # a cut or garbage header is numpy's ValueError ("EOF: reading magic string")
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _, _, dtype = read_header(f)
+            if dtype != object:
+                return np.load(path)
             arr = _ArraysOnly(io.BufferedReader(f)).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise EpisodeError(f"{path}: unreadable annotation file ({e})") from None
