@@ -34,6 +34,7 @@ from gr2.robot.episode import (
     EpisodeError,
     EpisodeRef,
     VideoFrames,
+    check_shape,
     dataset_path,
     video_timestamps,
 )
@@ -94,9 +95,13 @@ def episode_files(ref: EpisodeRef, files: list[str]) -> list[str]:
 def _read(path: str, uri: str) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
+            ann = json.load(f)
     except (OSError, ValueError) as e:
         raise EpisodeError(f"{uri}: cannot read annotation {path} ({e})") from None
+    if not isinstance(ann, dict) or not isinstance(ann.get("videos", []), list) \
+            or not all(isinstance(v, dict) for v in ann.get("videos", [])):
+        raise EpisodeError(f"{uri}: annotation {path} is not an object whose videos are a list of objects")
+    return ann
 
 
 def _view_paths(root: str, ann: dict, where: str | None = None) -> list[str]:
@@ -123,6 +128,14 @@ def _view_names(root: str, ann: dict) -> list[str]:
 
 
 def load_episode(ref: EpisodeRef) -> Episode:
+    try:
+        return _load_episode(ref)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # the annotation is JSON anyone may write: a field of the wrong kind ends here, named
+        raise EpisodeError(f"{ref.uri}: annotation has a field of the wrong kind ({type(e).__name__}: {e})") from None
+
+
+def _load_episode(ref: EpisodeRef) -> Episode:
     ann = _read(os.path.join(ref.source, "annotation", ref.key + ".json"), ref.uri)
     state = _array(ann, ("states", "state"), ref)
     action = _array(ann, ("actions", "action"), ref)
@@ -157,6 +170,7 @@ def _array(ann: dict, keys: tuple[str, ...], ref: EpisodeRef) -> np.ndarray:
                 a = np.asarray(ann[key], dtype=np.float64)
             except (ValueError, TypeError) as e:
                 raise EpisodeError(f"{ref.uri}: {key} is not a numeric [steps, dims] array ({e})") from None
+            check_shape(ref.uri, key, a.shape)
             return a.reshape(len(a), -1)
     raise EpisodeError(f"{ref.uri}: annotation has none of {list(keys)}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 
 import numpy as np
 
@@ -63,12 +64,12 @@ class _ArraysOnly(pickle.Unpickler):
 def load_object_npy(path: str):
     """The object stored in a .npy of dtype object (a pickle inside), through `_ArraysOnly`."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        _, _, dtype = read_header(f)
-        if dtype != object:
-            return np.load(path)
-        try:
+        try:  # a cut or garbage header is numpy's ValueError ("EOF: reading magic string")
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _, _, dtype = read_header(f)
+            if dtype != object:
+                return np.load(path)
             arr = _ArraysOnly(io.BufferedReader(f)).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise EpisodeError(f"{path}: unreadable annotation file ({e})") from None
@@ -80,15 +81,23 @@ def _annotations(root: str) -> list[tuple[int, int, str]] | None:
     if not os.path.exists(path):
         return None
     ann = load_object_npy(path)
-    return [(int(a), int(b), str(text)) for (a, b), text in zip(ann["info"]["indx"], ann["language"]["ann"])]
+    try:
+        return [(int(a), int(b), str(text)) for (a, b), text in zip(ann["info"]["indx"], ann["language"]["ann"])]
+    except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as e:
+        raise EpisodeError(f"{path}: not CALVIN's {{'info': {{'indx': [(first, last), ...]}}, 'language': "
+                           f"{{'ann': [...]}}}} ({type(e).__name__}: {e})") from None
 
 
 def list_episodes(root: str, dataset: str | None = None) -> list[EpisodeRef]:
     name = dataset or os.path.basename(os.path.normpath(root))
     spans = _annotations(root)
     if spans is None:
-        ranges = np.load(os.path.join(root, "ep_start_end_ids.npy"))
-        spans = [(int(a), int(b), "") for a, b in ranges]
+        path = os.path.join(root, "ep_start_end_ids.npy")
+        try:
+            spans = [(int(a), int(b), "") for a, b in np.load(path)]
+        except (OSError, ValueError, TypeError, ArithmeticError, EOFError) as e:  # cut, text, NaN, not [[first, last]]
+            raise EpisodeError(f"{path}: not a readable [[first, last], ...] integer array "
+                               f"({type(e).__name__}: {e})") from None
     cams = tuple(sorted(CAMERAS.values()))
     return [EpisodeRef(FORMAT, root, f"{a:07d}-{b:07d}", cams, name) for a, b, _ in spans]
 
@@ -113,27 +122,46 @@ def load_episode(ref: EpisodeRef) -> Episode:
         if (a, b) == (first, last):
             instruction = text or None
             break
+    if last < first:
+        raise EpisodeError(f"{ref.uri}: no steps (the episode ends at {last}, before it starts at {first})")
     steps = []
     for i in range(first, last + 1):
         path = os.path.join(ref.source, f"episode_{i:07d}.npz")
         try:
             with np.load(path) as npz:
                 steps.append({k: npz[k] for k in ("actions", "rel_actions", "robot_obs", *CAMERAS) if k in npz})
-        except (OSError, ValueError) as e:
+        # An empty file is EOFError, a cut zip BadZipFile; MemoryError: a .npy header claiming an absurd shape.
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as e:
             raise EpisodeError(f"{ref.uri}: cannot read step {i - first} ({path}: {e})") from None
     for key in ("actions", "rel_actions", "robot_obs"):
         missing = [i for i, s in enumerate(steps) if key not in s]
         if missing:
             raise EpisodeError(f"{ref.uri}: {key} missing at step {missing[0]}")
-    robot_obs = np.stack([s["robot_obs"] for s in steps]).astype(np.float64)
-    actions = np.stack([s["actions"] for s in steps]).astype(np.float64)
+    robot_obs = _stack(ref, steps, "robot_obs")
+    actions = _stack(ref, steps, "actions")
     t = np.arange(len(steps)) / FPS
     cameras = {}
     for key, name in CAMERAS.items():
         if all(key in s for s in steps):
+            shapes, dtypes = {s[key].shape for s in steps}, {s[key].dtype for s in steps}
+            # uint8 [H, W, 3] at every step: floats would be cast to pixels silently, NaN and all.
+            if len(shapes) > 1 or len(next(iter(shapes))) != 3 or dtypes != {np.dtype(np.uint8)}:
+                raise EpisodeError(f"{ref.uri}: {key} is not a uint8 [H, W, 3] image of one size at every step "
+                                   f"(shapes {sorted(shapes)}, dtypes {sorted(map(str, dtypes))})")
             cameras[name] = Camera(name, t.copy(), ArrayFrames(np.stack([s[key] for s in steps])), FPS)
-    rel_actions = np.stack([s["rel_actions"] for s in steps]).astype(np.float64)
+    rel_actions = _stack(ref, steps, "rel_actions")
     ee = EndEffector(robot_obs[:, :3], quat_from_euler(robot_obs[:, 3:6], "xyz"), actions[:, 6:7], (lay.binary_gripper(),))
     return Episode(ref, instruction, t, robot_obs, rel_actions, cameras, ee, meta={"first": first, "last": last},
                    state_layout=lay.or_unknown(STATE_LAYOUT, robot_obs.shape[1], "state"),
                    action_layout=lay.or_unknown(ACTION_LAYOUT, rel_actions.shape[1], "action"))
+
+
+def _stack(ref: EpisodeRef, steps: list[dict], key: str) -> np.ndarray:
+    """`key` of every step as one float64 [steps, dims] array, or EpisodeError naming the key."""
+    shapes = {np.shape(s[key]) for s in steps}
+    if len(shapes) > 1 or len(next(iter(shapes))) != 1:
+        raise EpisodeError(f"{ref.uri}: {key} is not one vector of the same width at every step (shapes {sorted(shapes)})")
+    try:
+        return np.stack([s[key] for s in steps]).astype(np.float64)
+    except (ValueError, TypeError) as e:
+        raise EpisodeError(f"{ref.uri}: {key} is not numeric ({e})") from None

@@ -33,6 +33,23 @@ class EpisodeError(Gr2Error):
     """An episode that cannot be read or is not valid; the message names the episode and the fault."""
 
 
+# Bounds no real episode reaches (5.5 h at 100 Hz; a few hundred joints), checked against a file's
+# declared shape before reading it: an HDF5 or .npy header may claim a billion steps in a tiny file,
+# and reading that would take the worker's memory or hours of hashing fill values.
+MAX_STEPS = 2_000_000
+MAX_WIDTH = 100_000
+
+
+def check_shape(where: str, what: str, shape: tuple[int, ...]) -> None:
+    """EpisodeError naming `where` and `what` unless `shape` is [steps, ...] within MAX_STEPS and MAX_WIDTH."""
+    if len(shape) == 0:
+        raise EpisodeError(f"{where}: {what} is a scalar, not a [steps, ...] array")
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    if shape[0] > MAX_STEPS or width > MAX_WIDTH:
+        raise EpisodeError(f"{where}: {what} claims shape {tuple(shape)}, beyond {MAX_STEPS} steps "
+                           f"or {MAX_WIDTH} values per step")
+
+
 @dataclass(frozen=True)
 class EpisodeRef:
     """Where one episode lives: listed on the driver, loaded on a worker."""
@@ -216,7 +233,7 @@ class Episode:
             raise EpisodeError(f"{name}: no steps")
         _check_2d(name, "state", self.state, t)
         _check_finite(name, "state", self.state)
-        _check_finite(name, "action", np.asarray(self.action).reshape(len(self.action), -1))
+        _check_finite(name, "action", _per_step(name, "action", self.action))
         if len(self.action) not in (t, t - 1):
             raise EpisodeError(f"{name}: length mismatch: state has {t} steps, action has {len(self.action)}")
         _check_times(name, "timestamp", self.timestamps_s, t)
@@ -224,7 +241,7 @@ class Episode:
         declared = (("state", self.state_layout, self.state), ("action", self.action_layout, self.action),
                     ("end_effector.effector", ee.layout if ee else None, ee.effector if ee else None))
         for what, layout, values in declared:
-            width = np.asarray(values).reshape(len(values), -1).shape[1] if layout is not None else None
+            width = _per_step(name, what, values).shape[1] if layout is not None else None
             if layout is not None and len(layout) != width:
                 raise EpisodeError(f"{name}: {what} has {width} dimensions but the source declares "
                                    f"{len(layout)} ({', '.join(d.name for d in layout)})")
@@ -284,6 +301,14 @@ def _hash_array(h, arr) -> None:
     a = np.ascontiguousarray(np.asarray(arr, dtype=np.float64))
     h.update(f"{a.shape}".encode())
     h.update(a.tobytes())
+
+
+def _per_step(name: str, what: str, values) -> np.ndarray:
+    """`values` as [steps, dims]; numpy cannot infer the width of an empty array by itself (reshape(0, -1))."""
+    arr = np.asarray(values)
+    if arr.ndim == 0:
+        raise EpisodeError(f"{name}: {what} is a scalar, not a [steps, dims] array")
+    return arr.reshape(len(arr), int(np.prod(arr.shape[1:], dtype=np.int64)))
 
 
 def _check_2d(name: str, what: str, arr: np.ndarray, steps: int) -> None:

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from gr2.robot import layout as lay
-from gr2.robot.episode import ArrayFrames, Camera, EndEffector, Episode, EpisodeError, EpisodeRef
+from gr2.robot.episode import ArrayFrames, Camera, EndEffector, Episode, EpisodeError, EpisodeRef, check_shape
 
 ROBOMIMIC = "hdf5-robomimic"
 ALOHA = "hdf5-aloha"
@@ -136,20 +136,24 @@ def _robomimic(ref: EpisodeRef, f, demo: str) -> Episode:
     g = data[demo]
     obs = g["obs"]
     fps = _control_freq(data.attrs.get("env_args"))
-    actions = np.asarray(g["actions"], np.float64)
+    actions = _array(ref, g, "actions")
     low_dim = [k for k in STATE_KEYS if k in obs] or sorted(k for k in obs.keys() if not k.endswith("_image"))
-    state = np.concatenate([np.asarray(obs[k], np.float64).reshape(len(obs[k]), -1) for k in low_dim], axis=1)
+    parts = [_array(ref, obs, k) for k in low_dim]
+    if not parts or len({len(p) for p in parts}) > 1:
+        raise EpisodeError(f"{ref.uri}: length mismatch: low-dim observations {low_dim} have "
+                           f"{[len(p) for p in parts]} steps")
+    state = np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
     t = np.arange(len(state)) / fps
     action_layout = lay.or_unknown(ROBOMIMIC_ACTION, actions.shape[1], "action")
     ee = None
     if "robot0_eef_pos" in obs and "robot0_eef_quat" in obs:
         has_gripper = actions.shape[1] >= 7 and len(actions) == len(state)
         effector = actions[:, -1:] if has_gripper else np.zeros((len(state), 0))
-        ee = EndEffector(np.asarray(obs["robot0_eef_pos"], np.float64), np.asarray(obs["robot0_eef_quat"], np.float64),
+        ee = EndEffector(_array(ref, obs, "robot0_eef_pos"), _array(ref, obs, "robot0_eef_quat"),
                          effector, action_layout[-1:] if has_gripper else ())
     cameras = {}
     for name in _robomimic_cameras(g):
-        frames = obs[f"{name}_image"]
+        frames = _frames(ref, obs, f"{name}_image", len(state))
         cameras[name] = Camera(name, np.arange(len(frames)) / fps, ArrayFrames(frames), fps)
     state_layout = ROBOMIMIC_STATE if tuple(low_dim) == STATE_KEYS else ()
     return Episode(ref, _robomimic_instruction(data, g), t, state, actions, cameras, ee,
@@ -179,20 +183,55 @@ def _robomimic_instruction(data, demo) -> str | None:
 
 
 def _aloha(ref: EpisodeRef, f) -> Episode:
-    state = np.asarray(f["observations/qpos"], np.float64)
-    action = np.asarray(f["action"], np.float64)
-    fps = float(f.attrs.get("fps", ALOHA_FPS))
+    state = _array(ref, f, "observations/qpos")
+    action = _array(ref, f, "action")
+    fps = _attr(ref, f, "fps", float, ALOHA_FPS)
     t = np.arange(len(state)) / fps
-    compressed = bool(f.attrs.get("compress", False))
+    compressed = _attr(ref, f, "compress", bool, False)
     cameras = {}
     images = f["observations/images"] if "observations/images" in f else {}
     for name in images.keys():
-        frames = images[name]
+        frames = _frames(ref, images, name, len(state))
         cameras[name] = Camera(name, np.arange(len(frames)) / fps, ArrayFrames(frames, decode_jpeg=compressed), fps)
     instruction = _text(f.attrs["instruction"]) if "instruction" in f.attrs else None
     return Episode(ref, instruction, t, state, action, cameras, None, meta={"_file": f},
                    state_layout=lay.or_unknown(ALOHA_LAYOUT, state.shape[1], "state"),
                    action_layout=lay.or_unknown(ALOHA_LAYOUT, action.shape[1], "action"))
+
+
+def _array(ref: EpisodeRef, group, key: str) -> np.ndarray:
+    """A numeric dataset as float64; its declared shape is checked before a byte of it is read."""
+    import h5py
+
+    ds = group[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise EpisodeError(f"{ref.uri}: {group.name}/{key} is a group, not a dataset")
+    check_shape(ref.uri, ds.name, ds.shape)
+    try:
+        return np.asarray(ds, np.float64)
+    except (TypeError, ValueError, OSError) as e:  # strings or compound types; a truncated file's missing chunks
+        raise EpisodeError(f"{ref.uri}: {ds.name} is not a readable numeric array ({ds.dtype}: {e})") from None
+
+
+def _frames(ref: EpisodeRef, group, key: str, steps: int):
+    """A camera's frame dataset, left unread: one frame per step in both layouts, so never more frames than steps."""
+    import h5py
+
+    ds = group[key]
+    # uint8 in both layouts (pixels, or ALOHA's JPEG bytes): floats would be cast to pixels silently, NaN and all.
+    if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim not in (2, 4):
+        raise EpisodeError(f"{ref.uri}: camera {ds.name} is not uint8 [frames, H, W, 3] pixels or [frames, bytes] "
+                           f"(shape {getattr(ds, 'shape', None)}, dtype {getattr(ds, 'dtype', None)})")
+    if len(ds) > steps:
+        raise EpisodeError(f"{ref.uri}: length mismatch: camera {ds.name} has {len(ds)} frames for {steps} steps")
+    return ds
+
+
+def _attr(ref: EpisodeRef, f, name: str, kind, default):
+    try:
+        return kind(f.attrs.get(name, default))
+    except (TypeError, ValueError) as e:
+        raise EpisodeError(f"{ref.uri}: attribute {name!r} is not a {kind.__name__} ({e})") from None
 
 
 def _text(value) -> str | None:

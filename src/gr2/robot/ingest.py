@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from gr2.errors import Gr2Error
 from gr2.lake import schema
 from gr2.lake.lake import worker_env
 from gr2.lake.provenance import settings_hash
@@ -322,7 +323,13 @@ def _view_column(episode: Episode, view, config: IngestConfig, tokenizer) -> dic
     """Per step, the view's struct entry; each distinct frame is decoded and encoded once."""
     cam = episode.cameras[view.camera]
     wanted = sorted({int(i) for i in view.frame_index[view.ok]})
-    frames = cam.frames.get(wanted) if wanted else np.zeros((0, 1, 1, 3), np.uint8)
+    try:
+        frames = cam.frames.get(wanted) if wanted else np.zeros((0, 1, 1, 3), np.uint8)
+    except EpisodeError:
+        raise
+    except (OSError, ValueError, Gr2Error) as e:  # bytes no image decoder reads (PIL), a video's DecodeError, h5py
+        raise EpisodeError(f"{episode.ref.uri}: camera {view.camera}: cannot decode its frames "
+                           f"({type(e).__name__}: {e})") from None
     frames = _resize(frames, config.frame_width, config.frame_height)
     jpegs = {i: encode_jpeg(f, config.jpeg_quality) for i, f in zip(wanted, frames)}
     tokens = {}

@@ -20,6 +20,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 
 from gr2.robot import layout as lay
 from gr2.robot.actions import quat_from_euler
@@ -32,6 +33,7 @@ from gr2.robot.episode import (
     EpisodeRef,
     SelectedFrames,
     VideoFrames,
+    check_shape,
     dataset_path,
     video_timestamps,
 )
@@ -53,9 +55,13 @@ def is_dataset(path: str) -> bool:
 def read_info(root: str) -> dict:
     try:
         with open(os.path.join(root, "meta", "info.json")) as f:
-            return json.load(f)
+            info = json.load(f)
     except (OSError, ValueError) as e:
         raise EpisodeError(f"{root}: cannot read meta/info.json ({e})") from None
+    features = info.get("features", {}) if isinstance(info, dict) else None
+    if not isinstance(features, dict) or not all(isinstance(f, dict) for f in features.values()):
+        raise EpisodeError(f"{root}: meta/info.json is not an object whose features are objects")
+    return info
 
 
 def _version(info: dict) -> int:
@@ -76,15 +82,30 @@ def list_episodes(root: str, dataset: str | None = None) -> list[EpisodeRef]:
     info = read_info(root)
     cams = tuple(camera_name(k) for k in camera_keys(info))
     name = dataset or os.path.basename(os.path.normpath(root))
-    if _version(info) == 3:
-        indices = sorted(int(i) for i in _v3_episodes(root)["episode_index"])
-    else:
-        indices = [int(e["episode_index"]) for e in _jsonl(os.path.join(root, "meta", "episodes.jsonl"))]
+    where = "meta/episodes" if _version(info) == 3 else "meta/episodes.jsonl"
+    try:
+        if _version(info) == 3:
+            indices = sorted(int(i) for i in _v3_episodes(root)["episode_index"])
+        else:
+            indices = [int(e["episode_index"]) for e in _jsonl(os.path.join(root, "meta", "episodes.jsonl"))]
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # NaN, text, null or no episode_index
+        raise EpisodeError(f"{root}: {where} has an episode without an integer episode_index "
+                           f"({type(e).__name__}: {e})") from None
     return [EpisodeRef(FORMAT, root, f"episode_{i:06d}", cams, name) for i in indices]
 
 
 def load_episode(ref: EpisodeRef) -> Episode:
     """The episode `ref` names, with its camera streams opened (frames decode on demand)."""
+    try:
+        return _load_episode(ref)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        # meta/ is JSON and parquet anyone may write: a template that does not fill, a feature, a number
+        # or a column of the wrong kind all end here, named, instead of as a bare Python error.
+        raise EpisodeError(f"{ref.uri}: meta/info.json, meta/episodes or the episode's parquet has a field "
+                           f"of the wrong kind ({type(e).__name__}: {e})") from None
+
+
+def _load_episode(ref: EpisodeRef) -> Episode:
     import pyarrow.parquet as pq
 
     root, info = ref.source, read_info(ref.source)
@@ -110,8 +131,12 @@ def load_episode(ref: EpisodeRef) -> Episode:
             raise EpisodeError(f"{ref.uri}: {path} has no column {needed!r}")
     if "frame_index" in columns:
         table = table.sort_by("frame_index")
-    state = _matrix(table, STATE_KEY)
-    action = _matrix(table, ACTION_KEY)
+    state = _matrix(table, STATE_KEY, ref)
+    action = _matrix(table, ACTION_KEY, ref)
+    if not pa.types.is_integer(table.schema.field("timestamp").type) and \
+            not pa.types.is_floating(table.schema.field("timestamp").type):
+        raise EpisodeError(f"{ref.uri}: column timestamp is {table.schema.field('timestamp').type}, "
+                           "not one number per step")
     timestamps = np.asarray(table.column("timestamp").to_numpy(zero_copy_only=False), np.float64).reshape(-1)
 
     cameras = {}
@@ -292,12 +317,14 @@ def feature_names(info: dict, key: str) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def _matrix(table, column: str) -> np.ndarray:
+def _matrix(table, column: str, ref: EpisodeRef) -> np.ndarray:
     values = table.column(column).to_pylist()
     try:
-        return np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+        matrix = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
     except (ValueError, TypeError) as e:
-        raise EpisodeError(f"column {column} is not a [steps, dims] array ({e})") from None
+        raise EpisodeError(f"{ref.uri}: column {column} is not a [steps, dims] array ({e})") from None
+    check_shape(ref.uri, f"column {column}", matrix.shape)
+    return matrix
 
 
 def _read_parquet(pq, path: str, ref: EpisodeRef):
