@@ -219,28 +219,34 @@ class Lake:
         opposite costs). A table with fewer than `min_fragments` fragments is not rewritten.
         """
         done: dict[str, dict] = {}
-        for table in tables or tuple(schema.TABLE_IDS):
-            if not self.exists(table):
-                continue
-            ds = self._keyed(table)
-            report = {"fragments_before": len(ds.get_fragments()), "version_before": ds.version}
-            try:
-                if id_index(table) not in {i.name for i in ds.describe_indices()}:
-                    ds.create_scalar_index(schema.TABLE_IDS[table], "BTREE", name=id_index(table))
-                # indexes first: Lance compacts only fragments an index covers alike, so fragments
-                # committed since the last index update would otherwise stay apart
-                self.dataset(table).optimize.optimize_indices()
-                if report["fragments_before"] >= min_fragments:
-                    metrics = self.dataset(table).optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
-                    report["fragments_removed"] = metrics.fragments_removed
-            except (OSError, ValueError, RuntimeError) as e:  # a conflicting commit won: nothing lost
-                report["skipped"] = " ".join(str(e).split())[:200]
-            cleaned = self.dataset(table).cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
-            ds = self.dataset(table)
-            report.update(fragments_after=len(ds.get_fragments()), version_after=ds.version,
-                          versions_removed=cleaned.old_versions, bytes_removed=cleaned.bytes_removed)
-            done[table] = report
+        # Under the lease, as index building is: Lance retries neither an index update nor a
+        # compaction that a concurrent one preempted (two builds ending at once failed that way).
+        with self.lease():
+            for table in tables or tuple(schema.TABLE_IDS):
+                if self.exists(table):
+                    done[table] = self._compact_table(table, older_than, min_fragments)
         return done
+
+    def _compact_table(self, table: str, older_than: timedelta, min_fragments: int) -> dict:
+        """One table's compaction (see `compact`); what it did."""
+        ds = self._keyed(table)
+        report = {"fragments_before": len(ds.get_fragments()), "version_before": ds.version}
+        try:
+            if id_index(table) not in {i.name for i in ds.describe_indices()}:
+                ds.create_scalar_index(schema.TABLE_IDS[table], "BTREE", name=id_index(table))
+            # indexes first: Lance compacts only fragments an index covers alike, so fragments
+            # committed since the last index update would otherwise stay apart
+            self.dataset(table).optimize.optimize_indices()
+            if report["fragments_before"] >= min_fragments:
+                metrics = self.dataset(table).optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
+                report["fragments_removed"] = metrics.fragments_removed
+        except (OSError, ValueError, RuntimeError) as e:  # a conflicting commit won: nothing lost
+            report["skipped"] = " ".join(str(e).split())[:200]
+        cleaned = self.dataset(table).cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
+        ds = self.dataset(table)
+        report.update(fragments_after=len(ds.get_fragments()), version_after=ds.version,
+                      versions_removed=cleaned.old_versions, bytes_removed=cleaned.bytes_removed)
+        return report
 
     def update(self, table: str, rows: pa.Table) -> int:
         """Set some columns of rows already in `table` (`rows` holds the id and those columns only).
