@@ -291,3 +291,15 @@ def test_windows_of_one_video_are_never_duplicates_and_random_models_write_nothi
     # Random CoCa's text is never stored as a caption: the clips are flagged uncaptioned.
     assert all(c["caption"] is None and c["caption_source"] == "none" and c["caption_model"] is None for c in clips)
     assert result.funnel["captions_coca"] == 0 and result.funnel["captions_none"] == len(clips)
+
+
+def test_the_funnel_table_reads_indexes_and_compaction_in_words():
+    from gr2.flows.build import funnel_markdown
+
+    funnel = {"inputs": 2, "accepted": 2, "rejected": 0, "failed": 0,
+              "indexes": {"scalar": ["video_id"], "vector": "exact search (19 rows < 10000)"},
+              "compaction": {"clips": {"fragments_before": 40, "fragments_after": 1},
+                             "videos": {"fragments_before": 1, "fragments_after": 1}}}
+    text = funnel_markdown("b1", funnel)
+    assert "| vector index | exact search (19 rows < 10000) |" in text and "| scalar indexes made | video_id |" in text
+    assert "| compacted | clips 40 -> 1 fragments |" in text and "videos" not in text and "{" not in text

@@ -39,7 +39,12 @@ def funnel_markdown(build_id: str, funnel: dict) -> str:
              if k in funnel]
     rows += [(k, v) for k, v in funnel.items() if k.startswith(("caption", "dedup", "tokeniz", "embed"))]
     if "indexes" in funnel:
-        rows += [("indexes", str(funnel["indexes"]).replace("|", "/"))]
+        made = ", ".join(funnel["indexes"].get("scalar", [])) or "none new"
+        rows += [("vector index", funnel["indexes"].get("vector", "")), ("scalar indexes made", made)]
+    folded = {t: r for t, r in funnel.get("compaction", {}).items() if r.get("fragments_before") != r.get("fragments_after")}
+    if folded:
+        rows += [("compacted", ", ".join(f"{t} {r['fragments_before']} -> {r['fragments_after']} fragments"
+                                         for t, r in folded.items()))]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"### Build `{build_id}`\n\n| stage | count |\n|---|---|\n{body}\n"
 
