@@ -60,3 +60,23 @@ def test_unknown_task_is_refused_by_name():
         make_env("drawer-opne-v3", 0)
     with pytest.raises(SimError, match="drawer-opne-v3"):
         ScriptedExpert("drawer-opne-v3")
+
+
+def test_frames_render_without_the_shadow_map_unless_asked_and_show_the_same_scene():
+    # the shadow map and multisampling are ten times a frame's cost under osmesa (gr2.sim.env.make_env)
+    script = """
+import numpy as np
+from gr2.sim.env import make_env, render
+frames = {}
+for shadows in (False, True):
+    env = make_env("drawer-open-v3", 0, shadows=shadows)
+    env.reset(seed=0)
+    quality = env.unwrapped.model.vis.quality
+    assert (quality.shadowsize == 0) != shadows and (quality.offsamples == 0) != shadows, (shadows, quality.shadowsize)
+    frames[shadows] = render(env, ("corner",))["corner"].astype(int)
+    env.close()
+difference = np.abs(frames[False] - frames[True]).mean()
+assert 0 < difference < 12, difference
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr.decode()[-2000:]}"

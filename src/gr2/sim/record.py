@@ -20,8 +20,9 @@ episode, one mp4 per camera per episode), plus one extension LeRobot lacks: per-
 timestamps in a parquet beside each video (`camera_timestamps_path` in info.json), because a
 LeRobot mp4 carries no clock of its own worth trusting.
 
-Rendering costs ~0.1 s a frame under osmesa whatever the size (DESIGN.md), so only the frames a
-camera's rate needs are rendered.
+Rendering is the recorder's cost (osmesa draws in software), so only the frames a camera's rate
+needs are rendered, and without Meta-World's shadow map and multisampling (gr2.sim.env.make_env:
+12 ms a 64x64 frame instead of 139 ms; DESIGN.md's "~0.1 s whatever the size" was that shadow map).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class RecordConfig:
     tail_steps: int = 10  # steps recorded after the expert succeeds
     seed: int = 0
     crf: int = 18
+    shadows: bool = False  # gr2.sim.env.make_env's rendering quality
     declare_latency: bool = True  # write each camera's latency into info.json, as a calibrated rig would
 
 
@@ -155,7 +157,8 @@ def record_episode(out: str, config: RecordConfig, task: str, episode_index: int
 def _record_episode(out: str, config: RecordConfig, task: str, episode_index: int, seed: int) -> EpisodeRecording:
     import pandas as pd
 
-    env = make_env(task, seed, camera=None)  # first: it orders the imports mujoco needs beside torch
+    # first: it orders the imports mujoco needs beside torch
+    env = make_env(task, seed, camera=None, shadows=config.shadows)
     import mujoco
 
     policy = expert_policy(task)
