@@ -68,6 +68,7 @@ DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 TIMESTAMPS_PATH = "timestamps/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.parquet"
 CHUNK_SIZE = 1000
+EPISODES_PER_TASK = 8  # most episodes one Ray task records (gr2.sim.record.record)
 
 
 @dataclass(frozen=True)
@@ -354,13 +355,22 @@ def record(out: str, config: RecordConfig = RecordConfig()) -> dict:
     if _ray_running():
         import ray
 
-        # max_calls=1: the worker process exits after its episode, so no later task in it
-        # meets osmesa's state (torch's compiler stack segfaults beside it, DESIGN.md).
-        remote = ray.remote(num_cpus=1, max_calls=1)(record_episode)
-        recordings = ray.get([remote.remote(out, config, task, idx, seed) for task, idx, seed in jobs])
+        # max_calls=1: the worker process exits after its episodes, so no later task in it meets
+        # osmesa's state (torch's compiler stack segfaults beside it, DESIGN.md). A fresh process
+        # costs seconds of imports, so each task records a run of episodes, not one.
+        remote = ray.remote(num_cpus=1, max_calls=1)(record_episodes)
+        per_task = -(-len(jobs) // max(2 * int(ray.available_resources().get("CPU", 1)), 1))
+        per_task = min(max(per_task, 1), EPISODES_PER_TASK)
+        runs = [jobs[i:i + per_task] for i in range(0, len(jobs), per_task)]
+        recordings = [r for run in ray.get([remote.remote(out, config, run) for run in runs]) for r in run]
     else:
-        recordings = [record_episode(out, config, task, idx, seed) for task, idx, seed in jobs]
+        recordings = record_episodes(out, config, jobs)
     return write_meta(out, config, recordings)
+
+
+def record_episodes(out: str, config: RecordConfig, jobs: list[tuple[str, int, int]]) -> list[EpisodeRecording]:
+    """record_episode for each (task, episode_index, seed), in this process."""
+    return [record_episode(out, config, task, idx, seed) for task, idx, seed in jobs]
 
 
 def _ray_running() -> bool:
