@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 
 from gr2.errors import Gr2Error
+from gr2.lake.uri import botocore_config
 
 log = logging.getLogger("gr2.lake")
 
@@ -44,6 +45,7 @@ def _client(opts: dict):
         aws_access_key_id=opts.get("aws_access_key_id"),
         aws_secret_access_key=opts.get("aws_secret_access_key"),
         aws_session_token=opts.get("aws_session_token"),
+        config=botocore_config(),
     )
 
 
