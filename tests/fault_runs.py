@@ -31,7 +31,8 @@ class Outcome:
     kinds: str  # the fault kinds on, "+"-joined ("none" for a healthy store)
     rate: float  # per kind
     first_try: bool = False  # finished on its first run
-    after_rerun: bool = False  # finished by its second run at the latest
+    after_rerun: bool = False  # finished by its second run at the latest, the faults still on
+    after_heal: bool = False  # finished at the latest on a run once the store was healthy again
     error: str = ""  # the first run's error, when it stopped
     rerun_error: str = ""  # the second run's, when that stopped too
     error_one_line: bool = True
@@ -57,31 +58,24 @@ class Check:
 
 
 def run_job(job: str, proxy, kinds: tuple[str, ...], rate: float, run: Callable[[bool], None],
-            check: Callable[[], Check]) -> Outcome:
-    """`run(rerun)` under `proxy` at `rate` per kind of `kinds`; run again once if it raised or left
-    work undone. The proxy's counts are reset first, so the outcome's are this job's."""
+            check: Callable[[], Check], heal_after_rerun: bool = False) -> Outcome:
+    """`run(rerun)` under `proxy` at `rate` per kind of `kinds`; run again once, the faults still on,
+    if it raised or left work undone; with `heal_after_rerun`, a third time on a healthy store. The
+    proxy's counts are reset first, so the outcome's are this job's."""
     out = Outcome(job, "+".join(kinds) or "none", rate)
-    proxy.set_rates({k: rate for k in kinds})
     proxy.injected.clear()
     proxy.requests = 0
     t0 = time.monotonic()
-    for attempt in (0, 1):
-        try:
-            run(attempt == 1)
-            done = check()
-        except Exception as e:  # the outcome records it: a job may stop, if it finishes on re-run
-            if attempt == 0:
-                out.error, out.error_one_line = _first_line(e), "\n" not in str(e).strip()
-            else:
-                out.rerun_error = _first_line(e)
-            continue
-        if done.complete:
-            out.first_try, out.after_rerun = attempt == 0, True
+    for attempt in range(3 if heal_after_rerun else 2):
+        proxy.set_rates({k: rate for k in kinds} if attempt < 2 else {})
+        error = _attempt(run, check, rerun=attempt > 0)
+        if error is None:
+            out.first_try, out.after_rerun, out.after_heal = attempt == 0, attempt <= 1, True
             break
         if attempt == 0:
-            out.error = "finished with work left undone"
-        else:
-            out.rerun_error = "finished with work left undone"
+            out.error, out.error_one_line = error, "\n" not in error
+        elif attempt == 1:
+            out.rerun_error = error
     proxy.set_rates({})
     try:
         final = check()  # read on a healthy store: what the lake holds, whatever the runs did
@@ -91,6 +85,17 @@ def run_job(job: str, proxy, kinds: tuple[str, ...], rate: float, run: Callable[
     out.injected, out.requests = dict(proxy.injected), proxy.requests
     out.seconds = round(time.monotonic() - t0, 1)
     return out
+
+
+def _attempt(run: Callable[[bool], None], check: Callable[[], Check], rerun: bool) -> str | None:
+    """One run of a job; None when it finished with its work done, else what stopped it."""
+    try:
+        run(rerun)
+        done = check()
+    except Exception as e:  # the outcome records it: a job may stop, if it finishes on re-run
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text}" if "\n" in text else _first_line(e)
+    return None if done.complete else "finished with work left undone"
 
 
 def _first_line(e: Exception) -> str:
@@ -253,3 +258,19 @@ def point_at(url: str) -> str | None:
     old = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = url
     return old
+
+
+def lake_commits(lake, batches: int = 6, rows: int = 20) -> tuple[Callable, Callable]:
+    """`batches` commits of `rows` new ids each into `lake`'s builds ledger: Lance alone, no Ray."""
+    ledger = [[{"build_id": f"fault-{b}-{i}", "flow": "fault-test"} for i in range(rows)] for b in range(batches)]
+    want = {r["build_id"] for batch in ledger for r in batch}
+
+    def run(rerun: bool) -> None:
+        for batch in ledger:
+            lake.commit("builds", batch)
+
+    def check() -> Check:
+        ids = lake.read("builds", columns=["build_id"])["build_id"].to_pylist()
+        return Check(len(want), len(want & set(ids)), len(ids) == len(set(ids)), want <= set(ids))
+
+    return run, check
