@@ -185,6 +185,14 @@ class Lake:
             raise self._store_error(f"commit {len(data)} rows to {table}", e) from None
         return self.dataset(table).version
 
+    @contextlib.contextmanager
+    def storage_errors(self, doing: str) -> Iterator[None]:
+        """Lance's storage errors inside the block as one-line LakeErrors saying what we were `doing`."""
+        try:
+            yield
+        except OSError as e:
+            raise self._store_error(doing, e) from None
+
     def _store_error(self, doing: str, e: OSError) -> LakeError:
         """One line naming the lake, what failed and why, for a storage error the clients' own retries
         did not get past (see gr2.lake.uri.Retries): a full disk, a store that kept failing."""
@@ -242,7 +250,8 @@ class Lake:
         with self.lease():
             for table in tables or tuple(schema.TABLE_IDS):
                 if self.exists(table):
-                    done[table] = self._compact_table(table, older_than, min_fragments)
+                    with self.storage_errors(f"compact {table}"):
+                        done[table] = self._compact_table(table, older_than, min_fragments)
         return done
 
     def _compact_table(self, table: str, older_than: timedelta, min_fragments: int) -> dict:
