@@ -63,8 +63,7 @@ def run_job(job: str, proxy, kinds: tuple[str, ...], rate: float, run: Callable[
     if it raised or left work undone; with `heal_after_rerun`, a third time on a healthy store. The
     proxy's counts are reset first, so the outcome's are this job's."""
     out = Outcome(job, "+".join(kinds) or "none", rate)
-    proxy.injected.clear()
-    proxy.requests = 0
+    proxy.reset_counts()
     t0 = time.monotonic()
     for attempt in range(3 if heal_after_rerun else 2):
         proxy.set_rates({k: rate for k in kinds} if attempt < 2 else {})
@@ -188,12 +187,13 @@ def video_build(lake, videos: list[str], undecodable: int) -> tuple[Callable, Ca
     return run, check
 
 
-def video_tokenize(lake, tokenizer: str) -> tuple[Callable, Callable]:
-    """Tokens of `tokenizer` for every accepted clip of `lake`."""
+def video_tokenize(lake) -> tuple[Callable, Callable]:
+    """A tiny tokenizer saved in `lake` (after its build: the build then left every clip to this job),
+    and its tokens for every accepted clip."""
     from gr2.video.tokenize import tokenize_lake
 
     def run(rerun: bool) -> None:
-        tokenize_lake(lake, tokenizer, log=QUIET)
+        tokenize_lake(lake, save_tokenizer(lake), log=QUIET)  # the same seed: a re-run saves the same checkpoint
 
     def check() -> Check:
         clips = lake.read("clips", columns=["clip_id", "status", "tokenizer_id"])

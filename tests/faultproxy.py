@@ -36,18 +36,20 @@ _INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalErro
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "expect", "te", "upgrade"}
 
 
+def _checked(rates: dict[str, float]) -> dict[str, float]:
+    if set(rates) - set(KINDS) or sum(rates.values()) > 1:
+        raise ValueError(f"rates {rates}: kinds are {KINDS} and their rates sum to at most 1")
+    return dict(rates)
+
+
 class FaultProxy:
     """Forwards HTTP to `upstream`; a request draws one fault kind at its `rates` (per kind, summing to
     at most 1) from a generator seeded with `seed`. `stall_s` is how long a stalled reply waits:
     below the clients' read timeouts it only slows them; above, it makes them time out and retry."""
 
     def __init__(self, upstream: str, rates: dict[str, float] | None = None, seed: int = 0, stall_s: float = 1.0):
-        rates = dict(rates or {})
-        unknown = set(rates) - set(KINDS)
-        if unknown or sum(rates.values()) > 1:
-            raise ValueError(f"rates {rates}: kinds are {KINDS} and their rates sum to at most 1")
         self.upstream = urlsplit(upstream)
-        self.rates, self.stall_s = rates, stall_s
+        self.rates, self.stall_s = _checked(rates or {}), stall_s
         self.injected: Counter = Counter()
         self.requests = 0
         self._rng = random.Random(seed)
@@ -78,9 +80,15 @@ class FaultProxy:
         self.stop()
 
     def set_rates(self, rates: dict[str, float]) -> None:
-        """Change the fault rates from now on (e.g. to 0 for a re-run on a healthy store)."""
+        """Change the fault rates from now on (e.g. to none for a re-run on a healthy store)."""
         with self._lock:
-            self.rates = dict(rates)
+            self.rates = _checked(rates)
+
+    def reset_counts(self) -> None:
+        """Start counting requests and injected faults afresh (one job's worth)."""
+        with self._lock:
+            self.injected.clear()
+            self.requests = 0
 
     def _draw(self) -> str | None:
         """The fault this request gets, if any; counted as injected."""

@@ -9,7 +9,6 @@ from fault_runs import (
     make_videos,
     robot_ingest,
     run_job,
-    save_tokenizer,
     training,
     upload,
     video_build,
@@ -41,10 +40,9 @@ def test_a_build_a_tokenize_and_a_training_run_on_a_flaky_store_lose_nothing_and
         ray_local, s3_server, s3_bucket, flaky, tmp_path):
     videos = upload(make_videos(tmp_path / "videos"), s3_bucket, "videos", s3_server["AWS_ENDPOINT_URL"])
     lake = Lake(f"s3://{s3_bucket}/lake")
-    tokenizer = save_tokenizer(lake)
     injected = {}
     for job, (run, check) in {"build": video_build(lake, videos, undecodable=1),
-                              "tokenize": video_tokenize(lake, tokenizer),
+                              "tokenize": video_tokenize(lake),
                               "train": training(lake)}.items():
         outcome = run_job(job, flaky, RETRIED, RATE, run, check)
         assert_survived(outcome)

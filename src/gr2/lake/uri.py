@@ -156,15 +156,30 @@ def arrow_filesystem(uri: str, credentials: bool = True):
     if not uri.startswith("s3://"):
         return pafs.FileSystem.from_uri(uri)
     opts = storage_options(uri)
-    # pyarrow's standard strategy retries what the AWS C++ SDK calls retryable: 5xx, SlowDown,
-    # connection errors and timeouts.
     kwargs = {"region": opts.get("aws_region"), "connect_timeout": RETRIES.connect_timeout_s,
-              "request_timeout": RETRIES.timeout_s,
-              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=RETRIES.attempts)}
+              "request_timeout": RETRIES.timeout_s}
     if credentials and opts.get("aws_access_key_id") and opts.get("aws_secret_access_key"):
         kwargs.update(access_key=opts["aws_access_key_id"], secret_key=opts["aws_secret_access_key"],
                       session_token=opts.get("aws_session_token"))
     if opts.get("aws_endpoint"):
         scheme, _, host = opts["aws_endpoint"].partition("://")
         kwargs.update(scheme=scheme, endpoint_override=host.rstrip("/"))
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), uri[len("s3://"):].rstrip("/")
+    return _retrying_s3({k: v for k, v in kwargs.items() if v}), uri[len("s3://"):].rstrip("/")
+
+
+def _retrying_s3(kwargs: dict):
+    """pyarrow's S3FileSystem with `RETRIES.attempts` tries a request, kept through pickling.
+
+    pyarrow (26) leaves the retry strategy out of the filesystem's pickle: Ray Train's controller,
+    which gets the run's storage pickled, fell back to 3 tries and died on a store's 503 SlowDown.
+    The standard strategy retries what the AWS C++ SDK calls retryable: 5xx, SlowDown, connection
+    errors and timeouts.
+    """
+    import pyarrow.fs as pafs
+
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        def __reduce__(self):
+            return _retrying_s3, (kwargs,)
+
+    return RetryingS3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRIES.attempts),
+                                **kwargs)
