@@ -36,6 +36,7 @@ def assert_survived(outcome) -> None:
     assert outcome.accounted == outcome.inputs > 0 and outcome.ids_unique, outcome
 
 
+@pytest.mark.slow  # Ray Train starts once for the training job: most of its time
 def test_a_build_a_tokenize_and_a_training_run_on_a_flaky_store_lose_nothing_and_keep_every_id_once(
         ray_local, s3_server, s3_bucket, flaky, tmp_path):
     videos = upload(make_videos(tmp_path / "videos"), s3_bucket, "videos", s3_server["AWS_ENDPOINT_URL"])

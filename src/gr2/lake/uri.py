@@ -95,7 +95,7 @@ def _with_scheme(like: str, paths: list[str]) -> list[str]:
 
 
 def storage_options(uri: str) -> dict[str, str]:
-    """Lance storage options for `uri`, from the usual AWS environment variables."""
+    """Lance storage options for `uri`, from the usual AWS environment variables, with `RETRIES`."""
     if not uri.startswith("s3://"):
         return {}
     env = {
