@@ -84,7 +84,7 @@ def build_indexes(lake: Lake, min_rows: int = MIN_ROWS, retrain_growth: float = 
     if not lake.exists("clips"):
         return {"vector": "none (no clips table)", "scalar": []}
     t0 = time.time()
-    with lake.lease():
+    with lake.lease(), lake.storage_errors("index the clips table"):
         ds = lake.dataset("clips")
         have = {i.name: i for i in ds.describe_indices()}
         rows = ds.count_rows(filter=f"{VECTOR_COLUMN} IS NOT NULL") if VECTOR_COLUMN in ds.schema.names else 0

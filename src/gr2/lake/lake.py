@@ -15,6 +15,7 @@ once: training the vector index, writing a dataset's statistics. Rows never depe
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -96,15 +97,19 @@ class Lake:
         try:
             lance.dataset(self.uri(table), storage_options=self._opts)
             return True
-        except (ValueError, FileNotFoundError, OSError):
+        except (ValueError, FileNotFoundError):  # Lance: "Dataset at path ... was not found"
             return False
+        except OSError as e:  # the store failed to answer: a table it holds must never look absent
+            raise self._store_error(f"open {table}", e) from None
 
     def dataset(self, table: str, version: int | str | None = None) -> lance.LanceDataset:
         """The Lance dataset of `table` at `version` (a number or a tag; default: latest)."""
         try:
             return lance.dataset(self.uri(table), version=version, storage_options=self._opts)
-        except (ValueError, FileNotFoundError, OSError) as e:
+        except (ValueError, FileNotFoundError) as e:
             raise LakeError(f"no table {table!r} in lake {self.root} ({e})") from None
+        except OSError as e:
+            raise self._store_error(f"open {table}", e) from None
 
     def read(self, table: str, columns: list[str] | None = None, filter: str | None = None,
              version: int | str | None = None) -> pa.Table:
@@ -174,8 +179,27 @@ class Lake:
         if update:
             merge = merge.when_matched_update_all()
         # A conflicting concurrent commit is re-read and the merge re-run against it, this many times.
-        merge.when_not_matched_insert_all().conflict_retries(COMMIT_RETRIES).execute(data)
+        try:
+            merge.when_not_matched_insert_all().conflict_retries(COMMIT_RETRIES).execute(data)
+        except OSError as e:  # nothing committed: the table stays at its last version
+            raise self._store_error(f"commit {len(data)} rows to {table}", e) from None
         return self.dataset(table).version
+
+    @contextlib.contextmanager
+    def storage_errors(self, doing: str) -> Iterator[None]:
+        """Lance's storage errors inside the block as one-line LakeErrors saying what we were `doing`."""
+        try:
+            yield
+        except OSError as e:
+            raise self._store_error(doing, e) from None
+
+    def _store_error(self, doing: str, e: OSError) -> LakeError:
+        """One line naming the lake, what failed and why, for a storage error the clients' own retries
+        did not get past (see gr2.lake.uri.Retries): a full disk, a store that kept failing."""
+        text = " ".join(str(e).split())
+        if getattr(e, "errno", None) == errno.ENOSPC or "no space left" in text.lower():
+            return LakeError(f"lake {self.root}: no space left on device to {doing}; free space and run again")
+        return LakeError(f"lake {self.root}: could not {doing}: {text[:300]}")
 
     def _create(self, table: str, data: pa.Table) -> bool:
         """Write `table` with `data` as its first version, and index its id; False if another
@@ -185,6 +209,8 @@ class Lake:
         except (OSError, ValueError) as e:
             if self.exists(table):
                 return False
+            if isinstance(e, OSError):
+                raise self._store_error(f"create {table}", e) from None
             raise LakeError(f"cannot create {table} in lake {self.root}: {e}") from None
         with contextlib.suppress(OSError, ValueError):  # a concurrent creator indexed it already
             ds.create_scalar_index(schema.TABLE_IDS[table], "BTREE", name=id_index(table))
@@ -224,7 +250,8 @@ class Lake:
         with self.lease():
             for table in tables or tuple(schema.TABLE_IDS):
                 if self.exists(table):
-                    done[table] = self._compact_table(table, older_than, min_fragments)
+                    with self.storage_errors(f"compact {table}"):
+                        done[table] = self._compact_table(table, older_than, min_fragments)
         return done
 
     def _compact_table(self, table: str, older_than: timedelta, min_fragments: int) -> dict:
@@ -263,7 +290,10 @@ class Lake:
                 raise ValueError(f"{table}: columns not in the schema: {unknown}")
             rows = rows.cast(pa.schema([target.field(c) for c in rows.column_names]))
         rows = _last_per_id(rows, key)
-        self._keyed(table).merge_insert(key).when_matched_update_all().conflict_retries(COMMIT_RETRIES).execute(rows)
+        try:
+            self._keyed(table).merge_insert(key).when_matched_update_all().conflict_retries(COMMIT_RETRIES).execute(rows)
+        except OSError as e:
+            raise self._store_error(f"update {len(rows)} rows of {table}", e) from None
         return self.dataset(table).version
 
     def tag(self, table: str, name: str, version: int | None = None) -> None:

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 
 from gr2.errors import Gr2Error
+from gr2.lake.uri import botocore_config
 
 log = logging.getLogger("gr2.lake")
 
@@ -44,6 +45,7 @@ def _client(opts: dict):
         aws_access_key_id=opts.get("aws_access_key_id"),
         aws_secret_access_key=opts.get("aws_secret_access_key"),
         aws_session_token=opts.get("aws_session_token"),
+        config=botocore_config(),
     )
 
 
@@ -113,6 +115,9 @@ def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: f
         try:
             current = s3.get_object(Bucket=bucket, Key=key)
             holder = json.loads(current["Body"].read())
+            if holder.get("owner") == me:  # our put was applied and its reply lost; the retry found it there
+                etag = current["ETag"]
+                break
             if _expired(current, ttl_s):
                 etag = s3.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=current["ETag"])["ETag"]
                 break
@@ -138,6 +143,9 @@ def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: f
                                              IfMatch=held["etag"])["ETag"]
                 renewed = time.monotonic()
             except ClientError as e:
+                if _code(e) in ("PreconditionFailed", "ConditionalRequestConflict") and _still_ours(s3, bucket, key, me, held):
+                    renewed = time.monotonic()  # the renewal was applied and its reply lost: botocore's retry met it
+                    continue
                 if _code(e) in ("PreconditionFailed", "ConditionalRequestConflict") or time.monotonic() - renewed > ttl_s:
                     log.error("lost the lease of lake %s (%s): another process may be doing the same work", root,
                               _code(e) or e)
@@ -154,6 +162,20 @@ def object_store_lease(root: str, opts: dict, timeout_s: float = 600.0, ttl_s: f
         beat.join()
         with contextlib.suppress(ClientError):  # already expired and taken over: nothing of ours to delete
             s3.delete_object(Bucket=bucket, Key=key, IfMatch=held["etag"])
+
+
+def _still_ours(s3, bucket: str, key: str, me: str, held: dict) -> bool:
+    """Whether the lease object still names `me` as its owner (then `held` takes its etag)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        current = s3.get_object(Bucket=bucket, Key=key)
+        if json.loads(current["Body"].read()).get("owner") == me:
+            held["etag"] = current["ETag"]
+            return True
+    except (ClientError, ValueError):
+        pass  # gone or unreadable: not ours to keep
+    return False
 
 
 def _code(e) -> str:

@@ -17,9 +17,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import fsspec
-
-from gr2.lake.uri import glob, join
+from gr2.lake.uri import glob, join, url_to_fs
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ def matching(found: list[Saved], ref: str) -> list[Saved]:
 
 def _saved(config: str) -> Saved:
     path = config.rsplit("/", 1)[0]
-    fs, config_path = fsspec.core.url_to_fs(config)
+    fs, config_path = url_to_fs(config)
     try:
         with fs.open(config_path) as f:
             meta = json.load(f)

@@ -18,9 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-import fsspec
-
-from gr2.lake.uri import join
+from gr2.lake.uri import join, url_to_fs
 from gr2.robot.episode import EpisodeError, EpisodeRef
 from gr2.video.probe import ProbeError, local_copy
 
@@ -38,7 +36,7 @@ def list_files(source: str) -> list[str]:
     """Every object of `source` (one object, or all under a prefix), relative to the source's parent."""
     _, name = _split(source)
     try:
-        fs, path = fsspec.core.url_to_fs(source)
+        fs, path = url_to_fs(source)
         path = path.rstrip("/")
         fs.invalidate_cache(path)  # a listing made earlier in this process may predate new objects
         if fs.isfile(path):

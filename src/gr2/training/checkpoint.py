@@ -24,11 +24,10 @@ import json
 import time
 from typing import Any, NamedTuple
 
-import fsspec
 import torch
 
 from gr2.lake.lake import Lake
-from gr2.lake.uri import glob, join
+from gr2.lake.uri import glob, join, url_to_fs
 from gr2.tokenizers.checkpoint import (
     CONFIG,
     WEIGHTS,
@@ -54,7 +53,7 @@ class Loaded(NamedTuple):
 
 
 def _fs(path: str):
-    return fsspec.core.url_to_fs(str(path))
+    return url_to_fs(str(path))
 
 
 def trainable_state(model: GR2) -> dict[str, torch.Tensor]:

@@ -216,9 +216,9 @@ def result_of(run_dir: str, seconds: float = 0.0, workers: int = 0) -> TrainResu
 
 
 def _write_run(p: dict) -> None:
-    import fsspec
+    from gr2.lake.uri import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(p["run_dir"])
+    fs, root = url_to_fs(p["run_dir"])
     fs.makedirs(root, exist_ok=True)
     spec: DataSpec = p["spec"]
     facts = {"run_id": p["run_id"], "lake": p["lake"], "config": p["config"].model_dump(),

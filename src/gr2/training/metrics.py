@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import fsspec
+from gr2.lake.uri import url_to_fs
 
 METRICS = "metrics.jsonl"
 
@@ -25,7 +25,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: str):
         self.path = f"{run_dir.rstrip('/')}/{METRICS}"
-        self.fs, self._path = fsspec.core.url_to_fs(self.path)
+        self.fs, self._path = url_to_fs(self.path)
         self._local = "file" in self.fs.protocol
         self._pending: list[dict] = []
         self._all: list[dict] | None = None if self._local else read_metrics_raw(self.path)
@@ -49,7 +49,7 @@ class MetricsLog:
 
 
 def read_metrics_raw(path: str) -> list[dict]:
-    fs, p = fsspec.core.url_to_fs(path)
+    fs, p = url_to_fs(path)
     if not fs.exists(p):
         return []
     with fs.open(p) as f:

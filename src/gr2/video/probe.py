@@ -10,10 +10,9 @@ import tempfile
 from fractions import Fraction
 
 import ffmpeg
-import fsspec
 
 from gr2.errors import Gr2Error
-from gr2.lake.uri import is_remote, local_path
+from gr2.lake.uri import is_remote, local_path, url_to_fs
 
 CHUNK = 1 << 20
 
@@ -60,8 +59,8 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     # Keyed by the object's version too (ETag, size, mtime): an object overwritten in place is new
     # content and must be fetched again, or its new bytes would never reach the lake.
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
-        info = fs.info(path)
+        fs, key = url_to_fs(uri)
+        info = fs.info(key)
     except (OSError, ValueError) as e:
         raise ProbeError(f"cannot read {uri}: {e}") from None
     version = f"{info.get('ETag') or info.get('etag')}:{info.get('size')}:{info.get('LastModified') or info.get('mtime')}"
@@ -69,7 +68,7 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     path = os.path.join(cache_dir, name)
     if not os.path.exists(path) or os.path.getsize(path) != info.get("size"):
         try:
-            with fsspec.open(uri, "rb") as src, tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as dst:
+            with fs.open(key, "rb") as src, tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as dst:
                 shutil.copyfileobj(src, dst, CHUNK)
         except (OSError, ValueError) as e:
             raise ProbeError(f"cannot read {uri}: {e}") from None

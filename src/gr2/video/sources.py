@@ -15,13 +15,12 @@ import os
 import posixpath
 from glob import glob as local_glob
 
-import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from gr2.errors import Gr2Error
-from gr2.lake.uri import find, glob, is_remote, join, local_path
+from gr2.lake.uri import find, glob, is_remote, join, local_path, url_to_fs
 
 MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
 
@@ -53,7 +52,7 @@ def _expand(source: str) -> list[dict]:
     if any(ch in source for ch in "*?["):
         return [_input(u) for u in _glob(source)]
     if is_remote(source):
-        fs, path = fsspec.core.url_to_fs(source)
+        fs, path = url_to_fs(source)
         if fs.isdir(path):
             return [_input(u) for u in find(source)]
         return [_input(source)]
@@ -76,7 +75,8 @@ def _glob(pattern: str) -> list[str]:
 def read_manifest(uri: str) -> list[dict]:
     """Inputs from a CSV/JSONL/Parquet manifest with a `uri` column and optional caption/dataset."""
     try:
-        with fsspec.open(uri, "rb") as f:
+        fs, path = url_to_fs(uri)
+        with fs.open(path, "rb") as f:
             raw = f.read()
     except (OSError, ValueError) as e:
         raise SourceError(f"manifest {uri}: cannot read ({e})") from None
