@@ -9,7 +9,6 @@ from fault_runs import (
     make_videos,
     robot_ingest,
     run_job,
-    training,
     upload,
     video_build,
     video_tokenize,
@@ -36,19 +35,34 @@ def assert_survived(outcome) -> None:
     assert outcome.accounted == outcome.inputs > 0 and outcome.ids_unique, outcome
 
 
-@pytest.mark.slow  # Ray Train starts once for the training job: most of its time
-def test_a_build_a_tokenize_and_a_training_run_on_a_flaky_store_lose_nothing_and_keep_every_id_once(
+# Training under faults runs in benchmarks/reliability.py (its table is in the README): Ray Train's
+# start-up is most of a minute here, which the suite's budget cannot spare twice. What that run
+# found, the pickled filesystem losing its retries, is pinned below.
+def test_a_build_and_a_tokenize_on_a_flaky_store_lose_nothing_and_keep_every_id_once(
         ray_local, s3_server, s3_bucket, flaky, tmp_path):
     videos = upload(make_videos(tmp_path / "videos"), s3_bucket, "videos", s3_server["AWS_ENDPOINT_URL"])
     lake = Lake(f"s3://{s3_bucket}/lake")
     injected = {}
     for job, (run, check) in {"build": video_build(lake, videos, undecodable=1),
-                              "tokenize": video_tokenize(lake),
-                              "train": training(lake)}.items():
+                              "tokenize": video_tokenize(lake)}.items():
         outcome = run_job(job, flaky, RETRIED, RATE, run, check)
         assert_survived(outcome)
         injected = {k: injected.get(k, 0) + outcome.injected.get(k, 0) for k in RETRIED}
     assert all(injected[k] > 0 for k in RETRIED), injected  # the proxy did make the store flaky, every way
+
+
+def test_the_arrow_s3_filesystem_ray_train_gets_pickled_keeps_gr2s_retries_and_no_keys(s3_server):
+    # pyarrow leaves the retry strategy out of an S3FileSystem's pickle: Ray Train's controller,
+    # which gets the run's storage pickled, fell back to 3 tries and died on a 503 SlowDown
+    import pickle
+
+    from gr2.lake.uri import arrow_filesystem
+
+    fs, _ = arrow_filesystem("s3://bucket/lake", credentials=False)
+    data = pickle.dumps(fs)
+    again = pickle.loads(data)
+    assert type(again).__name__ == "RetryingS3FileSystem"
+    assert s3_server["AWS_SECRET_ACCESS_KEY"].encode() not in data
 
 
 def test_a_robot_ingest_from_and_into_a_flaky_store_accounts_for_every_source_once(
