@@ -357,7 +357,22 @@ def video_prediction(lake_root: str, checkpoint: str, heldout: str, png: str) ->
     spec = dataclasses.replace(spec, heldout_ids=spec.train_ids, train_ids=(), stats=meta["stats"])
     metrics = heldout_metrics(loaded.model, spec, EvalConfig(heldout_batches=40))
     next_frame_picture(loaded.model, tokenizer, spec, png, count=4)
-    return {**metrics, "png": png}
+    return {**metrics, "copy_token_accuracy": copy_accuracy(spec), "png": png}
+
+
+def copy_accuracy(spec) -> float:
+    """The floor for next-frame token accuracy: predict that every token stays as it is. Steps run at
+    80 Hz and the cameras at 20 and 15 fps, so most steps' next frame is the frame they already show."""
+    from gr2.training.data import iter_batches
+
+    same = total = 0
+    for i, batch in enumerate(iter_batches(spec, 16, split="heldout", epochs=1, shuffle=False)):
+        if i >= 40:  # as many batches as heldout_metrics reads
+            break
+        frames = batch["frames"]
+        same += int((frames[:, -1] == frames[:, -2]).sum())
+        total += frames[:, -1].numel()
+    return same / max(total, 1)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -378,6 +393,9 @@ def summarise(evaluations: dict, args) -> dict:
             accuracy = [r["video"]["token_accuracy"] for r in runs if r.get("video")]
             if accuracy:
                 row["heldout_token_accuracy_mean"] = float(np.mean(accuracy))
+                copy = [r["video"]["copy_token_accuracy"] for r in runs if "copy_token_accuracy" in r.get("video", {})]
+                if copy:
+                    row["heldout_copy_token_accuracy"] = float(np.mean(copy))
                 row["heldout_action_l1_mean"] = float(np.mean([r["video"]["action_l1_units"] for r in runs]))
             table[f"{arm} / {demos} demos"] = row
     return table
@@ -391,6 +409,20 @@ def print_table(table: dict, tasks: tuple[str, ...]) -> None:
             f"{row['per_task'][t]['mean']:.2f}±{row['per_task'][t]['std']:.2f}" for t in tasks]
         accuracy = row.get("heldout_token_accuracy_mean")
         print(f"{name:24}" + "".join(f"{c:>14}" for c in cells) + (f"{accuracy:>11.3f}" if accuracy is not None else f"{'-':>11}"))
+
+
+def markdown_table(result: dict) -> str:
+    """The results as the README quotes them (`--table`): success per arm, per task and overall."""
+    tasks = tuple(result["config"]["tasks"])
+    lines = ["| arm / demos per task | seeds | overall | " + " | ".join(t.removesuffix("-v3") for t in tasks)
+             + " | held-out next-frame token accuracy |", "|---" * (len(tasks) + 4) + "|"]
+    for name, row in result["table"].items():
+        cells = [f"{row['overall_mean']:.2f} ± {row['overall_std']:.2f}"] + [
+            f"{row['per_task'][t]['mean']:.2f} ± {row['per_task'][t]['std']:.2f}" for t in tasks]
+        accuracy = row.get("heldout_token_accuracy_mean")
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + f" | {accuracy:.3f} |" if accuracy is not None
+                     else f"| {name} | {row['seeds']} | " + " | ".join(cells) + " | - |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -417,7 +449,11 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=150, help="closed-loop steps before an episode fails")
     p.add_argument("--replan-every", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--table", action="store_true", help="print --out's results as a markdown table, run nothing")
     args = p.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
     if args.quick:
         args.tasks, args.demos, args.block, args.seeds = ["reach-v3", "drawer-close-v3"], [1], 1, 1
         args.video_episodes, args.heldout_episodes, args.tokenizer_steps, args.codebook = 1, 1, 10, 64
@@ -519,7 +555,8 @@ def main() -> None:
                          "train": {k: p["train"].get(k) for k in ("run_id", "checkpoint", "steps", "minutes", "cpu_minutes",
                                                                    "loss_first_50", "loss_last_50", "metrics", "samples")}}
                 if p["arm"] != "cnn":
-                    png = str(pngs / f"next_frames-{p['arm']}-{demos}demos-seed{seed}.png")
+                    # seed 0's strips are committed beside the JSON; the other seeds' stay in the work directory
+                    png = str((pngs if seed == 0 else Path(work)) / f"next_frames-{p['arm']}-{demos}demos-seed{seed}.png")
                     entry["video"] = video_prediction(robot["lake"], p["checkpoint"], heldout["name"], png)
                 evaluations[name] = entry
             result["table"] = summarise(evaluations, args)
