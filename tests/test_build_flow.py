@@ -182,17 +182,21 @@ def test_two_node_ray_cluster_runs_a_build_through_ray_address(prefect_server, m
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _wait_for_nodes(port: int, n: int, timeout: float = 120) -> None:
+def _wait_for_nodes(port: int, n: int, timeout: float = 300) -> None:
+    # Each probe is a Python process that imports Ray and joins the cluster: tens of seconds on a
+    # loaded 2-core machine (a full suite beside a benchmark once needed more than 120 s for two).
     code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
             "print(sum(1 for x in ray.nodes() if x['Alive']))")
     deadline = time.time() + timeout
+    r = None
     while time.time() < deadline:
         r = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], capture_output=True, text=True,
                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
         if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
             return
         time.sleep(1)
-    pytest.fail(f"ray cluster on port {port} never reached {n} nodes")
+    last = f"; last probe: exit {r.returncode}, {r.stdout.strip()[-200:]!r} {r.stderr.strip()[-500:]!r}" if r else ""
+    pytest.fail(f"ray cluster on port {port} never reached {n} nodes in {timeout:.0f} s{last}")
 
 
 def test_serve_makes_a_cron_deployment_of_the_build_and_refuses_a_bad_cron(tmp_path):
