@@ -1,6 +1,6 @@
 """Reliability: gr2's jobs on a flaky object store, and hostile files per format.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/reliability.py [--rates 0.2] [--mixed 0.05] [--seed 0] [--skip-hostile]
+    .venv/bin/python benchmarks/reliability.py [--rates 0.2] [--mixed 0.05] [--seed 0] [--skip-hostile]
 
 Storage faults: moto's S3 server on 127.0.0.1 behind tests/faultproxy.py's FaultProxy, which returns
 500 and 503 SlowDown, resets connections before replying, cuts replies half-way, or stalls them
@@ -211,7 +211,7 @@ def main() -> None:
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps({
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "PYTHONPATH=src .venv/bin/python benchmarks/reliability.py " + " ".join(sys.argv[1:]),
+        "command": ".venv/bin/python benchmarks/reliability.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
         "seconds": round(time.monotonic() - t0),
         "stall_s": 1.0,
