@@ -264,7 +264,8 @@ def train_cnn(directory: str, lake_root: str, blocks: list[str], steps: int, see
         optimizer.step()
         losses.append(loss.item())
     path = os.path.join(directory, "cnn.pt")
-    torch.save({"weights": model.state_dict(), "state_mean": mean, "state_std": std,
+    # tensors and plain values only, so CNNPolicy loads it with weights_only=True (no code runs on load)
+    torch.save({"weights": model.state_dict(), "state_mean": torch.as_tensor(mean), "state_std": torch.as_tensor(std),
                 "instructions": data["instructions"], "dims": [len(STATE_DIMS), data["text"].shape[1], data["action"].shape[1]]},
                path)
     return {"checkpoint": path, "samples": len(state), "loss_first_50": float(np.mean(losses[:50])),
@@ -277,13 +278,13 @@ class CNNPolicy:
     def __init__(self, path: str, instruction: str):
         import torch
 
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         state_dim, text_dim, action_dim = saved["dims"]
         self.model = plain_cnn(len(CAMERAS), state_dim, text_dim, action_dim)
         self.model(torch.zeros(1, len(CAMERAS), 3, 64, 64), torch.zeros(1, state_dim), torch.zeros(1, text_dim))
         self.model.load_state_dict(saved["weights"])
         self.model.eval()
-        self.mean, self.std = saved["state_mean"], saved["state_std"]
+        self.mean, self.std = saved["state_mean"].numpy(), saved["state_std"].numpy()
         self.text = torch.as_tensor(np.asarray(saved["instructions"][instruction], np.float32))[None]
 
     def reset(self) -> None:

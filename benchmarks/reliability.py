@@ -120,35 +120,30 @@ class HostileTally:
     def _count(self, fmt: str, how: str) -> None:
         self.ended.setdefault(fmt, Counter())[how] += 1
 
-    def _robot(self, real, fmt):
-        def ingest(root):
+    def _tally(self, real, fmt, outcome):
+        """`real` wrapped to count how each call ended: outcome(result), or how it raised."""
+        def counted(arg):
             try:
-                rows = real(root)
+                result = real(arg)
             except AssertionError:
                 self._count(fmt, "unexplained (test failed)")
                 raise
             except Exception:
                 self._count(fmt, "traceback")
                 raise
+            self._count(fmt, outcome(result))
+            return result
+        return counted
+
+    def _robot(self, real, fmt):
+        def ended(rows):
             statuses = {r["status"] for r in rows}
-            self._count(fmt, "failed with its reason" if "failed" in statuses else
-                        "rejected by a gate" if "rejected" in statuses else "harmless (accepted)")
-            return rows
-        return ingest
+            return ("failed with its reason" if "failed" in statuses else
+                    "rejected by a gate" if "rejected" in statuses else "harmless (accepted)")
+        return self._tally(real, fmt, ended)
 
     def _manifest(self, real, fmt):
-        def outcome(path):
-            try:
-                inputs = real(path)
-            except AssertionError:
-                self._count(fmt, "unexplained (test failed)")
-                raise
-            except Exception:
-                self._count(fmt, "traceback")
-                raise
-            self._count(fmt, "one-line SourceError" if inputs is None else "every row accounted for")
-            return inputs
-        return outcome
+        return self._tally(real, fmt, lambda inputs: "one-line SourceError" if inputs is None else "every row accounted for")
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_call(self, item):
