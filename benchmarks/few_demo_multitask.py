@@ -159,7 +159,7 @@ def where_demos(blocks: list[str]) -> str:
     return "dataset IN (" + ", ".join(f"'{b}'" for b in blocks) + ")"
 
 
-def finetune_config(args, blocks: list[str], seed: int, init: str | None = None):
+def finetune_config(args, blocks: list[str], seed: int, init: str | None = None, frame_stride: int = 1):
     from gr2.training.data import DataConfig
     from gr2.training.loop import TrainConfig
 
@@ -167,7 +167,7 @@ def finetune_config(args, blocks: list[str], seed: int, init: str | None = None)
     return TrainConfig(
         stage="finetune", size="tiny", model={"n_views": len(CAMERAS), "history": 2}, init=init, seed=seed,
         data=DataConfig(cameras=CAMERAS, state_dims=STATE_DIMS, action_column="source_action", holdout=0.0,
-                        episodes=where_demos(blocks)),
+                        episodes=where_demos(blocks), frame_stride=frame_stride),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(100, args.steps // 10),
         workers=1, cpus_per_worker=args.train_cpus, checkpoint_every=max(args.steps // 2, 1),
         report_every=max(args.steps // 20, 1))
@@ -353,7 +353,7 @@ def video_prediction(lake_root: str, checkpoint: str, heldout: str, png: str) ->
     meta = loaded.meta
     tokenizer, tokenizer_path = load_tokenizer(meta, lake_root)
     config = DataConfig(cameras=CAMERAS, state_dims=STATE_DIMS, action_column="source_action", holdout=0.0,
-                        episodes=where_demos([heldout]))
+                        episodes=where_demos([heldout]), frame_stride=meta["data"].get("frame_stride", 1))
     spec = plan_data(Lake(lake_root), "finetune", meta["data"]["history"], meta["data"]["chunk"], config, tokenizer_path)
     spec = dataclasses.replace(spec, heldout_ids=spec.train_ids, train_ids=(), stats=meta["stats"])
     metrics = heldout_metrics(loaded.model, spec, EvalConfig(heldout_batches=40))
@@ -363,7 +363,8 @@ def video_prediction(lake_root: str, checkpoint: str, heldout: str, png: str) ->
 
 def copy_accuracy(spec) -> float:
     """The floor for next-frame token accuracy: predict that every token stays as it is. Steps run at
-    80 Hz and the cameras at 20 and 15 fps, so most steps' next frame is the frame they already show."""
+    80 Hz and the cameras at 20 and 15 fps, so most steps' next frame is the frame they already show
+    (with a frame stride, the history frames are further apart and fewer stay the same)."""
     from gr2.training.data import iter_batches
 
     same = total = 0
@@ -383,7 +384,8 @@ def summarise(evaluations: dict, args) -> dict:
     """Success rate per arm and demo count: per task and overall, mean and std over training seeds."""
     table = {}
     for demos in args.demos:
-        for arm in ("scratch", "pretrained", "cnn"):
+        arms = ("scratch", "pretrained", "cnn", f"scratch-stride{args.frame_stride}", f"pretrained-stride{args.frame_stride}")
+        for arm in arms:
             runs = [e for e in evaluations.values() if e["arm"] == arm and e["demos"] == demos]
             if not runs:
                 continue
@@ -416,13 +418,13 @@ def markdown_table(result: dict) -> str:
     """The results as the README quotes them (`--table`): success per arm, per task and overall."""
     tasks = tuple(result["config"]["tasks"])
     lines = ["| arm / demos per task | seeds | overall | " + " | ".join(t.removesuffix("-v3") for t in tasks)
-             + " | held-out next-frame token accuracy |", "|---" * (len(tasks) + 4) + "|"]
+             + " | held-out next-frame token accuracy (copy floor) |", "|---" * (len(tasks) + 4) + "|"]
     for name, row in result["table"].items():
         cells = [f"{row['overall_mean']:.2f} ± {row['overall_std']:.2f}"] + [
             f"{row['per_task'][t]['mean']:.2f} ± {row['per_task'][t]['std']:.2f}" for t in tasks]
-        accuracy = row.get("heldout_token_accuracy_mean")
-        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + f" | {accuracy:.3f} |" if accuracy is not None
-                     else f"| {name} | {row['seeds']} | " + " | ".join(cells) + " | - |")
+        accuracy, floor = row.get("heldout_token_accuracy_mean"), row.get("heldout_copy_token_accuracy")
+        video = "-" if accuracy is None else f"{accuracy:.3f}" + (f" ({floor:.3f})" if floor is not None else "")
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + f" | {video} |")
     return "\n".join(lines)
 
 
@@ -443,6 +445,9 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=1000)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps, every GR-2 arm")
     p.add_argument("--cnn-steps", type=int, default=1000)
+    p.add_argument("--frame-stride", type=int, default=5,
+                   help="two more GR-2 arms whose history frames are this many steps apart (1: none)")
+    p.add_argument("--stride-demos", nargs="+", type=int, default=[5], help="demos per task for the strided arms")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-cpus", type=int, default=2)
@@ -459,7 +464,7 @@ def main() -> None:
         args.tasks, args.demos, args.block, args.seeds = ["reach-v3", "drawer-close-v3"], [1], 1, 1
         args.video_episodes, args.heldout_episodes, args.tokenizer_steps, args.codebook = 1, 1, 10, 64
         args.pretrain_steps, args.steps, args.cnn_steps, args.batch_size = 4, 4, 4, 8
-        args.eval_seeds, args.max_steps, args.real_footage = 1, 8, False
+        args.eval_seeds, args.max_steps, args.real_footage, args.frame_stride = 1, 8, False, 1
         if args.out == RESULTS:
             args.out = Path(args.work) / "few_demo_multitask.json"
     if any(d % args.block for d in args.demos):
@@ -529,40 +534,58 @@ def main() -> None:
     evaluations = result.setdefault("runs", {})
     pngs = HERE / "results" / "few_demo_multitask" if not args.quick else Path(work) / "png"
     pngs.mkdir(parents=True, exist_ok=True)
-    for demos in args.demos:
+    def group(demos: int, seed: int, arms: tuple[tuple[str, str | None, int], ...], cnn: bool) -> None:
+        """Fine-tune `arms` (name, init, frame stride) and, with cnn, the CNN on `demos` demos per task
+        with training seed `seed`; then one closed-loop phase for all of them and the held-out video metrics."""
         names = [b["name"] for b in blocks[: demos // args.block]]
+        policies = {}
+        for arm, init, stride in arms:
+            config = finetune_config(args, names, seed, init, stride)
+            key = config.model_dump()
+            if stride == 1:  # as before the setting existed: finished runs stay cached
+                del key["data"]["frame_stride"]
+
+            def fine_tune(d: str, config=config) -> dict:
+                run = train(robot["lake"], config)
+                return {**run.to_dict(), **spent(run.run_dir)}
+
+            run = phase(work, f"finetune-{arm}", {"lake": robot["lake"], "config": key}, fine_tune)
+            policies[f"{arm}/{demos}/{seed}"] = {"arm": arm, "checkpoint": run["checkpoint"], "train": run}
+        if cnn:
+            run = phase(work, "cnn", {"lake": robot["lake"], "demos": names, "steps": args.cnn_steps, "seed": seed},
+                        lambda d: train_cnn(d, robot["lake"], names, args.cnn_steps, seed, args.train_cpus))
+            policies[f"cnn/{demos}/{seed}"] = {"arm": "cnn", "checkpoint": run["checkpoint"], "train": run}
+        todo = {n: p for n, p in policies.items() if n not in evaluations}
+        if not todo:
+            return
+        loops = phase(work, "closed-loop", {"policies": {n: p["checkpoint"] for n, p in todo.items()},
+                                            "tasks": args.tasks, "seeds": args.eval_seeds, "max_steps": args.max_steps,
+                                            "replan": args.replan_every},
+                      lambda d: {"episodes": closed_loop(args, todo, tok, robot["lake"])})
+        for name, p in todo.items():
+            entry = {"arm": p["arm"], "demos": demos, "seed": seed, "closed_loop": loops["episodes"][name],
+                     "train": {k: p["train"].get(k) for k in ("run_id", "checkpoint", "steps", "minutes", "cpu_minutes",
+                                                               "loss_first_50", "loss_last_50", "metrics", "samples")}}
+            if p["arm"] != "cnn":
+                # seed 0's strips are committed beside the JSON; the other seeds' stay in the work directory
+                png = str((pngs if seed == 0 else Path(work)) / f"next_frames-{p['arm']}-{demos}demos-seed{seed}.png")
+                entry["video"] = video_prediction(robot["lake"], p["checkpoint"], heldout["name"], png)
+            evaluations[name] = entry
+        result["table"] = summarise(evaluations, args)
+        save()
+        print_table(result["table"], args.tasks)
+
+    for demos in args.demos:
         for seed in range(args.seeds):
-            policies = {}
-            for arm, init in (("scratch", None), ("pretrained", pre["checkpoint"])):
-                config = finetune_config(args, names, seed, init)
-
-                def fine_tune(d: str, config=config) -> dict:
-                    run = train(robot["lake"], config)
-                    return {**run.to_dict(), **spent(run.run_dir)}
-
-                run = phase(work, f"finetune-{arm}", {"lake": robot["lake"], "config": config.model_dump()}, fine_tune)
-                policies[f"{arm}/{demos}/{seed}"] = {"arm": arm, "checkpoint": run["checkpoint"], "train": run}
-            cnn = phase(work, "cnn", {"lake": robot["lake"], "demos": names, "steps": args.cnn_steps, "seed": seed},
-                        lambda d, names=names, seed=seed: train_cnn(d, robot["lake"], names, args.cnn_steps, seed,
-                                                                     args.train_cpus))
-            policies[f"cnn/{demos}/{seed}"] = {"arm": "cnn", "checkpoint": cnn["checkpoint"], "train": cnn}
-            todo = {n: p for n, p in policies.items() if n not in evaluations}
-            loops = phase(work, "closed-loop", {"policies": {n: p["checkpoint"] for n, p in todo.items()},
-                                                "tasks": args.tasks, "seeds": args.eval_seeds, "max_steps": args.max_steps,
-                                                "replan": args.replan_every},
-                          lambda d, todo=todo: {"episodes": closed_loop(args, todo, tok, robot["lake"])})
-            for name, p in todo.items():
-                entry = {"arm": p["arm"], "demos": demos, "seed": seed, "closed_loop": loops["episodes"][name],
-                         "train": {k: p["train"].get(k) for k in ("run_id", "checkpoint", "steps", "minutes", "cpu_minutes",
-                                                                   "loss_first_50", "loss_last_50", "metrics", "samples")}}
-                if p["arm"] != "cnn":
-                    # seed 0's strips are committed beside the JSON; the other seeds' stay in the work directory
-                    png = str((pngs if seed == 0 else Path(work)) / f"next_frames-{p['arm']}-{demos}demos-seed{seed}.png")
-                    entry["video"] = video_prediction(robot["lake"], p["checkpoint"], heldout["name"], png)
-                evaluations[name] = entry
-            result["table"] = summarise(evaluations, args)
-            save()
-            print_table(result["table"], args.tasks)
+            group(demos, seed, (("scratch", None, 1), ("pretrained", pre["checkpoint"], 1)), cnn=True)
+    # the change most likely to make pre-training help (README): history frames 1/16 s apart, as the
+    # clips' are, so fine-tuning's next frame is one the camera has moved to rather than a copy
+    if args.frame_stride > 1:
+        s = args.frame_stride
+        for demos in args.stride_demos:
+            for seed in range(args.seeds):
+                group(demos, seed, ((f"scratch-stride{s}", None, s), (f"pretrained-stride{s}", pre["checkpoint"], s)),
+                      cnn=False)
     save()
     print(f"wrote {args.out} ({result['wall_minutes']} min)")
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy.spatial.transform import Rotation
 
 from gr2.lake.lake import Lake
@@ -76,3 +77,14 @@ def test_windows_and_chunks_are_formed_at_read_time_with_padding_marked():
     np.testing.assert_array_equal(idx["history_is_pad"][0], [True, False])
     np.testing.assert_array_equal(idx["chunk_index"][3], [3, 4, 4])
     np.testing.assert_array_equal(idx["chunk_is_pad"][3], [False, False, True])
+
+
+def test_a_frame_stride_spaces_the_history_and_leaves_the_chunk_consecutive():
+    idx = act.window_indices(12, history=3, chunk=2, stride=5)
+    np.testing.assert_array_equal(idx["history_index"][11], [1, 6, 11])
+    np.testing.assert_array_equal(idx["history_is_pad"][11], [False, False, False])
+    np.testing.assert_array_equal(idx["history_index"][7], [0, 2, 7])  # 7-10 clamps to the first step
+    np.testing.assert_array_equal(idx["history_is_pad"][7], [True, False, False])
+    np.testing.assert_array_equal(idx["chunk_index"][7], [7, 8])
+    with pytest.raises(ValueError, match="stride"):
+        act.window_indices(5, 2, 2, stride=0)

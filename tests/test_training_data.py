@@ -60,6 +60,20 @@ def test_a_fine_tuning_window_holds_history_views_state_and_action_chunks(robot)
     assert last["action_is_pad"][-1].tolist() == [True, True] and last["action_is_pad"][-2].tolist() == [False, True]
 
 
+def test_a_frame_stride_reads_history_steps_that_far_apart(robot):
+    spec = finetune_spec(robot, frame_stride=3)
+    samples = {s["id"]: s for s in iter_samples(spec, epochs=1, shuffle=False)}
+    episode = next(i for i in spec.train_ids if i != "ep001")
+    e = int(episode[2:])
+    s = samples[f"{episode}@8"]
+    assert [list(s["frames"][i, 0]) for i in range(3)] == [step_tokens(e, t, 0) for t in (2, 5, 8)]
+    assert not s["step_is_pad"].any()
+    assert samples[f"{episode}@4"]["step_is_pad"].tolist() == [True, False, False]  # 4-6 < 0: step 0, marked
+    config = TrainConfig(stage="finetune", data=DataConfig(frame_stride=3))
+    assert config.shaping()["data"]["frame_stride"] == 3
+    assert "frame_stride" not in TrainConfig(stage="finetune").shaping()["data"]  # older runs keep their ids
+
+
 def test_arm_actions_are_normalised_and_the_gripper_keeps_its_sign(robot):
     spec = finetune_spec(robot)
     actions = np.concatenate([s["action"][-1, :1] for s in iter_samples(spec, epochs=1, shuffle=False)

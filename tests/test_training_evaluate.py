@@ -75,6 +75,30 @@ def test_the_policy_sees_frames_and_state_as_training_read_them_and_acts_in_meta
     assert len(policy.frames) == 0
 
 
+def test_a_strided_policy_keeps_the_window_training_read(trained, tmp_path):
+    """frame_stride 3, history 2: the model sees the step 3 back (the first step, marked padding,
+    until the episode reaches that far), as gr2.robot.actions.window_indices clamps in training."""
+    lake, directory, spec = trained
+    meta = ckpt.read_meta(directory)
+    strided = str(tmp_path / "strided" / "step-000001")
+    ckpt.save_checkpoint(ckpt.load_checkpoint(directory).model, strided, meta={
+        **{k: v for k, v in meta.items() if k not in ("format", "checkpoint_id", "model", "saved_at",
+                                                       "optimizer_param_groups")},
+        "data": {**meta["data"], "frame_stride": 3}})
+    policy = MetaWorldPolicy(strided, spec.tokenizer_path)
+    seen = []
+    policy.model.select_action = lambda obs: (seen.append(obs), torch.zeros(1, 2, 4))[1]
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        policy({"observation.images.corner": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                "observation.state": rng.normal(size=4).astype(np.float32)})
+    assert len(policy.frames) == 4  # (history - 1) * stride + 1 steps are kept
+    assert [o["step_is_pad"].tolist() for o in seen] == [[[True, False]]] * 3 + [[[False, False]]] * 2
+    assert torch.equal(seen[2]["frames"][0, 0], seen[0]["frames"][0, 1])  # step 2 still leans on step 0
+    assert torch.equal(seen[4]["frames"][0, 0], seen[1]["frames"][0, 1])  # step 4 sees step 1
+    assert torch.equal(seen[4]["frames"][0, 1], policy.frames[-1])
+
+
 def test_a_checkpoint_whose_tokenizer_left_the_lake_cannot_be_evaluated(trained, tmp_path):
     from gr2.training.evaluate import EvaluationError
 

@@ -167,17 +167,18 @@ def write_stats(lake, dataset: str, stats: dict) -> str:
 # -- windows and chunks, at read time -------------------------------------------------------------
 
 
-def window_indices(length: int, history: int, chunk: int) -> dict[str, np.ndarray]:
+def window_indices(length: int, history: int, chunk: int, stride: int = 1) -> dict[str, np.ndarray]:
     """Index arrays that turn one episode's steps into (history window, action chunk) samples.
 
-    For each step t: `history_index[t]` = t-h+1 .. t and `chunk_index[t]` = t .. t+k-1, clamped to
-    the episode, with `*_is_pad` marking the clamped entries (LeRobot's convention), so nothing is
-    stored k times and the end of an episode is never mistaken for real data.
+    For each step t: `history_index[t]` = t-(h-1)s .. t-s, t (s: `stride`, steps between history
+    frames) and `chunk_index[t]` = t .. t+k-1, clamped to the episode, with `*_is_pad` marking the
+    clamped entries (LeRobot's convention), so nothing is stored k times and the end of an episode
+    is never mistaken for real data.
     """
-    if length < 1 or history < 1 or chunk < 1:
-        raise ValueError(f"need length, history and chunk >= 1, got {length}, {history}, {chunk}")
+    if length < 1 or history < 1 or chunk < 1 or stride < 1:
+        raise ValueError(f"need length, history, chunk and stride >= 1, got {length}, {history}, {chunk}, {stride}")
     t = np.arange(length)[:, None]
-    hist = t + np.arange(-history + 1, 1)[None, :]
+    hist = t + np.arange(-history + 1, 1)[None, :] * stride
     fut = t + np.arange(chunk)[None, :]
     return {
         "history_index": np.clip(hist, 0, length - 1),
@@ -202,10 +203,10 @@ def step_arrays(steps, state: str = "state", action: str = "action",
 
 
 def windows(state: np.ndarray, action: np.ndarray, action_missing: np.ndarray, history: int,
-            chunk: int) -> dict[str, np.ndarray]:
+            chunk: int, stride: int = 1) -> dict[str, np.ndarray]:
     """Every step's history window of `state` and chunk of `action`, with `*_is_pad` marking the
     clamped entries and the missing actions; `history_index` gathers other per-step arrays alike."""
-    idx = window_indices(len(state), history, chunk)
+    idx = window_indices(len(state), history, chunk, stride)
     return {
         "history_index": idx["history_index"],
         "state": state[idx["history_index"]],

@@ -2,7 +2,8 @@
 
 Pre-training: accepted clips.lance rows that carry VQ tokens -> every window of `history`
 consecutive frames of a clip, with its caption's stored embedding. Fine-tuning: steps.lance -> for each step t of an
-episode, the history steps t-h+1..t (token grids of every chosen view, state) and for each of them
+episode, the history steps t-(h-1)s..t, s steps apart (`frame_stride`, default 1; token grids of
+every chosen view, state) and for each of them
 the chunk of k actions that follows (gr2.robot.actions.windows: early history repeats the first
 step and is marked `step_is_pad`, chunk entries past the end `action_is_pad`).
 
@@ -55,6 +56,10 @@ class DataConfig(BaseModel):
     cameras: tuple[str, ...] = ()  # fine-tuning views, in model view order; empty: every camera of the episodes
     state_dims: tuple[int, ...] | None = None  # columns of `state` the model sees; None: all
     action_column: str = "action"  # steps column: "action" (ee_delta) or "source_action" (as recorded)
+    # fine-tuning: steps between a window's history frames. 1: consecutive steps, whose frames a
+    # camera slower than the control rate mostly repeats (Meta-World: 80 Hz steps, 20 fps cameras),
+    # so predicting the next one asks for a copy; 5 there spaces them 1/16 s apart, as clips are.
+    frame_stride: int = Field(1, ge=1)
     episodes: str | None = None  # fine-tuning: SQL over episodes choosing which train (e.g. "dataset = 'bridge'")
     holdout: float = Field(0.1, ge=0.0, lt=1.0)  # fraction of episodes / clips held out for evaluation
     shuffle_buffer: int = Field(512, ge=1)  # samples in all: each of N ranks holds 1/N of them
@@ -476,7 +481,8 @@ def episode_windows(steps: pa.Table, spec: DataSpec, episode_id: str = "",
     # as the declared layouts say: regressed dims zero-mean unit-std, binary grippers -1/+1
     state = lay.to_model(arrays["state"], spec.stats["state"], lay.from_rows(spec.state_layout)).astype(np.float32)
     action = lay.to_model(arrays["action"], spec.stats["action"], lay.from_rows(spec.action_layout))
-    w = act.windows(state, action.astype(np.float32), arrays["action_missing"], spec.history, spec.chunk)
+    w = act.windows(state, action.astype(np.float32), arrays["action_missing"], spec.history, spec.chunk,
+                    spec.config.frame_stride)
     step_ok = arrays["view_ok"].all(1)
     for t in range(len(steps)):
         hist = w["history_index"][t]

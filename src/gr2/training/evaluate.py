@@ -192,6 +192,7 @@ class MetaWorldPolicy:
         self.tokenizer = load_tokenizer_checkpoint(tokenizer).tokenizer.eval()
         data = meta["data"]
         self.cameras, self.history, self.stats = data["cameras"], data["history"], meta["stats"]
+        self.stride = data.get("frame_stride", 1)  # steps between history frames, as in training
         self.action_column = data["action_column"]
         self.action_layout = lay.from_rows(data["action_layout"])
         h, w = data["grid"]
@@ -207,8 +208,9 @@ class MetaWorldPolicy:
         self.reset()
 
     def reset(self) -> None:
-        self.frames: deque = deque(maxlen=self.history)
-        self.states: deque = deque(maxlen=self.history)
+        span = (self.history - 1) * self.stride + 1  # the steps one window reaches back over
+        self.frames: deque = deque(maxlen=span)
+        self.states: deque = deque(maxlen=span)
         self.plan: list[np.ndarray] = []
         self.t = 0
 
@@ -237,11 +239,16 @@ class MetaWorldPolicy:
         self.t += 1
         if self.plan and (self.t - 1) % self.replan_every:
             return self.plan.pop(0)
-        pad = self.history - len(self.frames)
-        frames = [self.frames[0]] * pad + list(self.frames)  # early history repeats, marked as padding
-        states = [self.states[0]] * pad + list(self.states)
+        # history step i sits (h-1-i)*stride steps back; before the episode reaches that far it repeats
+        # the first step, marked as padding (as gr2.robot.actions.window_indices clamps in training)
+        back = [(self.history - 1 - i) * self.stride for i in range(self.history)]
+        have = len(self.frames)
+        index = [max(have - 1 - b, 0) for b in back]
+        is_pad = [have - 1 - b < 0 for b in back]
+        frames = [self.frames[i] for i in index]
+        states = [self.states[i] for i in index]
         obs = {"frames": torch.stack(frames)[None], "state": torch.as_tensor(np.stack(states))[None],
-               "step_is_pad": torch.tensor([[True] * pad + [False] * len(self.frames)]), "text_embedding": self.text}
+               "step_is_pad": torch.tensor([is_pad]), "text_embedding": self.text}
         chunk = self.model.select_action(obs)[0].numpy().astype(np.float64)
         chunk = lay.from_model(chunk, self.stats["action"], self.action_layout)
         if self.action_column != "source_action":  # ee_delta: metres -> Meta-World's command units

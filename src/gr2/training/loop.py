@@ -79,7 +79,10 @@ class TrainConfig(BaseModel):
         """The settings that change what a run computes (not how long, nor on how many workers)."""
         skip = {"steps", "workers", "cpus_per_worker", "use_gpu", "checkpoint_every", "keep_checkpoints",
                 "report_every", "max_failures", "max_minutes", "max_cpu_minutes", "tokenizer"}
-        return {k: v for k, v in self.model_dump().items() if k not in skip}
+        shaping = {k: v for k, v in self.model_dump().items() if k not in skip}
+        if shaping["data"]["frame_stride"] == 1:  # the default: runs from before the setting keep their ids
+            del shaping["data"]["frame_stride"]
+        return shaping
 
 
 @dataclass
@@ -385,7 +388,8 @@ def checkpoint_meta(args: dict, spec: DataSpec, config: TrainConfig, step: int, 
         "run_id": args["run_id"], "stage": spec.stage, "step": step, "lake": spec.lake,
         "tokenizer_id": spec.tokenizer_id, "tokenizer_path": spec.tokenizer_path, "codebook_size": spec.codebook_size,
         "table_version": spec.table_version, "init": args["init"],
-        "data": {"history": spec.history, "chunk": spec.chunk, "cameras": list(spec.cameras),
+        "data": {"history": spec.history, "chunk": spec.chunk, "frame_stride": spec.config.frame_stride,
+                 "cameras": list(spec.cameras),
                  "state_dims": list(spec.config.state_dims) if spec.config.state_dims is not None else None,
                  "action_column": spec.config.action_column, "grid": list(spec.grid),
                  "state_layout": spec.state_layout, "action_layout": spec.action_layout},
