@@ -414,6 +414,42 @@ def print_table(table: dict, tasks: tuple[str, ...]) -> None:
         print(f"{name:24}" + "".join(f"{c:>14}" for c in cells) + (f"{accuracy:>11.3f}" if accuracy is not None else f"{'-':>11}"))
 
 
+def loss_curves(result: dict, png: str) -> str:
+    """Why pre-training does or does not carry over, as a picture: pre-training's next-frame loss beside
+    its unigram floor, and each GR-2 arm's fine-tuning losses (image and arm) on seed 0 at the fewest demos."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gr2.training.metrics import read_metrics
+
+    def curve(checkpoint: str, key: str) -> tuple[list[int], list[float]]:
+        records = [r for r in read_metrics(os.path.dirname(checkpoint)) if key in r]
+        return [r["step"] for r in records], [r[key] for r in records]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    pre = result["pretrain"]
+    axes[0].plot(*curve(pre["checkpoint"], "loss_image"), label="pre-training (clips)")
+    if pre.get("unigram_entropy_nats"):
+        axes[0].axhline(pre["unigram_entropy_nats"], color="grey", linestyle=":", label="unigram entropy")
+    axes[0].set(title="pre-training: next-frame tokens", xlabel="step", ylabel="nats")
+    demos = min(e["demos"] for e in result["runs"].values())
+    for name, run in sorted(result["runs"].items()):
+        if run["arm"] == "cnn" or run["seed"] != 0 or run["demos"] != demos:
+            continue
+        for ax, key in ((axes[1], "loss_image"), (axes[2], "loss_arm")):
+            ax.plot(*curve(run["train"]["checkpoint"], key), label=run["arm"])
+    axes[1].set(title=f"fine-tuning: next-frame tokens ({demos} demos, seed 0)", xlabel="step", ylabel="nats")
+    axes[2].set(title=f"fine-tuning: arm actions ({demos} demos, seed 0)", xlabel="step", ylabel="loss")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
+
+
 def markdown_table(result: dict) -> str:
     """The results as the README quotes them (`--table`): success per arm, per task and overall."""
     tasks = tuple(result["config"]["tasks"])
@@ -455,10 +491,13 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=150, help="closed-loop steps before an episode fails")
     p.add_argument("--replan-every", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--table", action="store_true", help="print --out's results as a markdown table, run nothing")
+    p.add_argument("--table", action="store_true",
+                   help="print --out's results as a markdown table and redraw its loss curves, run nothing")
     args = p.parse_args()
     if args.table:
-        print(markdown_table(json.loads(args.out.read_text())))
+        result = json.loads(args.out.read_text())
+        print(markdown_table(result))
+        print(loss_curves(result, str(args.out.with_suffix("")) + "/loss_curves.png"))
         return
     if args.quick:
         args.tasks, args.demos, args.block, args.seeds = ["reach-v3", "drawer-close-v3"], [1], 1, 1
@@ -586,6 +625,7 @@ def main() -> None:
             for seed in range(args.seeds):
                 group(demos, seed, ((f"scratch-stride{s}", None, s), (f"pretrained-stride{s}", pre["checkpoint"], s)),
                       cnn=False)
+    result["loss_curves"] = loss_curves(result, str(pngs / "loss_curves.png"))
     save()
     print(f"wrote {args.out} ({result['wall_minutes']} min)")
 

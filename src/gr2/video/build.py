@@ -243,6 +243,7 @@ class Stage:
     memory_gb: float | None = None  # model actors: what one holds, so Ray starts it only where that fits
     batch_size: int | None = 4  # rows per call; None: a whole block (no concatenating blocks)
     kwargs: dict = field(default_factory=dict)  # the function's keyword arguments, or the class's constructor's
+    restart: bool = True  # actors: Ray restarts a dead one (False: its death fails the build)
 
     def apply(self, ds: ray.data.Dataset, workers: int) -> ray.data.Dataset:
         """`ds` with this stage mapped over it."""
@@ -254,6 +255,8 @@ class Stage:
             args["num_cpus"] = self.cpus
         if self.memory_gb is not None:
             args["memory"] = int(self.memory_gb * 2**30)
+        if not self.restart:
+            args["max_restarts"] = 0
         return ds.map_batches(self.fn, batch_size=self.batch_size, **args, **worker_env())
 
 
@@ -283,7 +286,10 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
         # clip of the build in turn (dedup.py). The dedup actors reserve no CPU: they only compare
         # small arrays, and a 0.05-CPU actor on a 1-CPU node leaves 0.95, which seats no 1-CPU
         # decode task (a two-node cluster of 1-CPU nodes stalled with one such actor on each).
-        *([Stage(FingerprintDeduplicator, **{**model, "cpus": 0}, kwargs={
+        # Not restarted: a new actor would know the lake's clips but not this build's so far, and
+        # pass their copies; its death fails the build, whose re-run resumes (and Ray no longer warns
+        # that a restart could lose its constructor's arguments, ray-project/ray#57733).
+        *([Stage(FingerprintDeduplicator, **{**model, "cpus": 0}, restart=False, kwargs={
             "lake_root": lake.root, "max_bits": config.fingerprint_max_bits})]
           if config.fingerprint_max_bits is not None else []),
         Stage(thumbnails),
