@@ -376,7 +376,7 @@ def _run_stages(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: s
     hashed = _run_stage(hashing, inputs, workers)
     _commit_inputs(lake, hashed, build_id)
     finished = _finished_videos(lake, {r["video_id"] for r in hashed}, retry_failed)
-    failed_before = _failed_uris(lake) if retry_failed else set()
+    failed_before = _failed_uris(lake, {r["uri"] for r in hashed}) if retry_failed else set()
     todo, seen_ids = [], set()
     for r in hashed:
         if r["video_id"] not in finished and r["video_id"] not in seen_ids:
@@ -488,38 +488,47 @@ def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str,
     if not ids or not lake.exists("videos"):
         return {}
     done = rows_with_ids(lake, "videos", "video_id", ids, ["video_id", "status"])
-    retry = _videos_with_failed_clips(lake) if retry_failed else set()
+    retry = _videos_with_failed_clips(lake, ids) if retry_failed else set()
     return {r["video_id"]: r["status"] for r in done
             if r["video_id"] in ids and not (retry_failed and (r["status"] == "failed" or r["video_id"] in retry))}
 
 
 def rows_with_ids(lake: Lake, table: str, column: str, ids: set[str], columns: list[str],
-                  per_lookup: int = 2000) -> list[dict]:
-    """The rows of `table` whose `column` is one of `ids`, found through the id's index in slices,
-    never by reading the whole table (a 38M-clip lake's videos table is gigabytes)."""
+                  per_lookup: int = 2000, where: str | None = None) -> list[dict]:
+    """The rows of `table` whose `column` is one of `ids` (and that match `where`), found through
+    the column's index in slices, never by reading the whole table (a 38M-clip lake's videos table
+    is gigabytes)."""
     out: list[dict] = []
     ordered = sorted(ids)
     for start in range(0, len(ordered), per_lookup):
         chosen = ", ".join(sql_literal(i) for i in ordered[start:start + per_lookup])
-        out += lake.read(table, columns=columns, filter=f"{column} IN ({chosen})").to_pylist()
+        condition = f"{column} IN ({chosen})" + (f" AND ({where})" if where else "")
+        out += lake.read(table, columns=columns, filter=condition).to_pylist()
     return out
 
 
-def _videos_with_failed_clips(lake: Lake) -> set[str]:
-    if not lake.exists("clips"):
+def _videos_with_failed_clips(lake: Lake, ids: set[str]) -> set[str]:
+    """Which of the videos `ids` have a failed clip in the lake."""
+    if not ids or not lake.exists("clips"):
         return set()
-    return set(lake.read("clips", columns=["video_id"], filter="status = 'failed'").column("video_id").to_pylist())
+    return {r["video_id"] for r in rows_with_ids(lake, "clips", "video_id", ids, ["video_id"], where="status = 'failed'")}
 
 
-def _failed_uris(lake: Lake) -> set[str]:
-    """Uris whose latest outcome in the lake is `failed`, or whose video has a failed clip."""
-    retry = _videos_with_failed_clips(lake)
-    return {u for u, r in latest_by_uri(lake).items() if r["status"] == "failed" or r["video_id"] in retry}
+def _failed_uris(lake: Lake, uris: set[str]) -> set[str]:
+    """Which of `uris` have a latest outcome in the lake of `failed`, or a video with a failed clip."""
+    latest = latest_by_uri(lake, uris)
+    retry = _videos_with_failed_clips(lake, {r["video_id"] for r in latest.values()})
+    return {u for u, r in latest.items() if r["status"] == "failed" or r["video_id"] in retry}
 
 
-def latest_by_uri(lake: Lake) -> dict[str, dict]:
-    """Each uri's most recent row in `videos` (an input retried after repair has several)."""
-    rows = lake.read("videos", columns=["video_id", "uri", "status", "reason", "processed_at"]).to_pylist()
+def latest_by_uri(lake: Lake, uris: set[str] | None = None) -> dict[str, dict]:
+    """Each uri's most recent row in `videos` (an input retried after repair has several); uris:
+    only those, looked up by uri (None: every uri, a whole-table read for `gr2 status`)."""
+    columns = ["video_id", "uri", "status", "reason", "processed_at"]
+    if uris is not None:
+        rows = rows_with_ids(lake, "videos", "uri", uris, columns) if uris and lake.exists("videos") else []
+    else:
+        rows = lake.read("videos", columns=columns).to_pylist()
     latest: dict[str, dict] = {}
     for r in sorted(rows, key=lambda r: r["processed_at"] or datetime.min.replace(tzinfo=timezone.utc)):
         latest[r["uri"]] = r
