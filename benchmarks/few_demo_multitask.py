@@ -484,6 +484,9 @@ def main() -> None:
     p.add_argument("--frame-stride", type=int, default=5,
                    help="two more GR-2 arms whose history frames are this many steps apart (1: none)")
     p.add_argument("--stride-demos", nargs="+", type=int, default=[5], help="demos per task for the strided arms")
+    p.add_argument("--arms", choices=("all", "base", "strided"), default="all",
+                   help="which groups to run: two processes can share --work, one per kind (give each its own --out)")
+    p.add_argument("--stride-seeds", type=int, default=None, help="training seeds of the strided arms (default: --seeds)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-cpus", type=int, default=2)
@@ -614,15 +617,15 @@ def main() -> None:
         save()
         print_table(result["table"], args.tasks)
 
-    for demos in args.demos:
+    for demos in args.demos if args.arms != "strided" else ():
         for seed in range(args.seeds):
             group(demos, seed, (("scratch", None, 1), ("pretrained", pre["checkpoint"], 1)), cnn=True)
     # the change most likely to make pre-training help (README): history frames 1/16 s apart, as the
     # clips' are, so fine-tuning's next frame is one the camera has moved to rather than a copy
-    if args.frame_stride > 1:
+    if args.frame_stride > 1 and args.arms != "base":
         s = args.frame_stride
         for demos in args.stride_demos:
-            for seed in range(args.seeds):
+            for seed in range(args.seeds if args.stride_seeds is None else args.stride_seeds):
                 group(demos, seed, ((f"scratch-stride{s}", None, s), (f"pretrained-stride{s}", pre["checkpoint"], s)),
                       cnn=False)
     result["loss_curves"] = loss_curves(result, str(pngs / "loss_curves.png"))
