@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,32 +26,46 @@ def cluster(s3_server):
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     port = 26379 + os.getpid() % 1000
     # The raylets' workers take moto's keys and endpoint from the environment they start in (gr2
-    # never ships keys to Ray); token auth off, as on a developer's machine.
-    env = {**os.environ, **s3_server, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # never ships keys to Ray); token auth off, as on a developer's machine. No drain on SIGTERM:
+    # Ray waits up to 30 s for a node to drain first (for Serve on Kubernetes), here for nothing.
+    env = {**os.environ, **s3_server, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     # --block keeps each node's processes in its own session, so teardown stops exactly this cluster.
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--block",
-                             "--include-dashboard=false", "--disable-usage-stats"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    worker = None
+    nodes = [subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--block",
+                               "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
-        wait_for_nodes(port, 1)
-        worker = subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--block"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for_nodes(port, 2)
+        # A worker raylet needs only the head's GCS: its port open is enough, and a socket costs
+        # nothing where a probe that imports Ray and joins takes seconds on this loaded machine.
+        wait_for_port(port, nodes[0])
+        nodes.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--block"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        wait_for_nodes(port, 2, nodes)
         yield f"127.0.0.1:{port}"
     finally:
-        for proc in (worker, head):
-            if proc is not None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (worker, head):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        for proc in reversed(nodes):
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(nodes):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
-def wait_for_nodes(port: int, n: int, timeout: float = 300) -> None:
+def wait_for_port(port: int, head: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and head.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"ray head on port {port} " + (f"exited with {head.returncode}" if head.poll() is not None
+                                              else f"did not listen within {timeout:.0f} s"))
+
+
+def wait_for_nodes(port: int, n: int, nodes: list[subprocess.Popen], timeout: float = 300) -> None:
     # Each probe is a Python process that imports Ray and joins the cluster: tens of seconds on a
     # loaded 2-core machine (a full suite beside a benchmark once needed more than 120 s for two).
     code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
@@ -58,6 +73,9 @@ def wait_for_nodes(port: int, n: int, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     r = None
     while time.time() < deadline:
+        dead = [" ".join(p.args[1:3]) for p in nodes if p.poll() is not None]
+        if dead:  # a raylet that exited never joins: say so now, not after the timeout
+            pytest.fail(f"`{dead[0]}` exited before the cluster reached {n} nodes")
         r = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], capture_output=True, text=True,
                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
         if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
