@@ -123,6 +123,25 @@ def lake_dir(tmp_path) -> str:
     return str(tmp_path / "lake")
 
 
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """Two short Meta-World expert episodes at 64x64, as `gr2 record-metaworld` writes them (LeRobot v2).
+
+    Recorded in a process of its own: osmesa rendered in the test process makes a later import of
+    torch's compiler stack (open_clip, in-process builds) segfault there, and the worker that runs
+    this module goes on to other files (a build in test_build_flow.py crashed so).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gr2.sim.record import RecordConfig, record
+
+    out = tmp_path_factory.mktemp("recorded") / "metaworld"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(record, str(out), RecordConfig(episodes=2, width=64, height=64, max_steps=30, tail_steps=2)).result()
+    return out
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -167,10 +186,10 @@ def s3_bucket(s3_server, request) -> str:
 # several minutes started last and ran alone while the other worker sat idle; these go first and
 # the many short files fill in behind them (Makefile: --no-loadscope-reorder keeps this order).
 HEAVY_FIRST = (
-    "test_few_demo_multitask.py", "test_build_flow.py", "test_reliability.py", "test_training_distributed.py",
-    "test_robot_tokens_after_ingest.py", "test_query.py", "test_tokenize_lake.py", "test_faults.py",
-    "test_s3_robot_training.py", "test_training_loop.py", "test_training_flow.py", "test_robot_metaworld.py",
-    "test_robot_export.py", "test_tokenizer.py", "test_metaworld_env.py",
+    "test_few_demo_multitask.py", "test_two_node_cluster.py", "test_build_flow.py", "test_reliability.py",
+    "test_training_distributed.py", "test_robot_tokens_after_ingest.py", "test_query.py", "test_tokenize_lake.py",
+    "test_faults.py", "test_s3_robot_training.py", "test_training_loop.py", "test_training_flow.py",
+    "test_robot_metaworld.py", "test_robot_export.py", "test_tokenizer.py", "test_metaworld_env.py",
 )
 
 

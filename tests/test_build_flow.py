@@ -149,56 +149,6 @@ def test_status_cli_prints_the_funnel_and_bad_input_is_one_line(ray_local, prefe
     assert "1 failed inputs" in out and "empty file" in out
 
 
-def test_two_node_ray_cluster_runs_a_build_through_ray_address(prefect_server, media, tmp_path):
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    port = 26379 + os.getpid() % 1000
-    # A cluster of our own on loopback: token auth off, as on a developer's machine.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    # --block keeps each node's processes in its own session, so the test stops exactly its cluster.
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--block",
-                             "--include-dashboard=false", "--disable-usage-stats"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    worker = None
-    try:
-        _wait_for_nodes(port, 1)
-        worker = subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--block"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait_for_nodes(port, 2)
-        lake_dir = str(tmp_path / "lake")
-        p = _cli(["build-videos", "--lake", lake_dir, "--no-embed", "--no-caption", str(media["cut"]), str(media["webm"]), str(media["avi"])],
-                 {"PREFECT_API_URL": prefect_server, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"})
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out
-        assert count(Lake(lake_dir).read("videos"), "accepted") == 3
-    finally:
-        for proc in (worker, head):
-            if proc is not None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (worker, head):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _wait_for_nodes(port: int, n: int, timeout: float = 300) -> None:
-    # Each probe is a Python process that imports Ray and joins the cluster: tens of seconds on a
-    # loaded 2-core machine (a full suite beside a benchmark once needed more than 120 s for two).
-    code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-            "print(sum(1 for x in ray.nodes() if x['Alive']))")
-    deadline = time.time() + timeout
-    r = None
-    while time.time() < deadline:
-        r = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], capture_output=True, text=True,
-                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-        if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(1)
-    last = f"; last probe: exit {r.returncode}, {r.stdout.strip()[-200:]!r} {r.stderr.strip()[-500:]!r}" if r else ""
-    pytest.fail(f"ray cluster on port {port} never reached {n} nodes in {timeout:.0f} s{last}")
-
-
 def test_serve_makes_a_cron_deployment_of_the_build_and_refuses_a_bad_cron(tmp_path):
     from gr2.flows.build_cli import scheduled_deployment
     from gr2.flows.cli import parser
