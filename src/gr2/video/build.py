@@ -492,11 +492,20 @@ def _run_stages(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: s
         blocks = min(total, max(workers * 4, -(-total // INPUTS_PER_BLOCK)), MAX_INPUT_BLOCKS)
         ds = ray.data.from_items(inputs, override_num_blocks=blocks)
         del inputs  # Ray's object store holds them now
+        # No per-operator reservations: Ray Data would set a share of the CPUs aside for each of the
+        # dozen operators, a fraction of a CPU each on a small node, and while a per-video task holds
+        # a CPU for long (a long survey, a slow read) the clip operators' shares seat no task, so the
+        # clips of videos already surveyed wait for it. Operators then draw on one pool; the
+        # downstream-capacity backpressure still keeps an early stage from running far ahead.
+        ds.context.op_resource_reservation_enabled = False
         for stage in pipeline:
             ds = stage.apply(ds, workers)
         with progress(total, "build: inputs", "input") as bar:
             committer.bar = bar
-            for batch in _read_ahead(ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"), TICK_S):
+            # prefetch_batches=0: with prefetching, Ray Data's iterator holds each block until the next
+            # one arrives (it fetches ahead before yielding), so one slow video would hold back every clip.
+            rows = ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow", prefetch_batches=0)
+            for batch in _read_ahead(rows, TICK_S):
                 committer.take(outcomes.take())
                 if batch is not IDLE:
                     committer.clips(batch)
