@@ -1,13 +1,14 @@
 """The video build: a Ray Data graph of small stages from inputs to rows in the lake.
 
-    sources --list--> inputs --hash--> (skip what the lake already finished) --survey: probe,
-    gates, shots--> clip specs --frames--> gates --> fingerprints --> near-duplicates (weight-free)
-    --> thumbnails --> captions --> embeddings --> previews --> near-duplicates (embeddings) -->
-    tokens --> driver commits clips, then each video's row once
-    all of its clips are in --> tokens for earlier clips, indexes, the builds ledger.
+    sources --list--> inputs --hash--> (what the lake or this build already holds, by id) --survey:
+    probe, gates, shots--> (each input's outcome to the driver) --> clip specs --frames--> gates -->
+    fingerprints --> near-duplicates (weight-free) --> thumbnails --> captions --> embeddings -->
+    previews --> near-duplicates (embeddings) --> tokens --> driver commits clips, then each video's
+    row once all of its clips are in --> tokens for earlier clips, indexes, the builds ledger.
 
-`stages` declares that list, with how Ray runs each stage; `run_build` runs all of it, so a build
-from Python and one from `gr2 build-videos` make the same lake.
+`stages` declares that list, with how Ray runs each stage; `run_build` runs all of it as one Ray
+Data run that streams (no stage waits for the whole input), so a build from Python and one from
+`gr2 build-videos` make the same lake.
 
 A video's row is written last, so it marks the video finished: a build killed half-way leaves some
 clips and no video row, and the next run redoes that video, merging its clips on their ids.
@@ -506,13 +507,11 @@ def _run_stages(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: s
             # one arrives (it fetches ahead before yielding), so one slow video would hold back every clip.
             rows = ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow", prefetch_batches=0)
             for batch in _read_ahead(rows, TICK_S):
-                committer.take(outcomes.take())
+                _drain(outcomes, committer)
                 if batch is not IDLE:
                     committer.clips(batch)
                 committer.flush()
-            while taken := outcomes.take():
-                committer.take(taken)
-                committer.flush(force=True)
+            _drain(outcomes, committer)
             committer.flush(force=True)
         if outcomes.waiting() or committer.pending():
             log(f"{build_id}: {outcomes.waiting()} copies without their video's outcome, {committer.pending()} "
@@ -520,6 +519,13 @@ def _run_stages(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: s
     t = committer.tally
     log(f"{build_id}: {t.processed} processed, {t.skipped} already in the lake or named twice")
     return _funnel(total, t, time.time() - t0, retry_failed)
+
+
+def _drain(outcomes, committer: Committer) -> None:
+    """Every outcome reported so far to the committer, a slice at a time, committed as they fill commits."""
+    while taken := outcomes.take():
+        committer.take(taken)
+        committer.flush()
 
 
 IDLE = object()  # what `_read_ahead` yields when nothing came for a while
