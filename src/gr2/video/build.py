@@ -470,9 +470,11 @@ class _RemoteOutcomes:
 
 @contextlib.contextmanager
 def _outcomes_actor(build_id: str) -> Iterator[_RemoteOutcomes]:
-    """The build's outcomes actor (named for the build, so `ray list actors` shows whose it is): no CPU,
-    never restarted (a new one would have lost what it held; the build fails and its re-run resumes)."""
-    actor = ray.remote(VideoOutcomes).options(name=f"gr2-outcomes-{build_id}", num_cpus=0, max_restarts=0).remote()
+    """The build's outcomes actor (named for the build, so `ray list actors` shows whose it is, and for
+    the attempt: a retried build's old actor may not have let go of its name yet): no CPU, never
+    restarted (a new one would have lost what it held; the build fails and its re-run resumes)."""
+    name = f"gr2-outcomes-{build_id}-{time.time_ns() % 10**9:09d}"
+    actor = ray.remote(VideoOutcomes).options(name=name, num_cpus=0, max_restarts=0).remote()
     try:
         yield _RemoteOutcomes(actor)
     finally:
