@@ -13,7 +13,16 @@ import pyarrow as pa
 import pytest
 import torch
 from test_robot_readers import write_lerobot_v2
-from test_training_lakes import GRID, METAWORLD_LAYOUTS, TEXT_MODEL, robot_lake, save_tokenizer, step_tokens, text_columns, text_embedder
+from test_training_lakes import (
+    GRID,
+    METAWORLD_LAYOUTS,
+    TEXT_MODEL,
+    robot_lake,
+    save_tokenizer,
+    step_tokens,
+    text_columns,
+    text_embedder,
+)
 
 from gr2.lake.lake import Lake
 from gr2.robot.ingest import IngestConfig, ingest, instruction_columns
