@@ -5,6 +5,8 @@ task. Three arms get the same demos and the same fine-tuning budget:
   scratch    a tiny GR-2 fine-tuned from random weights;
   pretrained the same, started from a tiny GR-2 pre-trained (next-frame tokens only) on the lake's video;
   cnn        a plain CNN behaviour-cloned on the same demos (DESIGN.md's calibration baseline).
+and, at --stride-demos, scratch-stride5 and pretrained-stride5: the two GR-2 arms with history frames
+--frame-stride steps apart (1/16 s, as the clips'), so fine-tuning's next frame is not mostly a copy.
 
 Everything goes through the project's own stages and flows:
   record   expert demos (gr2.sim.record), two cameras with their own clocks, 5 per task per block;
@@ -23,7 +25,7 @@ No actions reach pre-training: the video lake holds clips and captions only. Eve
 under --work in a directory named by a hash of what shaped it, and is skipped when finished, so a
 killed run resumes. Results: benchmarks/results/few_demo_multitask.json and PNGs beside it.
 
-    .venv/bin/python benchmarks/few_demo_multitask.py            # the default run (~90 min here)
+    .venv/bin/python benchmarks/few_demo_multitask.py            # the default run (~3 h on this 2-core machine)
     .venv/bin/python benchmarks/few_demo_multitask.py --quick    # wiring only, a few minutes
 """
 
