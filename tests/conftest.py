@@ -180,19 +180,3 @@ def s3_bucket(s3_server, request) -> str:
     boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
     return name
 
-
-# The files that take minutes, heaviest first (durations from full runs on this 2-core machine).
-# xdist's loadfile hands files out by test count, most first, so the one-test few-demo file of
-# several minutes started last and ran alone while the other worker sat idle; these go first and
-# the many short files fill in behind them (Makefile: --no-loadscope-reorder keeps this order).
-HEAVY_FIRST = (
-    "test_few_demo_multitask.py", "test_two_node_cluster.py", "test_build_flow.py", "test_reliability.py",
-    "test_training_distributed.py", "test_robot_tokens_after_ingest.py", "test_query.py", "test_tokenize_lake.py",
-    "test_faults.py", "test_s3_robot_training.py", "test_training_loop.py", "test_training_flow.py",
-    "test_robot_metaworld.py", "test_robot_export.py", "test_tokenizer.py", "test_metaworld_env.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: file order kept within
