@@ -141,14 +141,17 @@ def test_an_s3_episode_whose_files_cannot_be_named_fails_with_the_reason_it_has_
 def test_the_training_data_plan_reads_an_s3_lake_and_its_tokenizer_there(s3_bucket, tmp_path):
     # Training itself on an S3 lake runs on a 2-node cluster (test_two_node_cluster.py); here the
     # driver's side, without Ray: the plan names the tokenizer on S3 and batches read back from it.
-    import fsspec
     from test_training_lakes import clips_lake, robot_lake, save_tokenizer
 
+    from gr2.lake.uri import url_to_fs
     from gr2.training.data import DataConfig, iter_batches, iter_samples, plan_data
 
     root = f"s3://{s3_bucket}/lake"
     tokenizer, tokenizer_id = save_tokenizer(str(tmp_path))
-    fsspec.filesystem("s3").put(tokenizer, f"{s3_bucket}/lake/models/tokenizers/{tokenizer_id}", recursive=True)
+    # the project's own filesystem call: it names the endpoint, where a bare fsspec.filesystem("s3") is
+    # reused from an earlier test of this process that pointed AWS_ENDPOINT_URL elsewhere (port 9, refused)
+    fs, path = url_to_fs(f"{root}/models/tokenizers/{tokenizer_id}")
+    fs.put(tokenizer, path, recursive=True)
     lake = robot_lake(root, episodes=4, length=10, tokenizer_id=tokenizer_id)
 
     spec = plan_data(lake, "finetune", history=2, chunk=2, config=DataConfig(shuffle_buffer=8))

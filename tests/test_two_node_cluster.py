@@ -150,10 +150,10 @@ def test_robot_sources_on_s3_ingest_into_an_s3_lake_once_and_a_rerun_adds_nothin
 
 def test_a_short_fine_tune_on_both_nodes_reads_an_s3_lake_and_checkpoints_to_it(
         cluster, prefect_server, s3_bucket, tmp_path):
-    import fsspec
     from test_training_lakes import robot_lake, save_tokenizer
     from test_training_loop import SMALL
 
+    from gr2.lake.uri import url_to_fs
     from gr2.training import checkpoint as ckpt
     from gr2.training.metrics import read_metrics
 
@@ -161,7 +161,10 @@ def test_a_short_fine_tune_on_both_nodes_reads_an_s3_lake_and_checkpoints_to_it(
     # The tokenizer lives in the lake on S3 only: this machine's copy is deleted before training, so a
     # worker that read it from local disk would fail.
     local_tokenizer, tokenizer_id = save_tokenizer(str(tmp_path))
-    fsspec.filesystem("s3").put(local_tokenizer, f"{s3_bucket}/lake/models/tokenizers/{tokenizer_id}", recursive=True)
+    # the project's own filesystem call: it names the endpoint, where a bare fsspec.filesystem("s3") is
+    # reused from an earlier test of this process that pointed AWS_ENDPOINT_URL elsewhere (port 9, refused)
+    fs, path = url_to_fs(f"{root}/models/tokenizers/{tokenizer_id}")
+    fs.put(local_tokenizer, path, recursive=True)
     shutil.rmtree(tmp_path / "models")
     robot_lake(root, episodes=4, length=10, tokenizer_id=tokenizer_id)
     config = tmp_path / "train.json"
