@@ -59,9 +59,10 @@ demo: venv
 
 # Two pytest workers, one test file each at a time (module fixtures stay shared within a file):
 # most tests wait on Ray, Prefect, ffmpeg or a subprocess, so two overlap well on two cores
-# (1.5x on build, training and Meta-World tests measured side by side).
+# (1.5x on build, training and Meta-World tests measured side by side). The heaviest files start
+# first (tests/conftest.py: HEAVY_FIRST), so no long file runs alone at the end.
 test: venv lerobot-venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 bench: venv
 	$(BIN)/python benchmarks/build_throughput.py
