@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime, timezone
 
 import pyarrow.compute as pc
 import pytest
@@ -257,3 +260,77 @@ def test_the_funnel_table_reads_indexes_and_compaction_in_words():
     text = funnel_markdown("b1", funnel)
     assert "| vector index | exact search (19 rows < 10000) |" in text and "| scalar indexes made | video_id |" in text
     assert "| compacted | clips 40 -> 1 fragments |" in text and "videos" not in text and "{" not in text
+
+
+def _feed_when_read(pipe, data: bytes, then_file, timeout: float = 120) -> None:
+    """Write `data` into the named pipe `pipe` once the build opens it to read, leaving an ordinary
+    file with the same bytes (`then_file`) at its path for the readers after it."""
+    deadline = time.time() + timeout
+    while True:
+        try:  # non-blocking: fails until a reader has the pipe open
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if time.time() > deadline:
+                pytest.fail(f"the build never opened {pipe}")
+            time.sleep(0.1)
+    os.unlink(pipe)
+    shutil.copy(then_file, pipe)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "wb") as w:
+        w.write(data)
+
+
+def test_clips_reach_the_lake_while_a_later_video_is_still_being_read(ray_local, media, tmp_path):
+    from gr2.video.build import run_build
+
+    # A named pipe nobody writes yet: the build blocks reading it, as on a slow download or a long
+    # survey. Clips of the other videos must reach the lake before it is fed. Half-second clips:
+    # a stage with a batch size waits for that many rows (the caption stage's 8) until its input
+    # ends, so the videos before the late one must make a batch of clips.
+    late = tmp_path / "late.avi"
+    os.mkfifo(late)
+    lake = Lake(str(tmp_path / "lake"))
+    sources = [str(media["cut"]), str(media["webm"]), str(late)]
+    done: dict = {}
+    build = threading.Thread(target=lambda: done.update(result=run_build(
+        sources, lake, FAST.model_copy(update={"commit_every": 1, "clip_s": 0.5, "min_clip_s": 0.25}),
+        log=lambda *_: None)))
+    build.start()
+    deadline = time.time() + 90
+    while time.time() < deadline and not lake.exists("clips"):
+        time.sleep(0.2)
+    clips_before_late = len(lake.read("clips")) if lake.exists("clips") else 0
+    _feed_when_read(late, media["avi"].read_bytes(), media["avi"])
+    build.join(timeout=300)
+    assert clips_before_late >= 1, "no clip was committed while a later video was still unread"
+    f = done["result"].funnel
+    assert (f["inputs"], f["accepted"], f["processed"]) == (3, 3, 3)
+    videos = lake.read("videos")
+    assert len(videos) == 3 and sum(videos["clip_count"].to_pylist()) == len(lake.read("clips"))
+    assert len(lake.read("inputs")) == 3
+
+
+def test_what_the_lake_holds_is_found_by_id_without_reading_the_table(tmp_path):
+    import numpy as np
+
+    from gr2.video.build import find_held
+    from gr2.video.outcomes import VideoOutcomes
+
+    lake = Lake(str(tmp_path / "lake"))
+    now = datetime.now(timezone.utc)
+    for prefix, status in (("a", "accepted"), ("b", "rejected")):  # two commits: two fragments
+        lake.commit("videos", [{"video_id": f"{prefix}{i}", "uri": f"/in/{prefix}{i}.mp4", "status": status,
+                                "reason": None if status == "accepted" else "tiny: 64x48 < 96", "clip_count": 0,
+                                "config_hash": "c", "build_id": "b0", "processed_at": now} for i in range(5)])
+    lake.compact(("videos",), min_fragments=99)  # the id index brought over both fragments, none folded
+    # The second fragment's rows become unreadable: any whole-table read now fails, a lookup by id does not.
+    ds = lake.dataset("videos")
+    os.remove(os.path.join(lake.uri("videos"), "data", ds.get_fragments()[1].data_files()[0].path))
+    with pytest.raises(ValueError, match="Not found"):
+        lake.read("videos")
+    batch = {"uri": np.array(["/in/a1.mp4", "/in/new.mp4", "/in/new-copy.mp4"]),
+             "video_id": np.array(["a1", "new", "new"]), "input_index": np.array([0, 1, 2])}
+    out = find_held(batch, lake.root, VideoOutcomes())
+    assert list(out["held_status"]) == ["accepted", "", ""] and list(out["held_reason"]) == ["", "", ""]
+    assert list(out["copy"]) == [False, False, True]  # the same bytes twice: one input surveys them

@@ -1,13 +1,14 @@
 """The video build: a Ray Data graph of small stages from inputs to rows in the lake.
 
-    sources --list--> inputs --hash--> (skip what the lake already finished) --survey: probe,
-    gates, shots--> clip specs --frames--> gates --> fingerprints --> near-duplicates (weight-free)
-    --> thumbnails --> captions --> embeddings --> previews --> near-duplicates (embeddings) -->
-    tokens --> driver commits clips, then each video's row once
-    all of its clips are in --> tokens for earlier clips, indexes, the builds ledger.
+    sources --list--> inputs --hash--> (what the lake or this build already holds, by id) --survey:
+    probe, gates, shots--> (each input's outcome to the driver) --> clip specs --frames--> gates -->
+    fingerprints --> near-duplicates (weight-free) --> thumbnails --> captions --> embeddings -->
+    previews --> near-duplicates (embeddings) --> tokens --> driver commits clips, then each video's
+    row once all of its clips are in --> tokens for earlier clips, indexes, the builds ledger.
 
-`stages` declares that list, with how Ray runs each stage; `run_build` runs all of it, so a build
-from Python and one from `gr2 build-videos` make the same lake.
+`stages` declares that list, with how Ray runs each stage; `run_build` runs all of it as one Ray
+Data run that streams (no stage waits for the whole input), so a build from Python and one from
+`gr2 build-videos` make the same lake.
 
 A video's row is written last, so it marks the video finished: a build killed half-way leaves some
 clips and no video row, and the next run redoes that video, merging its clips on their ids.
@@ -16,12 +17,15 @@ Workers only produce rows; the driver is the lake's one committer (see lake.py f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import queue
+import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -41,6 +45,7 @@ from gr2.video.caption import Captioner
 from gr2.video.config import BuildConfig
 from gr2.video.dedup import Deduplicator, FingerprintDeduplicator
 from gr2.video.embed import ClipEmbedder, check_lake_model, resolve_weights
+from gr2.video.outcomes import VideoOutcomes
 from gr2.video.sources import list_inputs
 from gr2.video.tokenize import TokenizeClips, build_tokenizer, tokenize_after_build
 
@@ -81,10 +86,34 @@ def hash_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                   "local_path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object)})
 
 
+def find_held(batch: dict[str, np.ndarray], lake_root: str, outcomes, retry_failed: bool = False
+              ) -> dict[str, np.ndarray]:
+    """Stage: which inputs need no survey. Adds `held_status`/`held_reason`, the outcome of each video
+    the lake already finished ("" for the rest), `copy`: another input of this build surveys the same
+    bytes (`outcomes.claim`, see outcomes.py), and `was_failed`: its uri's latest outcome was a failure.
+
+    The batch's ids are looked up through their index (rows_with_ids), never by reading a table, so a
+    build asks the lake about its own inputs only, as they come.
+    """
+    lake = Lake(lake_root)
+    ids = [str(v) for v in batch["video_id"]]
+    held = _finished_videos(lake, set(ids), retry_failed)
+    failed_before = _failed_uris(lake, {str(u) for u in batch["uri"]}) if retry_failed else set()
+    todo = [(vid, int(i)) for vid, i in zip(ids, batch["input_index"]) if vid not in held]
+    owns = dict(zip(todo, outcomes.claim(todo))) if todo else {}
+    return {**batch,
+            "held_status": np.array([held[v]["status"] if v in held else "" for v in ids], dtype=object),
+            "held_reason": np.array([held[v]["reason"] or "" if v in held else "" for v in ids], dtype=object),
+            "copy": np.array([not owns.get((v, int(i)), True) for v, i in zip(ids, batch["input_index"])], dtype=bool),
+            "was_failed": np.array([str(u) in failed_before for u in batch["uri"]], dtype=bool)}
+
+
 def survey_video(item: dict, config: BuildConfig) -> dict:
     """Probe one video, apply the video gates, find its shots and window them into clip specs."""
     row = {"status": "accepted", "reason": None, "decoder": None, "windows": [], "shot_count": None,
            "frames_decoded": 0}
+    if item.get("held_status") or item.get("copy"):  # the lake's already, or another input's: nothing to read
+        return {**row, "status": item.get("held_status") or "", "reason": item.get("held_reason") or None}
     if item.get("error"):
         return {**row, "status": "failed", "reason": item["error"]}
     try:
@@ -121,6 +150,33 @@ def survey_videos(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str
         out[k] = np.array([r.get(k) for r in rows], dtype=object)
     out["windows"] = np.array([json.dumps(r["windows"]) for r in rows], dtype=object)
     return clean(out)
+
+
+def report_outcomes(batch: dict[str, np.ndarray], outcomes) -> dict[str, np.ndarray]:
+    """Stage: each input's outcome to `outcomes`, the driver's side channel (outcomes.py): its row for
+    the inputs table, and unless the lake or another input holds it, its video's row and clip count."""
+    keys = list(batch)
+    reports = []
+    for i in range(len(batch["uri"])):
+        r = _plain({k: batch[k][i] for k in keys})
+        surveyed = not (r.get("held_status") or r.get("copy"))
+        windows = json.loads(r["windows"]) if surveyed and r["status"] == "accepted" else []
+        reports.append({
+            "index": r["input_index"], "held_status": r.get("held_status") or None,
+            "held_reason": r.get("held_reason") or None, "copy": bool(r.get("copy")),
+            "was_failed": bool(r.get("was_failed")), "frames_decoded": int(r.get("frames_decoded") or 0),
+            "input": {k: r.get(k) for k in ("uri", "video_id", "caption", "dataset")},
+            "video": {k: r.get(k) for k in VIDEO_COLUMNS} if surveyed else None, "clips": len(windows)})
+    outcomes.report(reports)
+    return batch
+
+
+def cut_clips(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
+    """Stage (row to rows): an accepted video this input surveyed as its clip specs; any other, none."""
+    video = _plain(video)
+    if video.get("held_status") or video.get("copy") or video["status"] != "accepted":
+        return []
+    return clip_specs(video, config, build_id)
 
 
 def read_clip_frames(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
@@ -244,6 +300,7 @@ class Stage:
     batch_size: int | None = 4  # rows per call; None: a whole block (no concatenating blocks)
     kwargs: dict = field(default_factory=dict)  # the function's keyword arguments, or the class's constructor's
     restart: bool = True  # actors: Ray restarts a dead one (False: its death fails the build)
+    flat: bool = False  # fn maps one row to a list of rows (a video to its clips), not a batch to a batch
 
     def apply(self, ds: ray.data.Dataset, workers: int) -> ray.data.Dataset:
         """`ds` with this stage mapped over it."""
@@ -257,15 +314,20 @@ class Stage:
             args["memory"] = int(self.memory_gb * 2**30)
         if not self.restart:
             args["max_restarts"] = 0
+        if self.flat:
+            return ds.flat_map(self.fn, **args, **worker_env())
         return ds.map_batches(self.fn, batch_size=self.batch_size, **args, **worker_env())
 
 
-def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> list[Stage]:
-    """The whole build, in order, as datatrove writes a pipeline; `tokenizer`: the tokenize stage's checkpoint.
+def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None, build_id: str = "",
+           outcomes=None, retry_failed: bool = False) -> list[Stage]:
+    """The whole build, in order, as datatrove writes a pipeline; `tokenizer`: the tokenize stage's
+    checkpoint; `outcomes`: where the per-video stages report each input's fate (outcomes.py);
+    `retry_failed`: what the lake holds as failed is surveyed again.
 
-    The first two stages run once per input video; between them the driver skips what the lake
-    already holds, and after them it cuts accepted videos into clip specs, which every later stage
-    sees. The last stage types the rows for the lake; the driver commits them.
+    The first stages run once per input video: hash, find what the lake or this build already holds,
+    survey the rest, report every input's outcome, and cut accepted videos into clip specs, which
+    every later stage sees. The last stage types the rows for the lake; the driver commits them.
     """
     with_config = {"config": config}
     # Model actors hold a fraction of a CPU: whole-CPU actors on a 2-CPU machine would leave no CPU
@@ -275,9 +337,15 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None) -> lis
     model = {"pool": "actor", "cpus": 0.25, "batch_size": 8}
     embeds = config.clip_model is not None
     return [
-        # once per input video
-        Stage(hash_inputs),
+        # once per input video. Whole blocks (INPUTS_PER_BLOCK inputs): with a batch size, Ray Data
+        # joins blocks to fill a batch, and a task hands nothing on until it ends, so one slow input
+        # would hold back the ones beside it.
+        Stage(hash_inputs, batch_size=None),
+        Stage(find_held, batch_size=None, kwargs={
+            "lake_root": lake.root, "outcomes": outcomes, "retry_failed": retry_failed}),
         Stage(survey_videos, batch_size=1, kwargs=with_config),
+        Stage(report_outcomes, batch_size=None, kwargs={"outcomes": outcomes}),
+        Stage(cut_clips, flat=True, kwargs={**with_config, "build_id": build_id}),
         # once per candidate clip
         Stage(read_clip_frames, kwargs=with_config),
         Stage(gate_clips, kwargs=with_config),
@@ -353,9 +421,10 @@ def run_build(sources: list[str], lake: Lake, config: BuildConfig = BuildConfig(
     check_models(config, lake)
     tokenizer = build_tokenizer(lake, config.tokenizer)  # a bad checkpoint stops the build before any video is read
     build_id = build_id or new_build_id()
-    *pipeline, to_rows = stages(lake, config, tokenizer)
-    funnel = _run_stages(list_inputs(sources), lake, config, build_id, [*pipeline, *extra_stages, to_rows],
-                         retry_failed, log)
+    with _outcomes_actor(build_id) as outcomes:
+        *pipeline, to_rows = stages(lake, config, tokenizer, build_id, outcomes, retry_failed)
+        funnel = _run_stages(list_inputs(sources), lake, config, build_id, [*pipeline, *extra_stages, to_rows],
+                             outcomes, retry_failed, log)
     funnel.update(model_counts(lake, build_id))
     funnel.update(tokenize_after_build(lake, tokenizer, build_id, log=log))
     if lake.exists("clips"):
@@ -367,85 +436,258 @@ def run_build(sources: list[str], lake: Lake, config: BuildConfig = BuildConfig(
     return BuildResult(build_id, funnel, versions)
 
 
+# The build is ONE Ray Data run, inputs to clip rows: a run costs seconds to start, its model actors
+# load once, and the fingerprint dedup actor reads the lake once (the windowed runs tried before were
+# 1.3-1.6x slower for paying these per window). Only clip rows come out of it, so each input's own
+# fate (its inputs row, its video's row, how many clips to wait for) comes to the driver through a
+# side channel, a small actor (outcomes.py) the report stage writes and the driver drains. The
+# driver keeps only what is in flight: outcomes not yet committed, and videos whose clips are not
+# all in; the funnel is counters.
+# Inputs per block, at most: a task hands its rows on when it ends, so smaller blocks bring the first
+# clips sooner, but every block is a task in each of a dozen operators, and on a loaded 2-core machine
+# blocks of 4 made the 200-input build twice as slow as blocks of 16 (209 s against 108 s).
+INPUTS_PER_BLOCK = 16
+MAX_INPUT_BLOCKS = 10_000  # past this, blocks grow instead: Ray Data schedules every block as a task
+TICK_S = 1.0  # the driver drains the outcomes at least this often, clips or not
+
+
+class _RemoteOutcomes:
+    """`VideoOutcomes`'s methods on the build's actor, so the stages calling them know nothing of Ray.
+    Calls wait for the actor: an outcome is recorded before the rows it concerns move on."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def claim(self, inputs: list[tuple[str, int]]) -> list[bool]:
+        return ray.get(self.actor.claim.remote(inputs))
+
+    def report(self, outcomes: list[dict]) -> None:
+        ray.get(self.actor.report.remote(outcomes))
+
+    def take(self, limit: int = 1000) -> list[dict]:
+        return ray.get(self.actor.take.remote(limit))
+
+    def waiting(self) -> int:
+        return ray.get(self.actor.waiting.remote())
+
+
+@contextlib.contextmanager
+def _outcomes_actor(build_id: str) -> Iterator[_RemoteOutcomes]:
+    """The build's outcomes actor (named for the build, so `ray list actors` shows whose it is, and for
+    the attempt: a retried build's old actor may not have let go of its name yet): no CPU, never
+    restarted (a new one would have lost what it held; the build fails and its re-run resumes)."""
+    name = f"gr2-outcomes-{build_id}-{time.time_ns() % 10**9:09d}"
+    actor = ray.remote(VideoOutcomes).options(name=name, num_cpus=0, max_restarts=0).remote()
+    try:
+        yield _RemoteOutcomes(actor)
+    finally:
+        ray.kill(actor)
+
+
 def _run_stages(inputs: list[dict], lake: Lake, config: BuildConfig, build_id: str, pipeline: list[Stage],
-                retry_failed: bool, log) -> dict:
-    """Inputs through the pipeline's stages into the lake's videos and clips; returns the funnel."""
+                outcomes, retry_failed: bool, log) -> dict:
+    """Inputs through the pipeline's stages into the lake's inputs, videos and clips; returns the funnel."""
     t0 = time.time()
     workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    hashing, surveying, *per_clip = pipeline
-    hashed = _run_stage(hashing, inputs, workers)
-    _commit_inputs(lake, hashed, build_id)
-    finished = _finished_videos(lake, {r["video_id"] for r in hashed}, retry_failed)
-    failed_before = _failed_uris(lake, {r["uri"] for r in hashed}) if retry_failed else set()
-    todo, seen_ids = [], set()
-    for r in hashed:
-        if r["video_id"] not in finished and r["video_id"] not in seen_ids:
-            todo.append(r)
-        seen_ids.add(r["video_id"])
-    log(f"{build_id}: {len(inputs)} inputs, {len(todo)} to process, {len(hashed) - len(todo)} already in the lake")
+    total = len(inputs)
+    log(f"{build_id}: {total} inputs")
+    committer = Committer(lake, config, build_id)
+    if inputs:
+        for i, item in enumerate(inputs):
+            item["input_index"] = i  # the input's key in the outcomes (a uri can be named with two errors)
+        blocks = min(total, max(workers * 4, -(-total // INPUTS_PER_BLOCK)), MAX_INPUT_BLOCKS)
+        ds = ray.data.from_items(inputs, override_num_blocks=blocks)
+        del inputs  # Ray's object store holds them now
+        # No per-operator reservations: Ray Data would set a share of the CPUs aside for each of the
+        # dozen operators, a fraction of a CPU each on a small node, and while a per-video task holds
+        # a CPU for long (a long survey, a slow read) the clip operators' shares seat no task, so the
+        # clips of videos already surveyed wait for it. Operators then draw on one pool; the
+        # downstream-capacity backpressure still keeps an early stage from running far ahead.
+        ds.context.op_resource_reservation_enabled = False
+        for stage in pipeline:
+            ds = stage.apply(ds, workers)
+        with progress(total, "build: inputs", "input") as bar:
+            committer.bar = bar
+            # prefetch_batches=0: with prefetching, Ray Data's iterator holds each block until the next
+            # one arrives (it fetches ahead before yielding), so one slow video would hold back every clip.
+            rows = ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow", prefetch_batches=0)
+            for batch in _read_ahead(rows, TICK_S):
+                _drain(outcomes, committer)
+                if batch is not IDLE:
+                    committer.clips(batch)
+                committer.flush()
+            _drain(outcomes, committer)
+            committer.flush(force=True)
+        if outcomes.waiting() or committer.pending():
+            log(f"{build_id}: {outcomes.waiting()} copies without their video's outcome, {committer.pending()} "
+                "videos without all their clips; their rows are left for the next build")
+    t = committer.tally
+    log(f"{build_id}: {t.processed} processed, {t.skipped} already in the lake or named twice")
+    return _funnel(total, t, time.time() - t0, retry_failed)
 
-    surveyed = _run_stage(surveying, todo, workers)
-    video_rows = {v["video_id"]: v for v in map(_plain, surveyed)}
-    clips = _commit_clips(lake, video_rows, config, build_id, per_clip, workers)
-    clips.frames_decoded += sum(int(v.get("frames_decoded") or 0) for v in surveyed)
-    funnel = _funnel(inputs, hashed, finished, lake, video_rows, clips, time.time() - t0, retry_failed)
-    if retry_failed:
-        retried = [video_rows[r["video_id"]]["status"] for r in todo if r["uri"] in failed_before]
-        funnel["retried"] = len(retried)
-        funnel["retried_outcomes"] = dict(Counter(retried))
-    return funnel
+
+def _drain(outcomes, committer: Committer) -> None:
+    """Every outcome reported so far to the committer, a slice at a time, committed as they fill commits."""
+    while taken := outcomes.take():
+        committer.take(taken)
+        committer.flush()
 
 
-def _run_stage(stage: Stage, items: list[dict], workers: int) -> list[dict]:
-    """`stage` over `items` on Ray, gathered on the driver."""
-    if not items:
-        return []
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), workers * 4)))
-    return stage.apply(ds, workers).take_all()
+IDLE = object()  # what `_read_ahead` yields when nothing came for a while
+
+
+def _read_ahead(items: Iterator, idle_s: float, depth: int = 2) -> Iterator:
+    """`items`, pulled on a thread of their own while the caller works (a few ahead, `depth`);
+    yields IDLE each time none has come for `idle_s`, so the caller can use the wait."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    end, stop = object(), threading.Event()
+
+    def hand_on(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                if not hand_on(item):
+                    return  # the caller gave up (it raised): stop pulling, so the Ray Data run ends
+            hand_on(end)
+        except BaseException as e:  # handed to the caller's thread, raised there
+            hand_on(_Raised(e))
+        finally:
+            if hasattr(it, "close"):
+                it.close()
+
+    puller = threading.Thread(target=pull, name="gr2-build-output", daemon=True)
+    puller.start()
+    try:
+        while True:
+            try:
+                item = ready.get(timeout=idle_s)
+            except queue.Empty:
+                yield IDLE
+                continue
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        puller.join(timeout=30)
 
 
 @dataclass
-class ClipCounts:
-    """What the clip stages did, for the funnel."""
+class _Raised:
+    error: BaseException
 
-    status: Counter = field(default_factory=Counter)
-    reasons: Counter = field(default_factory=Counter)
+
+@dataclass
+class Tally:
+    """What the build did, for the funnel: counted as inputs and clips pass, never by keeping them."""
+
+    status: Counter = field(default_factory=Counter)  # every input, by its outcome
+    reasons: dict = field(default_factory=lambda: defaultdict(Counter))
+    processed: int = 0  # videos surveyed by this build (one input per content)
+    skipped: int = 0  # inputs the lake had finished, or whose bytes another input of this build surveyed
+    video_seconds: float = 0.0
+    retried: Counter = field(default_factory=Counter)
+    clip_status: Counter = field(default_factory=Counter)
+    clip_reasons: Counter = field(default_factory=Counter)
     frames_decoded: int = 0
 
-
-def _commit_clips(lake: Lake, video_rows: dict[str, dict], config: BuildConfig, build_id: str,
-                  per_clip: list[Stage], workers: int) -> ClipCounts:
-    """Every accepted video's clips through the clip stages into the lake, each video's row once all
-    of its clips are in (a video without clips at once)."""
-    specs = [spec for v in video_rows.values() if v["status"] == "accepted" for spec in clip_specs(v, config, build_id)]
-    remaining = Counter(s["video_id"] for s in specs)
-    clip_count = Counter(remaining)
-    _commit_videos(lake, [v for vid, v in video_rows.items() if remaining[vid] == 0], clip_count, config, build_id)
-    counts = ClipCounts()
-    if not specs:
-        return counts
-    ds = ray.data.from_items(specs, override_num_blocks=max(1, min(len(specs), workers * 8)))
-    for stage in per_clip:
-        ds = stage.apply(ds, workers)
-    with progress(len(specs), "build: clips", "clip") as bar:
-        _commit_clip_batches(lake, ds, config, video_rows, remaining, clip_count, counts, build_id, bar)
-    return counts
+    def outcome(self, status: str, reason: str | None) -> None:
+        """Count one input by its outcome."""
+        self.status[status] += 1
+        if reason:
+            self.reasons[status][_reason_key(reason, status)] += 1
 
 
-def _commit_clip_batches(lake, ds, config, video_rows, remaining, clip_count, counts, build_id, bar) -> None:
-    for batch in ds.iter_batches(batch_size=config.commit_every, batch_format="pyarrow"):
-        lake.commit("clips", batch)
-        counts.frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
-        done_videos = []
+class Committer:
+    """The driver's half of the build, the lake's one committer: inputs rows, clip rows as they come,
+    a video's row at once when it has no clips, else once all of its clips are committed (so a killed
+    build leaves that video unfinished, to be redone)."""
+
+    def __init__(self, lake: Lake, config: BuildConfig, build_id: str):
+        self.lake, self.config, self.build_id, self.bar = lake, config, build_id, None
+        self.tally = Tally()
+        self.inputs: list[dict] = []  # rows for the inputs table, not committed yet
+        self.videos: list[dict] = []  # finished videos' rows, not committed yet
+        self.clip_count: dict[str, int] = {}
+        self.waiting: dict[str, tuple[dict, int]] = {}  # video_id -> (row, clips) of videos with clips to come
+        self.arrived: Counter = Counter()  # clips committed per video whose row is not committed yet
+        self.last_flush = time.monotonic()
+
+    def take(self, outcomes: list[dict]) -> None:
+        """Inputs' outcomes from the report stage (outcomes.py)."""
+        t = self.tally
+        for o in outcomes:
+            self.inputs.append(o["input"])
+            video = o["video"]
+            if video is None:  # the lake's (held) or another input's (a copy, with its video's outcome)
+                t.outcome(o["held_status"] or o["status"], o["held_reason"] if o["held_status"] else o["reason"])
+                t.skipped += 1
+                continue
+            t.outcome(video["status"], video.get("reason"))
+            t.processed += 1
+            t.video_seconds += float(video.get("duration_s") or 0)
+            t.frames_decoded += o["frames_decoded"]
+            if o["was_failed"]:
+                t.retried[video["status"]] += 1
+            self._expect(video, o["clips"])
+        if self.bar is not None:
+            self.bar.update(len(outcomes))
+
+    def _expect(self, video: dict, clips: int) -> None:
+        vid = video["video_id"]
+        if self.arrived[vid] >= clips:  # no clips, or all in before the outcome was taken
+            self.arrived.pop(vid, None)
+            self.videos.append(video)
+            self.clip_count[vid] = clips
+        else:
+            self.waiting[vid] = (video, clips)
+
+    def clips(self, batch: pa.Table) -> None:
+        """A batch of typed clip rows: committed, counted, and the videos they complete queued."""
+        self.lake.commit("clips", batch)
+        t = self.tally
+        t.frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
         for row in batch.select(["video_id", "status", "reason"]).to_pylist():
-            counts.status[row["status"]] += 1
+            t.clip_status[row["status"]] += 1
             if row["reason"]:
-                counts.reasons[f"{row['status']}:{_gate(row['reason'])}"] += 1
-            remaining[row["video_id"]] -= 1
-            if remaining[row["video_id"]] == 0:
-                done_videos.append(video_rows[row["video_id"]])
-        _commit_videos(lake, done_videos, clip_count, config, build_id)
-        bar.update(len(batch))
+                t.clip_reasons[f"{row['status']}:{_gate(row['reason'])}"] += 1
+            vid = row["video_id"]
+            self.arrived[vid] += 1
+            if vid in self.waiting and self.arrived[vid] >= self.waiting[vid][1]:
+                video, clips = self.waiting.pop(vid)
+                self.arrived.pop(vid)
+                self.videos.append(video)
+                self.clip_count[vid] = clips
+
+    def flush(self, force: bool = False) -> None:
+        """Commit the inputs rows, then the finished videos' rows: at once when a video's last clips
+        have just come in, else once there are `commit_every` rows or a tick has passed (few commits:
+        each leaves a fragment)."""
+        if not (self.inputs or self.videos):
+            return
+        due = force or any(self.clip_count.values()) or len(self.inputs) + len(self.videos) >= \
+            self.config.commit_every or time.monotonic() - self.last_flush >= TICK_S
+        if not due:
+            return
+        _commit_inputs(self.lake, self.inputs, self.build_id)
+        _commit_videos(self.lake, self.videos, self.clip_count, self.config, self.build_id)
+        self.inputs, self.videos, self.clip_count = [], [], {}
+        self.last_flush = time.monotonic()
+
+    def pending(self) -> int:
+        """Videos with clips still to come."""
+        return len(self.waiting)
 
 
 def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
@@ -475,6 +717,8 @@ def model_counts(lake: Lake, build_id: str) -> dict:
 
 def _commit_inputs(lake: Lake, hashed: list[dict], build_id: str) -> None:
     """A row per (uri, bytes) the build was given; the first build to see one keeps it."""
+    if not hashed:
+        return
     now = datetime.now(timezone.utc)
     rows = [{"input_id": hashlib.sha256(f"{r['uri']}\n{r['video_id']}".encode()).hexdigest()[:32], "uri": r["uri"],
              "video_id": r["video_id"], "caption": r.get("caption"), "dataset": r.get("dataset"),
@@ -482,14 +726,14 @@ def _commit_inputs(lake: Lake, hashed: list[dict], build_id: str) -> None:
     lake.commit("inputs", rows, update=False)
 
 
-def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str, str]:
-    """{video_id: status} of the inputs the lake already holds a finished row for. With
+def _finished_videos(lake: Lake, ids: set[str], retry_failed: bool) -> dict[str, dict]:
+    """{video_id: {status, reason}} of the inputs the lake already holds a finished row for. With
     `retry_failed`, a failed video is not finished, nor is an accepted one with a failed clip."""
     if not ids or not lake.exists("videos"):
         return {}
-    done = rows_with_ids(lake, "videos", "video_id", ids, ["video_id", "status"])
+    done = rows_with_ids(lake, "videos", "video_id", ids, ["video_id", "status", "reason"])
     retry = _videos_with_failed_clips(lake, ids) if retry_failed else set()
-    return {r["video_id"]: r["status"] for r in done
+    return {r["video_id"]: r for r in done
             if r["video_id"] in ids and not (retry_failed and (r["status"] == "failed" or r["video_id"] in retry))}
 
 
@@ -535,13 +779,19 @@ def latest_by_uri(lake: Lake, uris: set[str] | None = None) -> dict[str, dict]:
     return latest
 
 
-def _commit_videos(lake: Lake, rows: list[dict], clip_count: Counter, config: BuildConfig, build_id: str) -> None:
+# A surveyed video's columns of its lake row; the build adds the rest when it commits the row.
+VIDEO_COLUMNS = tuple(n for n in schema.VIDEOS.names if n not in ("clip_count", "config_hash", "build_id",
+                                                                   "processed_at"))
+
+
+def _commit_videos(lake: Lake, rows: list[dict], clip_count: dict[str, int], config: BuildConfig,
+                   build_id: str) -> None:
+    """The videos' rows, each marking its video finished: committed once all of its clips are in."""
     if not rows:
         return
     now = datetime.now(timezone.utc)
-    keep = set(schema.VIDEOS.names) - {"clip_count", "config_hash", "build_id", "processed_at"}
     lake.commit("videos", [
-        {**{k: v for k, v in r.items() if k in keep}, "clip_count": clip_count[r["video_id"]],
+        {**{k: r.get(k) for k in VIDEO_COLUMNS}, "clip_count": clip_count.get(r["video_id"], 0),
          "config_hash": config.hash(), "build_id": build_id, "processed_at": now}
         for r in rows
     ])
@@ -553,43 +803,34 @@ def _gate(reason: str) -> str:
     return head if head.replace("_", "").isalnum() and len(head) < 32 else "error"
 
 
-def _funnel(inputs, hashed, finished, lake, video_rows, clips: ClipCounts, elapsed, retry_failed) -> dict:
-    by_status: Counter = Counter()
-    reasons: dict[str, Counter] = defaultdict(Counter)
-    # Every input is counted once, by its outcome in this build or its standing outcome in the lake.
-    prior = {}
-    if finished:
-        prior = {r["video_id"]: r for r in rows_with_ids(lake, "videos", "video_id", set(finished),
-                                                          ["video_id", "status", "reason"])}
-    seconds = 0.0
-    for r in hashed:
-        v = video_rows.get(r["video_id"]) or prior.get(r["video_id"]) or {"status": "failed", "reason": "unknown"}
-        by_status[v["status"]] += 1
-        if v.get("reason"):
-            reasons[v["status"]][_reason_key(v["reason"], v["status"])] += 1
-        if r["video_id"] in video_rows and v.get("duration_s"):
-            seconds += float(v["duration_s"])
-    return {
-        "inputs": len(inputs),
-        "accepted": by_status["accepted"],
-        "rejected": by_status["rejected"],
-        "failed": by_status["failed"],
-        "rejected_by_reason": dict(reasons["rejected"]),
-        "failed_by_reason": dict(reasons["failed"]),
-        "skipped_already_in_lake": len(hashed) - len(video_rows),
-        "processed": len(video_rows),
+def _funnel(inputs: int, t: Tally, elapsed: float, retry_failed: bool) -> dict:
+    """The build's funnel: every input counted once, by its outcome in this build or its standing
+    outcome in the lake (inputs = accepted + rejected + failed)."""
+    funnel = {
+        "inputs": inputs,
+        "accepted": t.status["accepted"],
+        "rejected": t.status["rejected"],
+        "failed": t.status["failed"],
+        "rejected_by_reason": dict(t.reasons["rejected"]),
+        "failed_by_reason": dict(t.reasons["failed"]),
+        "skipped_already_in_lake": t.skipped,
+        "processed": t.processed,
         "retry_failed": retry_failed,
-        "clips": sum(clips.status.values()),
-        "clips_accepted": clips.status["accepted"],
-        "clips_rejected": clips.status["rejected"],
-        "clips_failed": clips.status["failed"],
-        "clips_by_reason": dict(clips.reasons),
-        "video_seconds": round(seconds, 2),
-        "frames_decoded": clips.frames_decoded,
+        "clips": sum(t.clip_status.values()),
+        "clips_accepted": t.clip_status["accepted"],
+        "clips_rejected": t.clip_status["rejected"],
+        "clips_failed": t.clip_status["failed"],
+        "clips_by_reason": dict(t.clip_reasons),
+        "video_seconds": round(t.video_seconds, 2),
+        "frames_decoded": t.frames_decoded,
         "elapsed_s": round(elapsed, 2),
-        "videos_per_s": round(len(video_rows) / elapsed, 3) if elapsed else None,
-        "frames_per_s": round(clips.frames_decoded / elapsed, 1) if elapsed else None,
+        "videos_per_s": round(t.processed / elapsed, 3) if elapsed else None,
+        "frames_per_s": round(t.frames_decoded / elapsed, 1) if elapsed else None,
     }
+    if retry_failed:
+        funnel["retried"] = sum(t.retried.values())
+        funnel["retried_outcomes"] = dict(t.retried)
+    return funnel
 
 
 def _reason_key(reason: str, status: str) -> str:
