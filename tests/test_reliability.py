@@ -101,6 +101,30 @@ def test_four_processes_committing_overlapping_ids_with_no_lock_leave_each_once(
     assert len(ids) == len(set(ids)) == 4 * 40 + 64  # every writer wrote the same ids: each once
 
 
+def _first_commits(root: str, writer: int, trials: int, barrier) -> None:
+    """One writer process: per trial, wait for the other writer, then commit one row to a new lake."""
+    for t in range(trials):
+        barrier.wait(timeout=120)
+        Lake(f"{root}/trial-{t}").commit("builds", [{"build_id": f"w{writer}", "flow": "test"}])
+
+
+def test_two_processes_whose_first_commits_create_a_table_at_once_keep_both_rows(tmp_path):
+    # Two `write_dataset(mode="create")` of one path at once both reported success in 2-4 of 30 races
+    # (pylance 14, local path): the loser's create was committed as an Overwrite of the winner's
+    # table, and a failed input's video row vanished when two builds began together. Lake.commit
+    # now creates a table empty and exclusively, then merges into it.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # Lance is not fork-safe
+    barrier, trials = ctx.Barrier(2), 20
+    procs = [ctx.Process(target=_first_commits, args=(str(tmp_path), w, trials, barrier)) for w in range(2)]
+    [p.start() for p in procs]
+    [p.join(timeout=600) for p in procs]
+    assert [p.exitcode for p in procs] == [0, 0]
+    lost = [t for t in range(trials) if len(Lake(str(tmp_path / f"trial-{t}")).read("builds")) != 2]
+    assert lost == [], f"a writer's first row vanished in trials {lost}"
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_lake_commits_from_concurrent_writers_keep_every_id_once(where, tmp_path, request):
     root = str(tmp_path / "lake") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/lake"

@@ -170,8 +170,11 @@ class Lake:
         if len(data) == 0:
             return self.dataset(table).version if self.exists(table) else 0
         data = _last_per_id(data, key)
-        if not self.exists(table) and self._create(table, data):
-            return self.dataset(table).version
+        if not self.exists(table):
+            # Created empty and exclusively (see _create), then merged like any other commit: when
+            # the table's first rows were written by the create itself, two builds starting at once
+            # could both "create" it, and a failed input's video row vanished.
+            self._create(table, data.schema)
         # use_index(False): merged through the id's BTREE index, Lance (pylance 14) records no inserted
         # keys for conflict detection, and two concurrent merges of one new id both insert it (tested
         # in tests/test_reliability.py; lance PR 9238 is the open fix). The full scan keeps every id once.
@@ -201,20 +204,27 @@ class Lake:
             return LakeError(f"lake {self.root}: no space left on device to {doing}; free space and run again")
         return LakeError(f"lake {self.root}: could not {doing}: {text[:300]}")
 
-    def _create(self, table: str, data: pa.Table) -> bool:
-        """Write `table` with `data` as its first version, and index its id; False if another
-        committer created it first (then the caller merges into theirs)."""
+    def _create(self, table: str, schema_: pa.Schema) -> None:
+        """Create `table` empty, with `schema_`, and index its id; nothing if another committer made it.
+
+        An Overwrite of no rows committed with no retry: `write_dataset(mode="create")` that loses a
+        race retries itself as an Overwrite of the winner's table (pylance 14: 2 of 30 races, local),
+        which would wipe rows merged in between; committed without a retry, the loser only fails.
+        """
+        uri = self.uri(table)
         try:
-            ds = lance.write_dataset(data, self.uri(table), mode="create", storage_options=self._opts)
+            ds = lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema_, []), max_retries=0,
+                                           enable_v2_manifest_paths=True, storage_options=self._opts)
         except (OSError, ValueError) as e:
-            if self.exists(table):
-                return False
+            for _ in range(20):  # the winner's first version may still be on its way
+                if self.exists(table):
+                    return
+                time.sleep(0.25)
             if isinstance(e, OSError):
                 raise self._store_error(f"create {table}", e) from None
             raise LakeError(f"cannot create {table} in lake {self.root}: {e}") from None
         with contextlib.suppress(OSError, ValueError):  # a concurrent creator indexed it already
             ds.create_scalar_index(schema.TABLE_IDS[table], "BTREE", name=id_index(table))
-        return True
 
     def _keyed(self, table: str) -> lance.LanceDataset:
         """`table`, its id declared the primary key: a table written before gr2 declared one is
