@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -55,6 +56,21 @@ class LakeError(Gr2Error):
 # workers take credentials from their own environment, profile or instance role, as any AWS client.
 _WORKER_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+# Ray Data starts a pool's actors with max_restarts=-1, and Ray then logs an error line (once per
+# process) that a restart could fail, the actor's constructor arguments being in the object store
+# (ray-project/ray#53727; every actor pool does it, measured). gr2 never restarts a stage's actor: a
+# dead one fails its build or ingest, whose re-run resumes from the lake (a restarted dedup actor
+# would even forget the clips it had seen). Ray Data 2.60 takes max_restarts only through
+# `ray_remote_args`, which it calls deprecated with no named parameter for it yet, so that one
+# warning is filtered (when the args are made: Ray's import puts its own filters first).
+
+
+def actor_args() -> dict:
+    """Ray remote args for a stage's actor pool: never restarted, with the workers' store settings."""
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # an identical filter is replaced
+    return {"max_restarts": 0, **worker_env()}
 
 
 def worker_env() -> dict:

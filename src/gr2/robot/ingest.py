@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from gr2.errors import Gr2Error
 from gr2.lake import schema
-from gr2.lake.lake import worker_env
+from gr2.lake.lake import actor_args, worker_env
 from gr2.lake.provenance import settings_hash
 from gr2.lake.uri import is_remote, local_path
 from gr2.progress import progress
@@ -521,7 +521,7 @@ def episode_outputs(refs: list[EpisodeRef], config: IngestConfig, build_id: str,
         EpisodeRows,
         fn_constructor_kwargs={"config": config, "build_id": build_id, "done": done,
                                "offsets": offsets, "offset_errors": offset_errors},
-        batch_size=1, batch_format="pyarrow", num_cpus=1, **worker_env(),
+        batch_size=1, batch_format="pyarrow", num_cpus=1, **actor_args(),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(config.concurrency, len(refs)))),
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gr2.lake.lake import Lake, worker_env
+from gr2.lake.lake import Lake, actor_args
 from gr2.progress import progress
 from gr2.robot.episode import EpisodeError
 from gr2.robot.ingest import _from_ipc, _ipc, _tokens_u16
@@ -96,7 +96,7 @@ def tokenize_steps(lake: Lake, checkpoint_dir: str, only_missing: bool = True, a
         return result
     ds = ray.data.from_items([{"episode_id": e} for e in todo]).map_batches(
         EpisodeTokens, fn_constructor_args=(lake.root, checkpoint_dir), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), **worker_env())
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), **actor_args())
     with progress(len(todo), "tokenize: episodes", "episode") as bar:
         for row in ds.iter_rows():
             bar.update()

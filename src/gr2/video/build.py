@@ -37,7 +37,7 @@ from PIL import Image
 
 from gr2.lake import gallery, schema
 from gr2.lake.index import build_indexes
-from gr2.lake.lake import COMPACT_AT_FRAGMENTS, Lake, worker_env
+from gr2.lake.lake import COMPACT_AT_FRAGMENTS, Lake, actor_args, worker_env
 from gr2.lake.query import sql_literal
 from gr2.progress import progress
 from gr2.video import caption, decode, dedup, fingerprint, gates, probe, shots
@@ -299,7 +299,6 @@ class Stage:
     memory_gb: float | None = None  # model actors: what one holds, so Ray starts it only where that fits
     batch_size: int | None = 4  # rows per call; None: a whole block (no concatenating blocks)
     kwargs: dict = field(default_factory=dict)  # the function's keyword arguments, or the class's constructor's
-    restart: bool = True  # actors: Ray restarts a dead one (False: its death fails the build)
     flat: bool = False  # fn maps one row to a list of rows (a video to its clips), not a batch to a batch
 
     def apply(self, ds: ray.data.Dataset, workers: int) -> ray.data.Dataset:
@@ -312,11 +311,11 @@ class Stage:
             args["num_cpus"] = self.cpus
         if self.memory_gb is not None:
             args["memory"] = int(self.memory_gb * 2**30)
-        if not self.restart:
-            args["max_restarts"] = 0
+        # actors are never restarted (gr2.lake.lake.actor_args): a dead one fails the build, whose re-run resumes
+        args.update(actor_args() if self.pool == "actor" else worker_env())
         if self.flat:
-            return ds.flat_map(self.fn, **args, **worker_env())
-        return ds.map_batches(self.fn, batch_size=self.batch_size, **args, **worker_env())
+            return ds.flat_map(self.fn, **args)
+        return ds.map_batches(self.fn, batch_size=self.batch_size, **args)
 
 
 def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None, build_id: str = "",
@@ -354,10 +353,7 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None, build_
         # clip of the build in turn (dedup.py). The dedup actors reserve no CPU: they only compare
         # small arrays, and a 0.05-CPU actor on a 1-CPU node leaves 0.95, which seats no 1-CPU
         # decode task (a two-node cluster of 1-CPU nodes stalled with one such actor on each).
-        # Not restarted: a new actor would know the lake's clips but not this build's so far, and
-        # pass their copies; its death fails the build, whose re-run resumes (and Ray no longer warns
-        # that a restart could lose its constructor's arguments, ray-project/ray#57733).
-        *([Stage(FingerprintDeduplicator, **{**model, "cpus": 0}, restart=False, kwargs={
+        *([Stage(FingerprintDeduplicator, **{**model, "cpus": 0}, kwargs={
             "lake_root": lake.root, "max_bits": config.fingerprint_max_bits})]
           if config.fingerprint_max_bits is not None else []),
         Stage(thumbnails),

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from gr2.errors import Gr2Error
-from gr2.lake.lake import Lake, LakeError, worker_env
+from gr2.lake.lake import Lake, LakeError, actor_args, worker_env
 from gr2.lake.query import sql_literal
 from gr2.progress import progress
 from gr2.video import decode, probe
@@ -307,7 +307,7 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
                      compute=ray.data.TaskPoolStrategy(workers),
                      **worker_env())
         .map_batches(TokenizeClips, fn_constructor_args=(checkpoint_dir,), batch_size=8, compute=_actor_pool(actors),
-                     **worker_env())
+                     **actor_args())
         .map_batches(_token_columns, batch_size=None)
     )
     by_build: Counter = Counter()
