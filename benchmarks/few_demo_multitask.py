@@ -430,8 +430,10 @@ def loss_curves(result: dict, png: str) -> str:
         records = [r for r in read_metrics(os.path.dirname(checkpoint)) if key in r]
         return [r["step"] for r in records], [r[key] for r in records]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     pre = result["pretrain"]
+    if not os.path.isdir(os.path.dirname(pre["checkpoint"])):
+        return png  # drawn by the run whose checkpoints these are; its work directory is gone (--keep-results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(*curve(pre["checkpoint"], "loss_image"), label="pre-training (clips)")
     if pre.get("unigram_entropy_nats"):
         axes[0].axhline(pre["unigram_entropy_nats"], color="grey", linestyle=":", label="unigram entropy")
@@ -466,6 +468,34 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+SCHEDULING = ("out", "work", "arms", "seeds", "stride_seeds", "keep_results", "table")  # not the experiment's shape
+
+
+def expected_runs(args) -> list[str]:
+    """Every run the full experiment holds, whatever --arms this invocation ran."""
+    s = args.frame_stride
+    base = [f"{arm}/{d}/{i}" for d in args.demos for i in range(args.seeds) for arm in ("scratch", "pretrained", "cnn")]
+    strided = [f"{arm}-stride{s}/{d}/{i}" for d in args.stride_demos
+               for i in range(args.seeds if args.stride_seeds is None else args.stride_seeds)
+               for arm in ("scratch", "pretrained")] if s > 1 else []
+    return base + strided
+
+
+def kept_results(args) -> dict:
+    """--out's results, when they come from the same experiment (config equal but for what only schedules it)."""
+    if not args.out.exists():
+        raise SystemExit(f"--keep-results: {args.out} does not exist")
+    earlier = json.loads(args.out.read_text())
+    ours = {k: v for k, v in vars(args).items() if k not in SCHEDULING}
+    theirs = {k: v for k, v in earlier["config"].items() if k not in SCHEDULING}
+    differ = sorted(k for k in ours.keys() | theirs.keys()
+                    if json.dumps(ours.get(k), default=str) != json.dumps(theirs.get(k), default=str))
+    if differ:
+        raise SystemExit(f"--keep-results: {args.out} was made with other settings ({', '.join(differ)}); "
+                         "its runs would not be comparable")
+    return earlier
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default=str(HERE.parent / ".few-demo-work"))
@@ -496,6 +526,10 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=150, help="closed-loop steps before an episode fails")
     p.add_argument("--replan-every", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--keep-results", action="store_true",
+                   help="keep the runs --out already holds (same config) and add only the missing ones: for a run "
+                        "whose phase cache was lost; the tokenizer and pre-training it trains anew are recorded "
+                        "beside the earlier ones")
     p.add_argument("--table", action="store_true",
                    help="print --out's results as a markdown table and redraw its loss curves, run nothing")
     args = p.parse_args()
@@ -527,7 +561,9 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     started = time.perf_counter()
     command = "benchmarks/few_demo_multitask.py" + (" --quick" if args.quick else "")
-    result: dict = {"command": command, "config": {k: v for k, v in vars(args).items() if k not in ("out", "work")}}
+    result: dict = {"command": command, "config": {k: v for k, v in vars(args).items()
+                                                if k not in ("out", "work", "keep_results", "table")}}
+    earlier = kept_results(args) if args.keep_results else None
 
     def save() -> None:
         result["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
@@ -571,6 +607,13 @@ def main() -> None:
                                    "batch": args.batch_size}, lambda d: pretrain(args, video_lake["lake"]))
     result["pretrain"] = {k: pre[k] for k in ("run_id", "checkpoint", "steps", "metrics", "unigram_entropy_nats",
                                               "minutes", "cpu_minutes")}
+    if earlier:
+        result["runs"] = earlier["runs"]
+        result["earlier_pipelines"] = earlier.get("earlier_pipelines", [])
+        if earlier["pretrain"]["metrics"] != result["pretrain"]["metrics"]:  # trained anew: say which runs used which
+            result["earlier_pipelines"].append({**{k: earlier[k] for k in ("tokenizer", "video_lake", "pretrain",
+                                                                          "wall_minutes")},
+                                                "runs": sorted(earlier["runs"])})
     save()
 
     from gr2.training.loop import train
@@ -582,6 +625,8 @@ def main() -> None:
         """Fine-tune `arms` (name, init, frame stride) and, with cnn, the CNN on `demos` demos per task
         with training seed `seed`; then one closed-loop phase for all of them and the held-out video metrics."""
         names = [b["name"] for b in blocks[: demos // args.block]]
+        if all(f"{arm}/{demos}/{seed}" in evaluations for arm in [a[0] for a in arms] + ["cnn"] * cnn):
+            return  # kept from --out (--keep-results): nothing to train
         policies = {}
         for arm, init, stride in arms:
             config = finetune_config(args, names, seed, init, stride)
@@ -630,7 +675,9 @@ def main() -> None:
             for seed in range(args.seeds if args.stride_seeds is None else args.stride_seeds):
                 group(demos, seed, ((f"scratch-stride{s}", None, s), (f"pretrained-stride{s}", pre["checkpoint"], s)),
                       cnn=False)
+    result["table"] = summarise(evaluations, args)  # kept runs too, when no group ran (--keep-results)
     result["loss_curves"] = loss_curves(result, str(pngs / "loss_curves.png"))
+    result["missing_runs"] = [n for n in expected_runs(args) if n not in evaluations]
     save()
     print(f"wrote {args.out} ({result['wall_minutes']} min)")
 

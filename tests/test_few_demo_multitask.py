@@ -13,10 +13,10 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "few_demo_multitask.py"
 
 
-def run(work: Path) -> subprocess.CompletedProcess:
+def run(work: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GR2_PROGRESS": "0"}
-    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--work", str(work)], env=env, capture_output=True,
-                          text=True, timeout=1200)
+    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--work", str(work), *flags], env=env,
+                          capture_output=True, text=True, timeout=1200)
 
 
 @pytest.mark.timeout(1800)  # two runs of a whole pipeline: minutes on a quiet machine, many more on a loaded one
@@ -44,3 +44,15 @@ def test_the_quick_experiment_runs_every_phase_and_a_rerun_redoes_none(tmp_path)
     second = run(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert " ..." not in second.stdout  # every phase was read back, none run again
+
+    # a lost fine-tuning cache (a new machine) with --keep-results: the results already written are kept,
+    # nothing is trained again, and the table still counts every run
+    second_result = json.loads((tmp_path / "few_demo_multitask.json").read_text())
+    for directory in tmp_path.glob("finetune-*"):
+        directory.rename(tmp_path / f"lost-{directory.name}")
+    third = run(tmp_path, "--keep-results")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert " ..." not in third.stdout
+    kept = json.loads((tmp_path / "few_demo_multitask.json").read_text())
+    assert kept["runs"] == second_result["runs"] and kept["table"] == second_result["table"]
+    assert kept["missing_runs"] == []
