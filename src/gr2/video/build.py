@@ -445,6 +445,15 @@ def run_build(sources: list[str], lake: Lake, config: BuildConfig = BuildConfig(
 INPUTS_PER_BLOCK = 16
 MAX_INPUT_BLOCKS = 10_000  # past this, blocks grow instead: Ray Data schedules every block as a task
 TICK_S = 1.0  # the driver drains the outcomes at least this often, clips or not
+# A clips commit merges on the id, which reads every id the table holds (Lake.commit), so its cost
+# grows with the table: ~40 ms at 10k rows, ~150 ms at 1M, ~1.4 s projected at 38M
+# (benchmarks/results/lake_scale.json). Clips wait in the driver after each commit for
+# COMMIT_PAUSE times as long as it took, so committing takes at most 1/(1 + COMMIT_PAUSE) of the
+# driver's time whatever the table's size (unless the buffer fills first), and a commit carries more
+# clips as the table grows, up to CLIP_BUFFER_COMMITS x commit_every of them (16 x 256 clip rows:
+# ~70 MB of Arrow in the driver).
+COMMIT_PAUSE = 9.0
+CLIP_BUFFER_COMMITS = 16
 
 
 class _RemoteOutcomes:
@@ -597,6 +606,7 @@ class Tally:
     clip_status: Counter = field(default_factory=Counter)
     clip_reasons: Counter = field(default_factory=Counter)
     frames_decoded: int = 0
+    clip_commits: int = 0
 
     def outcome(self, status: str, reason: str | None) -> None:
         """Count one input by its outcome."""
@@ -619,6 +629,8 @@ class Committer:
         self.waiting: dict[str, tuple[dict, int]] = {}  # video_id -> (row, clips) of videos with clips to come
         self.arrived: Counter = Counter()  # clips committed per video whose row is not committed yet
         self.last_flush = time.monotonic()
+        self.buffered: list[pa.Table] = []  # clip rows waiting for the next clips commit
+        self.clips_due = 0.0  # monotonic time after which buffered clips are committed (COMMIT_PAUSE)
 
     def take(self, outcomes: list[dict]) -> None:
         """Inputs' outcomes from the report stage (outcomes.py)."""
@@ -650,8 +662,23 @@ class Committer:
             self.waiting[vid] = (video, clips)
 
     def clips(self, batch: pa.Table) -> None:
-        """A batch of typed clip rows: committed, counted, and the videos they complete queued."""
+        """A batch of typed clip rows, committed with the ones before it once a commit is due."""
+        self.buffered.append(batch)
+        self.flush_clips()
+
+    def flush_clips(self, force: bool = False) -> None:
+        """Commit the buffered clips when the pause after the last commit is over (COMMIT_PAUSE), the buffer
+        is full or `force`; count them, and queue the videos they complete."""
+        rows = sum(len(b) for b in self.buffered)
+        if not rows or not (force or time.monotonic() >= self.clips_due
+                            or rows >= CLIP_BUFFER_COMMITS * self.config.commit_every):
+            return
+        batch = pa.concat_tables(self.buffered) if len(self.buffered) > 1 else self.buffered[0]
+        started = time.monotonic()
         self.lake.commit("clips", batch)
+        self.buffered = []
+        self.tally.clip_commits += 1
+        self.clips_due = time.monotonic() + COMMIT_PAUSE * (time.monotonic() - started)
         t = self.tally
         t.frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
         for row in batch.select(["video_id", "status", "reason"]).to_pylist():
@@ -667,9 +694,10 @@ class Committer:
                 self.clip_count[vid] = clips
 
     def flush(self, force: bool = False) -> None:
-        """Commit the inputs rows, then the finished videos' rows: at once when a video's last clips
-        have just come in, else once there are `commit_every` rows or a tick has passed (few commits:
-        each leaves a fragment)."""
+        """Commit the clips that are due (flush_clips), then the inputs rows and the finished videos'
+        rows: at once when a video's last clips have just come in, else once there are `commit_every`
+        rows or a tick has passed (few commits: each leaves a fragment)."""
+        self.flush_clips(force)
         if not (self.inputs or self.videos):
             return
         due = force or any(self.clip_count.values()) or len(self.inputs) + len(self.videos) >= \
@@ -819,6 +847,7 @@ def _funnel(inputs: int, t: Tally, elapsed: float, retry_failed: bool) -> dict:
         "clips_by_reason": dict(t.clip_reasons),
         "video_seconds": round(t.video_seconds, 2),
         "frames_decoded": t.frames_decoded,
+        "clip_commits": t.clip_commits,
         "elapsed_s": round(elapsed, 2),
         "videos_per_s": round(t.processed / elapsed, 3) if elapsed else None,
         "frames_per_s": round(t.frames_decoded / elapsed, 1) if elapsed else None,
