@@ -350,7 +350,8 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None, build_
     # Model actors hold a fraction of a CPU: whole-CPU actors on a 2-CPU machine would leave no CPU
     # for the decode tasks feeding them, and the graph would stall. Their memory is what a B-32
     # model's actor was measured to hold on CPU (weights, activations of a batch, the worker itself;
-    # Ray Data's issue detector saw the CLIP actor reach 1.4 GiB in make demo, so it asks for 1.8).
+    # Ray Data's issue detector saw the CLIP actor reach 1.4 GiB in make demo, and 1.6 GiB in
+    # benchmarks/few_demo_multitask.py's build of 88 videos, where it asked for 1.9: so 2.2).
     model = {"pool": "actor", "cpus": 0.25, "batch_size": 8}
     embeds = config.clip_model is not None
     return [
@@ -381,7 +382,7 @@ def stages(lake: Lake, config: BuildConfig, tokenizer: str | None = None, build_
               memory_gb=2.0 if config.caption_model else None, kwargs={
             "model_name": config.caption_model, "pretrained": config.caption_pretrained,
             "max_tokens": config.caption_max_tokens}),
-        *([Stage(ClipEmbedder, **model, memory_gb=1.8, kwargs={
+        *([Stage(ClipEmbedder, **model, memory_gb=2.2, kwargs={
             "model_name": config.clip_model, "pretrained": config.clip_pretrained,
             "min_text_score": config.min_text_score})] if embeds else []),
         Stage(gallery.previews, batch_size=8),
