@@ -431,17 +431,18 @@ def loss_curves(result: dict, png: str) -> str:
         return [r["step"] for r in records], [r[key] for r in records]
 
     pre = result["pretrain"]
-    if not os.path.isdir(os.path.dirname(pre["checkpoint"])):
+    demos = min(e["demos"] for e in result["runs"].values())
+    drawn = [run for _, run in sorted(result["runs"].items())
+             if run["arm"] != "cnn" and run["seed"] == 0 and run["demos"] == demos]
+    if not all(os.path.isdir(os.path.dirname(c)) for c in [pre["checkpoint"]] + [r["train"]["checkpoint"]
+                                                                                 for r in drawn]):
         return png  # drawn by the run whose checkpoints these are; its work directory is gone (--keep-results)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(*curve(pre["checkpoint"], "loss_image"), label="pre-training (clips)")
     if pre.get("unigram_entropy_nats"):
         axes[0].axhline(pre["unigram_entropy_nats"], color="grey", linestyle=":", label="unigram entropy")
     axes[0].set(title="pre-training: next-frame tokens", xlabel="step", ylabel="nats")
-    demos = min(e["demos"] for e in result["runs"].values())
-    for name, run in sorted(result["runs"].items()):
-        if run["arm"] == "cnn" or run["seed"] != 0 or run["demos"] != demos:
-            continue
+    for run in drawn:
         for ax, key in ((axes[1], "loss_image"), (axes[2], "loss_arm")):
             ax.plot(*curve(run["train"]["checkpoint"], key), label=run["arm"])
     axes[1].set(title=f"fine-tuning: next-frame tokens ({demos} demos, seed 0)", xlabel="step", ylabel="nats")
