@@ -565,6 +565,8 @@ def main() -> None:
     result: dict = {"command": command, "config": {k: v for k, v in vars(args).items()
                                                 if k not in ("out", "work", "keep_results", "table")}}
     earlier = kept_results(args) if args.keep_results else None
+    if earlier:
+        result["runs"] = earlier["runs"]  # from the first save on: a run killed early leaves --out's runs in it
 
     def save() -> None:
         result["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
@@ -609,7 +611,6 @@ def main() -> None:
     result["pretrain"] = {k: pre[k] for k in ("run_id", "checkpoint", "steps", "metrics", "unigram_entropy_nats",
                                               "minutes", "cpu_minutes")}
     if earlier:
-        result["runs"] = earlier["runs"]
         result["earlier_pipelines"] = earlier.get("earlier_pipelines", [])
         if earlier["pretrain"]["metrics"] != result["pretrain"]["metrics"]:  # trained anew: say which runs used which
             result["earlier_pipelines"].append({**{k: earlier[k] for k in ("tokenizer", "video_lake", "pretrain",
