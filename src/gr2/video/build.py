@@ -201,17 +201,16 @@ def read_clip_frames(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[
         wanted = sorted({f for i in rows for f in sampled[i]})
         try:
             got = decode.center_crop(decode.VideoReader(path, w, h).get(wanted), size)
-            at = {f: k for k, f in enumerate(wanted)}
+        except decode.DecodeError:  # clip by clip: one bad span fails only its clip
             for i in rows:
-                frames[i] = got[[at[f] for f in sampled[i]]]
+                try:
+                    frames[i] = decode.center_crop(decode.VideoReader(path, w, h).get(sampled[i]), size)
+                except decode.DecodeError as e:
+                    status[i], reason[i] = "failed", str(e)
             continue
-        except decode.DecodeError:
-            pass
+        at = {f: k for k, f in enumerate(wanted)}
         for i in rows:
-            try:
-                frames[i] = decode.center_crop(decode.VideoReader(path, w, h).get(sampled[i]), size)
-            except decode.DecodeError as e:
-                status[i], reason[i] = "failed", str(e)
+            frames[i] = got[[at[f] for f in sampled[i]]]
     return {**batch, "frames": frames, "sampled_frames": _objects([np.array(x, dtype=np.int64) for x in sampled]),
             "status": np.array(status, dtype=object), "reason": np.array(reason, dtype=object)}
 
@@ -695,10 +694,10 @@ class Committer:
         batch = pa.concat_tables(self.buffered) if len(self.buffered) > 1 else self.buffered[0]
         started = time.monotonic()
         self.lake.commit("clips", batch)
-        self.buffered = []
-        self.tally.clip_commits += 1
-        self.clips_due = time.monotonic() + COMMIT_PAUSE * (time.monotonic() - started)
+        done = time.monotonic()
+        self.buffered, self.clips_due = [], done + COMMIT_PAUSE * (done - started)
         t = self.tally
+        t.clip_commits += 1
         t.frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
         for row in batch.select(["video_id", "status", "reason"]).to_pylist():
             t.clip_status[row["status"]] += 1
