@@ -18,7 +18,10 @@ FLOORS = (
     ("training",),
     ("flows",),
 )
-SIDEWAYS = {("robot", "video")}  # robot episodes decode and tokenize frames as the video build does
+SIDEWAYS = {
+    ("robot", "video"),  # robot episodes decode and tokenize frames as the video build does
+    ("tokenizers", "lake"),  # a checkpoint on the lake's store opens through the lake's one filesystem call (uri)
+}
 
 FLOOR = {room: n for n, rooms in enumerate(FLOORS) for room in rooms}
 

@@ -178,3 +178,27 @@ def test_no_aws_key_travels_in_ray_metadata_or_a_pickled_filesystem(monkeypatch)
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"  # where the store is still reaches the workers
     storage = _storage("s3://bucket/runs")["storage_filesystem"]
     assert b"s3cr3t-not-for-ray" not in pickle.dumps(storage)
+
+
+def test_a_tokenizer_on_s3_is_read_from_the_endpoint_named_now(s3_bucket, tmp_path, monkeypatch):
+    # In a full run a tokenizer read failed with "connection refused" from a port an earlier test's
+    # fault proxy had used: the checkpoint code opened a bare fsspec filesystem, which fsspec reuses
+    # across calls with the same arguments, so it kept the endpoint of its first call. Here that first
+    # call goes to a second server that then stops; the next read must follow AWS_ENDPOINT_URL back.
+    from moto.server import ThreadedMotoServer
+    from test_training_lakes import save_tokenizer
+
+    from gr2.tokenizers import load_checkpoint, save_checkpoint
+
+    local, tokenizer_id = save_tokenizer(str(tmp_path))
+    tokenizer = load_checkpoint(local).tokenizer
+    home = os.environ["AWS_ENDPOINT_URL"]
+    other = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the same buckets, in process
+    other.start()
+    host, port = other.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    uri = f"s3://{s3_bucket}/models/tokenizers/{tokenizer_id}"
+    assert save_checkpoint(tokenizer, uri) == tokenizer_id
+    other.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", home)
+    assert load_checkpoint(uri).checkpoint_id == tokenizer_id

@@ -20,13 +20,13 @@ import hashlib
 import json
 from typing import Any, NamedTuple
 
-import fsspec
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from gr2.errors import Gr2Error
+from gr2.lake.uri import url_to_fs
 
 from .model import Tokenizer, TokenizerConfig
 
@@ -66,7 +66,7 @@ def write_checkpoint(directory: str, files: dict[str, tuple[dict[str, torch.Tens
                      config: dict[str, Any]) -> None:
     """Write safetensors `files` ({name: (tensors, metadata)}) into `directory` (created if needed),
     then `config` as config.json."""
-    fs, root = fsspec.core.url_to_fs(str(directory))
+    fs, root = url_to_fs(str(directory))
     fs.makedirs(root, exist_ok=True)
     # Weights first, config last: a save killed half-way leaves no config.json, which load
     # reports (and resuming skips), rather than a config pointing at half a weights file.
@@ -79,11 +79,11 @@ def write_checkpoint(directory: str, files: dict[str, tuple[dict[str, torch.Tens
 
 def _path(directory: str, name: str) -> str:
     """The path of file `name` in checkpoint `directory`, as error messages name it."""
-    return _join(fsspec.core.url_to_fs(str(directory))[1], name)
+    return _join(url_to_fs(str(directory))[1], name)
 
 
 def _read(directory: str, name: str, missing: str = "missing") -> bytes:
-    fs, root = fsspec.core.url_to_fs(str(directory))
+    fs, root = url_to_fs(str(directory))
     path = _join(root, name)
     try:
         with fs.open(path, "rb") as f:
