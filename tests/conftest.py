@@ -20,9 +20,9 @@ os.environ.setdefault("GR2_PROGRESS", "0")
 # a tiny model trained across two threads on a busy machine took 40 s where one thread took 3 s.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-# A Ray Data run that makes no progress for 5 minutes fails with Ray's ExecutionTimeoutError
+# A Ray Data run that makes no progress for 3 minutes fails with Ray's ExecutionTimeoutError
 # instead of holding the suite until CI's limit (Ray's default waits 30 minutes).
-os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "180")
 os.environ.pop("RAY_ADDRESS", None)  # tests start their own Ray; never join a user's cluster
 # moto's credentials, set before any Ray starts: Ray workers take keys from their own environment
 # (gr2 never ships keys to them), so they must hold these from the start. No real key is ever used.

@@ -97,3 +97,46 @@ def test_record_metaworld_command_writes_a_dataset_then_refuses_to_overwrite_it(
     bad = _commands().parse_args(["record-metaworld", "--out", str(tmp_path / "x"), "--tasks", "fly-to-the-moon-v3"])
     with pytest.raises(Gr2Error, match="no scripted expert"):
         bad.run(bad)
+
+
+def test_an_ingest_run_that_stalls_before_its_first_episode_is_started_again(ray_local, monkeypatch):
+    # The stall seen in full runs (Ray never starting the pool's actor) cannot be summoned at will; a
+    # cluster whose every CPU is held does the same to a run: no actor, no progress. The CPUs come back
+    # when the first run gives up, and the second run ingests every episode once.
+    import logging
+
+    import ray
+
+    from gr2.robot.ingest import IngestConfig, episode_outputs, list_sources
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    context = ray.data.DataContext.get_current()
+    restarts = []
+
+    class LetGo(logging.Handler):
+        """On the ingest's warning that it starts the run again: free the CPUs, give the new run time."""
+
+        def emit(self, record):
+            if "starting it again" in record.getMessage():
+                restarts.append(record.getMessage())
+                ray.kill(holder)
+                context.execution_no_progress_timeout_s = 300  # an actor's cold start takes seconds
+
+    refs, failures = list_sources([str(SAMPLES / n) for n in ("rt1", "bridge")])
+    assert refs and not failures
+    monkeypatch.setattr(context, "execution_no_progress_timeout_s", 8)
+    holder = Holder.remote()  # both CPUs of the suite's local Ray
+    assert ray.get(holder.ready.remote(), timeout=120)
+    handler, logger = LetGo(), logging.getLogger("gr2.robot.ingest")
+    logger.addHandler(handler)
+    try:
+        outputs = list(episode_outputs(refs, IngestConfig(frame_width=64, frame_height=64), "stalled", {}, {}, {}))
+    finally:
+        logger.removeHandler(handler)
+    assert len(restarts) == 1 and "made no progress before its first episode" in restarts[0]
+    assert len(outputs) == len(refs) == len({o["episode_id"] for o in outputs})
+    assert {o["status"] for o in outputs} == {"accepted"}
