@@ -24,8 +24,6 @@ from gr2.tokenizers import (
 )
 from gr2.tokenizers.train import perturbed_grids
 
-torch.set_num_threads(2)
-
 # Small enough that a training step takes milliseconds; same layout as the real thing.
 TINY = TokenizerConfig(resolution=32, downsample=8, patch_size=2, channels=16, channel_mult=(1, 2, 2),
                        z_channels=32, codebook_size=64, code_dim=8)
