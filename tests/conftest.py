@@ -72,23 +72,43 @@ def fresh_ray(ray_local):
 
 @pytest.fixture(scope="module", autouse=True)
 def _bounded_ray_session():
-    """A Ray that has served this process for RAY_SESSION_MAX_S is restarted before the next file.
+    """Before each test file, a Ray that no longer hears of its actors, or has served this process for
+    RAY_SESSION_MAX_S, is restarted.
 
-    In full runs a long-lived driver (one Ray session for ~10 minutes of tests) sometimes never
-    hears from the GCS that an actor it created is alive: the GCS log says the actor was created,
-    the driver's log has only its PENDING_CREATION notice, so the driver holds the actor's first
-    call forever and a Ray Data actor pool (the robot ingest's) waits with a CPU free and nothing
-    scheduled (Ray 2.60; three hangs in full runs, none with a file run alone). A new session
-    every few minutes costs a few seconds.
+    In full runs a long-lived driver sometimes stops hearing from the GCS about actors: its GCS
+    subscriber's long poll stays in flight and is never answered (driver log: GcsSubscriberPoll "1
+    active" from then on, while the GCS buffers actor-channel messages for it). Every actor created
+    after that is alive for the GCS and pending for the driver, so the next Ray Data actor pool (the
+    robot ingest's, in CI and here) waits with its CPUs free until the no-progress timeout; a second
+    pool in the same driver waited too (measured). In the log it began as one test file ended (an
+    actor that had made other actors died) and the next file's first actor pool hung; a new session
+    clears it. Ray 2.60; never seen with a file run alone.
     """
     import ray
 
     if ray.is_initialized():
         if not _RAY_STARTED[0]:
             _RAY_STARTED[0] = time.monotonic()  # started by code under test (ensure_ray): count from here
-        elif time.monotonic() - _RAY_STARTED[0] > RAY_SESSION_MAX_S:
+        if time.monotonic() - _RAY_STARTED[0] > RAY_SESSION_MAX_S or not _hears_of_new_actors(ray):
             _restart_ray()
     yield
+
+
+def _hears_of_new_actors(ray, timeout_s: float = 30.0) -> bool:
+    """Whether an actor created now answers this driver: a CPU-free one, on an idle worker when Ray has one."""
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self) -> bool:
+            return True
+
+    probe = Probe.remote()
+    try:
+        return ray.get(probe.ping.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        return False
+    finally:
+        ray.kill(probe)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -50,8 +49,6 @@ from gr2.robot.align import (
 from gr2.robot.episode import Episode, EpisodeError, EpisodeRef, encode_jpeg, ref_id
 from gr2.video.embed import RANDOM_INIT, TextEmbedder, embedding_dim
 from gr2.video.tokenize import FrameTokenizer
-
-logger = logging.getLogger(__name__)
 
 READERS = {
     lerobot.FORMAT: lerobot,
@@ -513,41 +510,22 @@ def ingest(sources: Iterable[str], lake, config: IngestConfig = IngestConfig(), 
                         tally.reasons)
 
 
-# A Ray Data run that stalls before its first episode is started again this many times. In long
-# test sessions Ray 2.60 now and then never starts the pool's first actor (the GCS logs it created,
-# the driver never hears), and the run sits with a CPU free until Ray Data's no-progress timeout
-# (three times in full suite runs, never in a file run alone). Nothing has been yielded then, so a
-# new run of the same episodes repeats nothing; a run that stalls after its first output fails.
-STALLED_RUN_RETRIES = 1
-
-
 def episode_outputs(refs: list[EpisodeRef], config: IngestConfig, build_id: str, done: dict[str, str],
                     offsets: dict, offset_errors: dict) -> Iterator[dict]:
     """Every episode of `refs` through `EpisodeRows` on a Ray actor pool, one output row each, as they come."""
     import ray
-    from ray.data.exceptions import ExecutionTimeoutError
 
     if not refs:
         return
-    for attempt in range(STALLED_RUN_RETRIES + 1):
-        ds = ray.data.from_items([_ref_item(r) for r in refs]).map_batches(
-            EpisodeRows,
-            fn_constructor_kwargs={"config": config, "build_id": build_id, "done": done,
-                                   "offsets": offsets, "offset_errors": offset_errors},
-            batch_size=1, batch_format="pyarrow", num_cpus=1, **actor_args(),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(config.concurrency, len(refs)))),
-        )
-        started = False
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                started = True
-                yield from batch.to_pylist()
-            return
-        except ExecutionTimeoutError as e:
-            if started or attempt == STALLED_RUN_RETRIES:
-                raise
-            logger.warning("ingest: the Ray Data run made no progress before its first episode (%s); "
-                           "starting it again", str(e).splitlines()[0])
+    ds = ray.data.from_items([_ref_item(r) for r in refs]).map_batches(
+        EpisodeRows,
+        fn_constructor_kwargs={"config": config, "build_id": build_id, "done": done,
+                               "offsets": offsets, "offset_errors": offset_errors},
+        batch_size=1, batch_format="pyarrow", num_cpus=1, **actor_args(),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(config.concurrency, len(refs)))),
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from batch.to_pylist()
 
 
 @dataclass
