@@ -157,6 +157,17 @@ def test_a_video_longer_than_its_probe_said_keeps_no_frames(bikes, monkeypatch):
     shrunk = list(kept.shot_frames(decode.VideoReader(str(bikes), 150, 64).chunks(64)))
     assert not kept.whole and kept.chunks == [] and kept.nbytes <= 128 * 64 * 64 * 3  # it stopped at the budget
     assert sum(len(f) for _, f in shrunk) == 250 and shrunk[0][1].shape[1:] == (36, 64, 3)
+    assert kept.clip_frames([(0, 0, 50)], 4) == b""
+
+
+def test_clips_whose_frames_would_outnumber_the_budget_are_decoded_again(bikes, monkeypatch):
+    kept = build.KeptFrames(64)
+    list(kept.shot_frames(decode.VideoReader(str(bikes), 150, 64).chunks(64)))
+    frames = kept.clip_frames([(0, 0, 3), (0, 10, 13)], 64)  # 3-frame windows: each repeats its last frame
+    clips = np.frombuffer(frames, np.uint8).reshape(2, 64, 64, 64, 3)
+    assert (clips[0, 3:] == clips[0, 2]).all() and not (clips[0, 2] == clips[1, 2]).all()
+    monkeypatch.setattr(build, "KEEP_FRAMES_BYTES", 100 * 64 * 64 * 3)
+    assert kept.clip_frames([(0, 0, 3), (0, 10, 13)], 64) == b""  # 128 frames, 6 of them distinct: over 100
 
 
 def test_pyav_reads_what_decord_reads(media):

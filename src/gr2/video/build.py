@@ -152,9 +152,7 @@ def survey_video(item: dict, config: BuildConfig) -> dict:
         return {**row, "status": "failed", "reason": str(e)}
     spans = shots.shot_spans(frame_count, transitions)
     windows = shots.windows(spans, info["fps"], config.clip_s, config.cut_margin_frames, frame_count)
-    frames = b""
-    if kept and kept.whole and windows:
-        frames = kept.get([f for _, a, b in windows for f in clip_samples(a, b, n)]).tobytes()
+    frames = kept.clip_frames(windows, n) if kept else b""
     # Each frame decoded is counted once, here: on the two-pass path read_clip_frames decodes each
     # clip's n sampled frames again.
     row.update(decoder=reader.decoder, frame_count=frame_count, shot_count=len(spans), windows=windows,
@@ -191,10 +189,15 @@ class KeptFrames:
                     self.starts, self.chunks = [], []
             yield start, shots.thumbnails(frames, SHOT_FRAME_SIZE)
 
-    def get(self, indices: list[int]) -> np.ndarray:
-        """The kept frames at `indices`, uint8 [N, size, size, 3]."""
+    def clip_frames(self, windows: list[tuple[int, int, int]], n: int) -> bytes:
+        """The `n` sampled frames of each window's clip, raw uint8 [windows, n, size, size, 3]; b"" when the
+        video was not all kept, or they do not fit KEEP_FRAMES_BYTES (n per window however short: many short
+        shots could make them outnumber the frames kept)."""
+        if not (self.whole and windows) or len(windows) * n * self.size ** 2 * 3 > KEEP_FRAMES_BYTES:
+            return b""
+        indices = [f for _, a, b in windows for f in clip_samples(a, b, n)]
         at = [bisect_right(self.starts, i) - 1 for i in indices]
-        return np.stack([self.chunks[k][i - self.starts[k]] for k, i in zip(at, indices)])
+        return np.stack([self.chunks[k][i - self.starts[k]] for k, i in zip(at, indices)]).tobytes()
 
 
 def clip_samples(start: int, end: int, n: int) -> list[int]:
