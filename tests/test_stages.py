@@ -153,21 +153,22 @@ def test_a_video_over_the_memory_budget_is_decoded_twice_into_the_same_clips(bik
 
 def test_a_video_longer_than_its_probe_said_keeps_no_frames(bikes, monkeypatch):
     monkeypatch.setattr(build, "KEEP_FRAMES_BYTES", 100 * 64 * 64 * 3)
-    kept = build.KeptFrames(64)
-    shrunk = list(kept.shot_frames(decode.VideoReader(str(bikes), 150, 64).chunks(64)))
-    assert not kept.whole and kept.chunks == [] and kept.nbytes <= 128 * 64 * 64 * 3  # it stopped at the budget
-    assert sum(len(f) for _, f in shrunk) == 250 and shrunk[0][1].shape[1:] == (36, 64, 3)
-    assert kept.clip_frames([(0, 0, 50)], 4) == b""
+    # the probe says 60 frames, which fit; past 100 the survey stops keeping them
+    frames = build.SurveyFrames(str(bikes), {**probe.probe(str(bikes)), "frame_count": 60}, WIDE)
+    shrunk = list(frames.shot_chunks())
+    assert not frames.whole and frames.chunks == [] and frames.nbytes == 128 * 64 * 64 * 3  # two chunks seen
+    assert sum(len(f) for _, f in shrunk) == 250 and {f.shape[1:] for _, f in shrunk} == {(36, 64, 3)}
+    assert frames.clip_frames([(0, 0, 50)], 4) == b""
 
 
 def test_clips_whose_frames_would_outnumber_the_budget_are_decoded_again(bikes, monkeypatch):
-    kept = build.KeptFrames(64)
-    list(kept.shot_frames(decode.VideoReader(str(bikes), 150, 64).chunks(64)))
-    frames = kept.clip_frames([(0, 0, 3), (0, 10, 13)], 64)  # 3-frame windows: each repeats its last frame
-    clips = np.frombuffer(frames, np.uint8).reshape(2, 64, 64, 64, 3)
+    frames = build.SurveyFrames(str(bikes), probe.probe(str(bikes)), WIDE)
+    list(frames.shot_chunks())
+    kept = frames.clip_frames([(0, 0, 3), (0, 10, 13)], 64)  # 3-frame windows: each repeats its last frame
+    clips = np.frombuffer(kept, np.uint8).reshape(2, 64, 64, 64, 3)
     assert (clips[0, 3:] == clips[0, 2]).all() and not (clips[0, 2] == clips[1, 2]).all()
     monkeypatch.setattr(build, "KEEP_FRAMES_BYTES", 100 * 64 * 64 * 3)
-    assert kept.clip_frames([(0, 0, 3), (0, 10, 13)], 64) == b""  # 128 frames, 6 of them distinct: over 100
+    assert frames.clip_frames([(0, 0, 3), (0, 10, 13)], 64) == b""  # 128 frames, 6 of them distinct: over 100
 
 
 def test_pyav_reads_what_decord_reads(media):

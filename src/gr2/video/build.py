@@ -138,25 +138,19 @@ def survey_video(item: dict, config: BuildConfig) -> dict:
     reject = gates.video_gate(info, config)
     if reject:
         return {**row, "status": "rejected", "reason": reject}
-    size, n = config.frame_size, config.frames_per_clip
-    kept = KeptFrames(size) if keeps_frames(info, config) else None
+    n = config.frames_per_clip
     try:
-        if kept:
-            reader = decode.VideoReader(item["local_path"], *decode.fit_size(info["width"], info["height"], size))
-            chunks = kept.shot_frames(reader.chunks(64))
-        else:
-            reader = decode.VideoReader(item["local_path"], *SHOT_FRAME_SIZE)
-            chunks = reader.chunks(64)
-        frame_count, transitions = shots.find_transitions(chunks, info["fps"], config)
+        frames = SurveyFrames(item["local_path"], info, config)
+        frame_count, transitions = shots.find_transitions(frames.shot_chunks(), info["fps"], config)
     except decode.DecodeError as e:
         return {**row, "status": "failed", "reason": str(e)}
     spans = shots.shot_spans(frame_count, transitions)
     windows = shots.windows(spans, info["fps"], config.clip_s, config.cut_margin_frames, frame_count)
-    frames = kept.clip_frames(windows, n) if kept else b""
+    kept = frames.clip_frames(windows, n)
     # Each frame decoded is counted once, here: on the two-pass path read_clip_frames decodes each
     # clip's n sampled frames again.
-    row.update(decoder=reader.decoder, frame_count=frame_count, shot_count=len(spans), windows=windows,
-               survey_frames=frames, frames_decoded=frame_count + (0 if frames else n * len(windows)))
+    row.update(decoder=frames.reader.decoder, frame_count=frame_count, shot_count=len(spans), windows=windows,
+               survey_frames=kept, frames_decoded=frame_count + (0 if kept else n * len(windows)))
     return row
 
 
@@ -168,16 +162,21 @@ def keeps_frames(info: dict, config: BuildConfig) -> bool:
         and info["frame_count"] * config.frame_size ** 2 * 3 <= KEEP_FRAMES_BYTES
 
 
-class KeptFrames:
-    """A video's frames centre-cropped to `size` as the survey decodes them, up to KEEP_FRAMES_BYTES; a
-    video with more frames than its probe said keeps none (`whole` is False), so memory stays bounded."""
+class SurveyFrames:
+    """A video's frames as the survey decodes them: every one at SHOT_FRAME_SIZE for the cut detectors,
+    and for a short video (keeps_frames) its clips' frames. Such a video is decoded at the clips' size,
+    its frames shrunk for the detectors and their centre crops kept, up to KEEP_FRAMES_BYTES: a video
+    with more frames than its probe said keeps none (`whole` turns False), so memory stays bounded."""
 
-    def __init__(self, size: int):
-        self.size, self.whole, self.starts, self.chunks, self.nbytes = size, True, [], [], 0
+    def __init__(self, path: str, info: dict, config: BuildConfig):
+        self.size, self.whole = config.frame_size, keeps_frames(info, config)
+        shape = decode.fit_size(info["width"], info["height"], self.size) if self.whole else SHOT_FRAME_SIZE
+        self.reader = decode.VideoReader(path, *shape)
+        self.starts, self.chunks, self.nbytes = [], [], 0
 
-    def shot_frames(self, chunks: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
-        """`chunks` shrunk to SHOT_FRAME_SIZE for the cut detectors, each one's crops kept on the way."""
-        for start, frames in chunks:
+    def shot_chunks(self, size: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+        """Every frame in order at SHOT_FRAME_SIZE, `size` at a time as (first index, frames)."""
+        for start, frames in self.reader.chunks(size):
             if self.whole:
                 crops = np.ascontiguousarray(decode.center_crop(frames, self.size))  # not a view: the rest is freed
                 self.nbytes += crops.nbytes
@@ -187,7 +186,8 @@ class KeptFrames:
                     self.chunks.append(crops)
                 else:  # the probe counted too few frames: the clips' frames are decoded again
                     self.starts, self.chunks = [], []
-            yield start, shots.thumbnails(frames, SHOT_FRAME_SIZE)
+            small = (self.reader.width, self.reader.height) == SHOT_FRAME_SIZE
+            yield start, frames if small else shots.thumbnails(frames, SHOT_FRAME_SIZE)
 
     def clip_frames(self, windows: list[tuple[int, int, int]], n: int) -> bytes:
         """The `n` sampled frames of each window's clip, raw uint8 [windows, n, size, size, 3]; b"" when the
