@@ -187,7 +187,7 @@ class SurveyFrames:
                 else:  # the probe counted too few frames: the clips' frames are decoded again
                     self.starts, self.chunks = [], []
             small = (self.reader.width, self.reader.height) == SHOT_FRAME_SIZE
-            yield start, frames if small else shots.thumbnails(frames, SHOT_FRAME_SIZE)
+            yield start, frames if small else decode.shrink(frames, *SHOT_FRAME_SIZE)
 
     def clip_frames(self, windows: list[tuple[int, int, int]], n: int) -> bytes:
         """The `n` sampled frames of each window's clip, raw uint8 [windows, n, size, size, 3]; b"" when the

@@ -50,11 +50,11 @@ def find_transitions(chunks: Iterable[tuple[int, np.ndarray]], fps: float,
     return count, merge_spans([(c.frame_num, c.frame_num) for c in cuts] + gradual)
 
 
-def thumbnails(frames: np.ndarray, size: tuple[int, int] = THUMB_SIZE) -> np.ndarray:
-    """[N, height, width, 3] uint8 area-averaged thumbnails of [N, H, W, 3] frames; size: (width, height)."""
+def thumbnails(frames: np.ndarray) -> np.ndarray:
+    """[N, 9, 16, 3] uint8 area-averaged thumbnails of [N, H, W, 3] frames."""
     import cv2
 
-    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+    return np.stack([cv2.resize(f, THUMB_SIZE, interpolation=cv2.INTER_AREA) for f in frames])
 
 
 def gradual_transitions(thumbs: np.ndarray, fps: float, config: BuildConfig) -> list[Span]:
