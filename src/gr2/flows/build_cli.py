@@ -151,7 +151,8 @@ def register(sub) -> None:
     p = sub.add_parser("compact", help="fold small fragments, update indexes, drop old untagged versions")
     p.add_argument("--lake", required=True)
     p.add_argument("--older-than-days", type=float, default=7.0,
-                   help="delete versions (and unreferenced files) older than this that no build tag holds (default 7)")
+                   help="delete versions (and unreferenced files) older than this that no build tag holds (default 7; "
+                        "0 only while no build or ingest is writing to the lake)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=compact)
 

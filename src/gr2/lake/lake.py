@@ -265,7 +265,9 @@ class Lake:
 
         Safe beside a running build: compaction commits like any other writer, so Lance either
         rebases a concurrent merge onto it or turns the compaction away (then the table is as it
-        was, and this says so). Safe to kill: a compaction that never committed leaves only files no
+        was, and this says so). The cleanup is safe beside one while `older_than` is longer than a
+        writer holds the version it read (KEEP_VERSIONS, a week): with 0, a merge in flight lost
+        files its read still needed and failed (its rows stay for the re-run). Safe to kill: a compaction that never committed leaves only files no
         version names, and cleanup deletes unnamed files only once they are older than `older_than`,
         so another writer's files still in flight are never taken (lance issue 7207 is what the
         opposite costs). A table with fewer than `min_fragments` fragments is not rewritten.
