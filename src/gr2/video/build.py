@@ -25,6 +25,7 @@ import json
 import queue
 import threading
 import time
+import warnings
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -397,6 +398,10 @@ class Stage:
             args["memory"] = int(self.memory_gb * 2**30)
         # actors are never restarted (gr2.lake.lake.actor_args): a dead one fails the build, whose re-run resumes
         args.update(actor_args() if self.pool == "actor" else worker_env())
+        # A streaming build cannot know how many blocks reach a stage: a re-run whose inputs the lake
+        # holds sends each clip stage one empty block, and Ray Data warns that `workers` tasks are more
+        # than it can use (make demo's second run printed three). The concurrency is a ceiling, not a want.
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
         if self.flat:
             return ds.flat_map(self.fn, **args)
         return ds.map_batches(self.fn, batch_size=self.batch_size, **args)
