@@ -2,11 +2,12 @@
 
 One language-conditioned policy learns several Meta-World v3 tasks from 5 or 10 expert demos per
 task. Three arms get the same demos and the same fine-tuning budget:
-  scratch    a tiny GR-2 fine-tuned from random weights;
-  pretrained the same, started from a tiny GR-2 pre-trained (next-frame tokens only) on the lake's video;
-  cnn        a plain CNN behaviour-cloned on the same demos (DESIGN.md's calibration baseline).
-and, at --stride-demos, scratch-stride5 and pretrained-stride5: the two GR-2 arms with history frames
---frame-stride steps apart (1/16 s, as the clips'), so fine-tuning's next frame is not mostly a copy.
+  scratch-stride5    a tiny GR-2 fine-tuned from random weights;
+  pretrained-stride5 the same, started from a tiny GR-2 pre-trained (next-frame tokens only) on the lake's video;
+  cnn                a plain CNN behaviour-cloned on the same demos (DESIGN.md's calibration baseline).
+The GR-2 arms' history frames are --strides steps apart (5: 1/16 s, as the clips' frames are), so
+fine-tuning's next frame is one the camera has moved to; `--strides 1 5` adds the first design's
+pair, whose history frames were consecutive 80 Hz steps and mostly the same picture (README).
 
 Everything goes through the project's own stages and flows:
   record   expert demos (gr2.sim.record), two cameras with their own clocks, 5 per task per block;
@@ -18,7 +19,8 @@ Everything goes through the project's own stages and flows:
            tokenize stage (gr2.video.tokenize) over the clips
   ingest   `ingest_robot_trajectories` (the flow behind `gr2 ingest-robot`): aligned, tokenized steps
   train    gr2.training.loop.train through Ray Train: pre-training on clips, fine-tuning on steps
-  evaluate closed-loop success on unseen seeds in Ray tasks, one per (policy, task), in parallel;
+  evaluate closed-loop success on unseen seeds in Ray tasks, two per policy, in parallel, each
+           playing a task's seeds side by side (one batched forward pass a step);
            next-frame token accuracy and predicted-vs-true frame strips on held-out episodes
 
 No actions reach pre-training: the video lake holds clips and captions only. Every phase writes
@@ -67,17 +69,31 @@ def content_id(**shaping) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+PHASE_SECONDS: dict[str, float] = {}  # every phase this invocation used, run now or earlier: what a cold run costs
+
+
+def phase_directory(work: str, name: str, shaping: dict) -> str:
+    return os.path.join(work, f"{name}-{content_id(name=name, **shaping)}")
+
+
+def phase_done(work: str, name: str, shaping: dict) -> bool:
+    return os.path.exists(os.path.join(phase_directory(work, name, shaping), "result.json"))
+
+
 def phase(work: str, name: str, shaping: dict, run) -> dict:
     """run(directory) -> result, once per content: a finished phase's result.json is read back."""
-    directory = os.path.join(work, f"{name}-{content_id(name=name, **shaping)}")
+    directory = phase_directory(work, name, shaping)
     done = os.path.join(directory, "result.json")
     if os.path.exists(done):
-        return json.loads(Path(done).read_text())
+        result = json.loads(Path(done).read_text())
+        PHASE_SECONDS[os.path.basename(directory)] = result["seconds"]
+        return result
     os.makedirs(directory, exist_ok=True)
     t = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
     result = {**run(directory), "directory": directory, "seconds": round(time.perf_counter() - t, 1)}
     Path(done).write_text(json.dumps(result, indent=1, default=str))
+    PHASE_SECONDS[os.path.basename(directory)] = result["seconds"]
     print(f"[{time.strftime('%H:%M:%S')}] {name} done in {result['seconds']:.0f}s", flush=True)
     return result
 
@@ -275,7 +291,7 @@ def train_cnn(directory: str, lake_root: str, blocks: list[str], steps: int, see
 
 
 class CNNPolicy:
-    """The plain CNN acting in Meta-World (gr2.sim.env.Policy): frames as the recorder stores them."""
+    """The plain CNN acting in Meta-World (gr2.sim.env.BatchPolicy): frames as the recorder stores them."""
 
     def __init__(self, path: str, instruction: str):
         import torch
@@ -289,18 +305,19 @@ class CNNPolicy:
         self.mean, self.std = saved["state_mean"].numpy(), saved["state_std"].numpy()
         self.text = torch.as_tensor(np.asarray(saved["instructions"][instruction], np.float32))[None]
 
-    def reset(self) -> None:
-        pass
+    def reset(self, episodes: int = 1) -> None:
+        pass  # a function of the current observation
 
-    def __call__(self, observation: dict) -> np.ndarray:
+    def act(self, observations: dict[int, dict]) -> dict[int, np.ndarray]:
         import torch
 
-        images = np.stack([observation[f"observation.images.{c}"][::-1] for c in CAMERAS])  # upright, as stored
-        state = (observation["observation.state"] - self.mean) / self.std
+        seen = list(observations.values())
+        images = np.stack([np.stack([o[f"observation.images.{c}"][::-1] for c in CAMERAS]) for o in seen])  # upright
+        state = (np.stack([o["observation.state"] for o in seen]) - self.mean) / self.std
         with torch.no_grad():
-            action = self.model(torch.as_tensor(images.copy()).permute(0, 3, 1, 2)[None].float() / 255,
-                                torch.as_tensor(state, dtype=torch.float32)[None], self.text)[0].numpy()
-        return np.clip(action, -1.0, 1.0)
+            actions = self.model(torch.as_tensor(images.copy()).permute(0, 1, 4, 2, 3).float() / 255,
+                                 torch.as_tensor(state, dtype=torch.float32), self.text.expand(len(seen), -1)).numpy()
+        return {i: np.clip(a, -1.0, 1.0) for i, a in zip(observations, actions)}
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -322,26 +339,36 @@ def rollouts(arm: str, checkpoint: str, tokenizer: str, lake: str, tasks: list[s
         instruction = INSTRUCTIONS[task]
         policy = (CNNPolicy(checkpoint, instruction) if arm == "cnn" else
                   MetaWorldPolicy(checkpoint, tokenizer, instruction, replan_every, threads=1, lake=lake))
-        config = RolloutConfig(env_name=task, seeds=tuple(seeds), cameras=CAMERAS, image_size=64, max_steps=max_steps)
+        config = RolloutConfig(env_name=task, seeds=tuple(seeds), cameras=CAMERAS, image_size=64, max_steps=max_steps,
+                               lockstep=len(seeds))
         out[task] = [{"seed": e.seed, "success": e.success, "steps": e.steps} for e in run_rollouts(policy, config).episodes]
     return out
 
 
-def closed_loop(args, policies: dict[str, dict], tokenizer: str, lake: str) -> dict[str, dict]:
-    """Each policy's tasks in two halves, each half a Ray task of one CPU, all in flight at once:
+def closed_loop(args, work: str, policies: dict[str, dict], tokenizer: str, lake: str) -> dict[str, dict]:
+    """Each policy's tasks in two halves, each half a Ray task of one CPU, every policy's in flight at
+    once; each policy's result is a phase of its own (a killed run keeps the finished ones):
     {policy: {task: episodes}}. Workers are reused: a fresh one costs seconds of imports."""
     import ray
 
-    remote = ray.remote(num_cpus=1, memory=1536 * 2**20)(rollouts)
+    # a worker holds torch, the policy and --eval-seeds live environments (~100 MB each: gr2.sim.env)
+    remote = ray.remote(num_cpus=1, memory=(1536 + 100 * args.eval_seeds) * 2**20)(rollouts)
     seeds = list(range(EVAL_SEED, EVAL_SEED + args.eval_seeds))
-    halves = [list(args.tasks[: (len(args.tasks) + 1) // 2]), list(args.tasks[(len(args.tasks) + 1) // 2:])]
-    futures = [(name, remote.remote(p["arm"], p["checkpoint"], tokenizer, lake, half, seeds, args.max_steps,
-                                    args.replan_every))
-               for name, p in policies.items() for half in halves if half]
-    out: dict[str, dict] = {name: {} for name in policies}
-    for name, future in futures:
-        out[name].update(ray.get(future))
-    return out
+    halves = [h for h in (list(args.tasks[: (len(args.tasks) + 1) // 2]), list(args.tasks[(len(args.tasks) + 1) // 2:])) if h]
+    shaping = {name: {"policy": p["checkpoint"], "tasks": args.tasks, "seeds": args.eval_seeds,
+                      "max_steps": args.max_steps, "replan": args.replan_every} for name, p in policies.items()}
+    futures = {name: [remote.remote(p["arm"], p["checkpoint"], tokenizer, lake, half, seeds, args.max_steps,
+                                    args.replan_every) for half in halves]
+               for name, p in policies.items() if not phase_done(work, "closed-loop", shaping[name])}
+
+    def gather(name: str) -> dict:
+        episodes: dict = {}
+        for part in ray.get(futures[name]):
+            episodes.update(part)
+        return {"episodes": episodes}
+
+    return {name: phase(work, "closed-loop", shaping[name], lambda d, name=name: gather(name))["episodes"]
+            for name in policies}
 
 
 def video_prediction(lake_root: str, checkpoint: str, heldout: str, png: str) -> dict:
@@ -382,12 +409,16 @@ def copy_accuracy(spec) -> float:
 # -- the report -----------------------------------------------------------------------------------
 
 
+def arm_name(arm: str, stride: int) -> str:
+    return arm if stride == 1 else f"{arm}-stride{stride}"
+
+
 def summarise(evaluations: dict, args) -> dict:
     """Success rate per arm and demo count: per task and overall, mean and std over training seeds."""
     table = {}
+    gr2_arms = [arm_name(a, s) for s in args.strides for a in ("scratch", "pretrained")]
     for demos in args.demos:
-        arms = ("scratch", "pretrained", "cnn", f"scratch-stride{args.frame_stride}", f"pretrained-stride{args.frame_stride}")
-        for arm in arms:
+        for arm in gr2_arms + ["cnn"]:
             runs = [e for e in evaluations.values() if e["arm"] == arm and e["demos"] == demos]
             if not runs:
                 continue
@@ -469,17 +500,13 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-SCHEDULING = ("out", "work", "arms", "seeds", "stride_seeds", "keep_results", "table")  # not the experiment's shape
+SCHEDULING = ("out", "work", "seeds", "keep_results", "table")  # not the experiment's shape
 
 
 def expected_runs(args) -> list[str]:
-    """Every run the full experiment holds, whatever --arms this invocation ran."""
-    s = args.frame_stride
-    base = [f"{arm}/{d}/{i}" for d in args.demos for i in range(args.seeds) for arm in ("scratch", "pretrained", "cnn")]
-    strided = [f"{arm}-stride{s}/{d}/{i}" for d in args.stride_demos
-               for i in range(args.seeds if args.stride_seeds is None else args.stride_seeds)
-               for arm in ("scratch", "pretrained")] if s > 1 else []
-    return base + strided
+    """Every run the experiment holds."""
+    arms = [arm_name(a, s) for s in args.strides for a in ("scratch", "pretrained")] + ["cnn"]
+    return [f"{arm}/{d}/{i}" for d in args.demos for i in range(args.seeds) for arm in arms]
 
 
 def kept_results(args) -> dict:
@@ -514,12 +541,9 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=1000)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps, every GR-2 arm")
     p.add_argument("--cnn-steps", type=int, default=1000)
-    p.add_argument("--frame-stride", type=int, default=5,
-                   help="two more GR-2 arms whose history frames are this many steps apart (1: none)")
-    p.add_argument("--stride-demos", nargs="+", type=int, default=[5], help="demos per task for the strided arms")
-    p.add_argument("--arms", choices=("all", "base", "strided"), default="all",
-                   help="which groups to run: two processes can share --work, one per kind (give each its own --out)")
-    p.add_argument("--stride-seeds", type=int, default=None, help="training seeds of the strided arms (default: --seeds)")
+    p.add_argument("--strides", nargs="+", type=int, default=[5],
+                   help="the GR-2 arms' frame strides, a scratch and a pre-trained arm for each: history frames this "
+                        "many steps apart (5: 1/16 s, as the clips'; 1: consecutive 80 Hz steps, the first design)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-cpus", type=int, default=2)
@@ -543,7 +567,7 @@ def main() -> None:
         args.tasks, args.demos, args.block, args.seeds = ["reach-v3", "drawer-close-v3"], [1], 1, 1
         args.video_episodes, args.heldout_episodes, args.tokenizer_steps, args.codebook = 1, 1, 10, 64
         args.pretrain_steps, args.steps, args.cnn_steps, args.batch_size = 4, 4, 4, 8
-        args.eval_seeds, args.max_steps, args.real_footage, args.frame_stride = 1, 8, False, 1
+        args.eval_seeds, args.max_steps, args.real_footage, args.strides = 1, 8, False, [1]
         if args.out == RESULTS:
             args.out = Path(args.work) / "few_demo_multitask.json"
     if any(d % args.block for d in args.demos):
@@ -569,7 +593,10 @@ def main() -> None:
         result["runs"] = earlier["runs"]  # from the first save on: a run killed early leaves --out's runs in it
 
     def save() -> None:
-        result["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
+        result["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)  # this invocation's
+        # the phases this result rests on, whichever invocation ran them: a cold run's wall time
+        result["phase_seconds"] = dict(PHASE_SECONDS)
+        result["phase_minutes_total"] = round(sum(PHASE_SECONDS.values()) / 60, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
@@ -623,11 +650,14 @@ def main() -> None:
     evaluations = result.setdefault("runs", {})
     pngs = HERE / "results" / "few_demo_multitask" if not args.quick else Path(work) / "png"
     pngs.mkdir(parents=True, exist_ok=True)
-    def group(demos: int, seed: int, arms: tuple[tuple[str, str | None, int], ...], cnn: bool) -> None:
-        """Fine-tune `arms` (name, init, frame stride) and, with cnn, the CNN on `demos` demos per task
-        with training seed `seed`; then one closed-loop phase for all of them and the held-out video metrics."""
+    def group(demos: int, seed: int) -> None:
+        """Fine-tune the GR-2 arms (a scratch and a pre-trained one per stride) and the CNN on `demos`
+        demos per task with training seed `seed`; then all their closed loops at once and the held-out
+        video metrics."""
         names = [b["name"] for b in blocks[: demos // args.block]]
-        if all(f"{arm}/{demos}/{seed}" in evaluations for arm in [a[0] for a in arms] + ["cnn"] * cnn):
+        arms = [(arm_name(arm, s), init, s) for s in args.strides
+                for arm, init in (("scratch", None), ("pretrained", pre["checkpoint"]))]
+        if all(f"{arm}/{demos}/{seed}" in evaluations for arm in [a[0] for a in arms] + ["cnn"]):
             return  # kept from --out (--keep-results): nothing to train
         policies = {}
         for arm, init, stride in arms:
@@ -642,19 +672,13 @@ def main() -> None:
 
             run = phase(work, f"finetune-{arm}", {"lake": robot["lake"], "config": key}, fine_tune)
             policies[f"{arm}/{demos}/{seed}"] = {"arm": arm, "checkpoint": run["checkpoint"], "train": run}
-        if cnn:
-            run = phase(work, "cnn", {"lake": robot["lake"], "demos": names, "steps": args.cnn_steps, "seed": seed},
-                        lambda d: train_cnn(d, robot["lake"], names, args.cnn_steps, seed, args.train_cpus))
-            policies[f"cnn/{demos}/{seed}"] = {"arm": "cnn", "checkpoint": run["checkpoint"], "train": run}
+        run = phase(work, "cnn", {"lake": robot["lake"], "demos": names, "steps": args.cnn_steps, "seed": seed},
+                    lambda d: train_cnn(d, robot["lake"], names, args.cnn_steps, seed, args.train_cpus))
+        policies[f"cnn/{demos}/{seed}"] = {"arm": "cnn", "checkpoint": run["checkpoint"], "train": run}
         todo = {n: p for n, p in policies.items() if n not in evaluations}
-        if not todo:
-            return
-        loops = phase(work, "closed-loop", {"policies": {n: p["checkpoint"] for n, p in todo.items()},
-                                            "tasks": args.tasks, "seeds": args.eval_seeds, "max_steps": args.max_steps,
-                                            "replan": args.replan_every},
-                      lambda d: {"episodes": closed_loop(args, todo, tok, robot["lake"])})
+        loops = closed_loop(args, work, todo, tok, robot["lake"])
         for name, p in todo.items():
-            entry = {"arm": p["arm"], "demos": demos, "seed": seed, "closed_loop": loops["episodes"][name],
+            entry = {"arm": p["arm"], "demos": demos, "seed": seed, "closed_loop": loops[name],
                      "train": {k: p["train"].get(k) for k in ("run_id", "checkpoint", "steps", "minutes", "cpu_minutes",
                                                                "loss_first_50", "loss_last_50", "metrics", "samples")}}
             if p["arm"] != "cnn":
@@ -666,17 +690,9 @@ def main() -> None:
         save()
         print_table(result["table"], args.tasks)
 
-    for demos in args.demos if args.arms != "strided" else ():
+    for demos in args.demos:
         for seed in range(args.seeds):
-            group(demos, seed, (("scratch", None, 1), ("pretrained", pre["checkpoint"], 1)), cnn=True)
-    # the change most likely to make pre-training help (README): history frames 1/16 s apart, as the
-    # clips' are, so fine-tuning's next frame is one the camera has moved to rather than a copy
-    if args.frame_stride > 1 and args.arms != "base":
-        s = args.frame_stride
-        for demos in args.stride_demos:
-            for seed in range(args.seeds if args.stride_seeds is None else args.stride_seeds):
-                group(demos, seed, ((f"scratch-stride{s}", None, s), (f"pretrained-stride{s}", pre["checkpoint"], s)),
-                      cnn=False)
+            group(demos, seed)
     result["table"] = summarise(evaluations, args)  # kept runs too, when no group ran (--keep-results)
     result["loss_curves"] = loss_curves(result, str(pngs / "loss_curves.png"))
     result["missing_runs"] = [n for n in expected_runs(args) if n not in evaluations]

@@ -38,6 +38,9 @@ def test_the_quick_experiment_runs_every_phase_and_a_rerun_redoes_none(tmp_path)
         if run_["arm"] != "cnn":
             assert 0.0 <= run_["video"]["token_accuracy"] <= 1.0 and run_["video"]["heldout_samples"] > 0
             assert Path(run_["video"]["png"]).stat().st_size > 0
+    # each policy's closed loop is a phase of its own; the phases add up to what a cold run costs
+    assert sum(name.startswith("closed-loop-") for name in result["phase_seconds"]) == 3
+    assert result["phase_minutes_total"] == round(sum(result["phase_seconds"].values()) / 60, 1) > 0
     pretrained = result["runs"]["pretrained/1/0"]["train"]
     assert pretrained["run_id"] != result["runs"]["scratch/1/0"]["train"]["run_id"]
 

@@ -80,3 +80,34 @@ assert 0 < difference < 12, difference
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr.decode()[-2000:]}"
+
+
+class _Experts:
+    """The scripted expert as a BatchPolicy (it is a function of the observation, so one serves all)."""
+
+    def __init__(self, env_name):
+        self.expert = ScriptedExpert(env_name)
+        self.calls = []
+
+    def reset(self, episodes=1):
+        self.calls.clear()
+
+    def act(self, observations):
+        self.calls.append(sorted(observations))
+        return {i: self.expert(o) for i, o in observations.items()}
+
+
+def test_episodes_in_lockstep_are_the_episodes_each_seed_plays_alone():
+    from gr2.sim.env import run_episode, run_rollouts
+
+    config = RolloutConfig(env_name="reach-v3", seeds=(5, 6, 7), cameras=("corner",), image_size=32, max_steps=60,
+                           record_episodes=2, lockstep=3)
+    policy = _Experts("reach-v3")
+    together = run_rollouts(policy, config).episodes
+    alone = [run_episode(ScriptedExpert("reach-v3"), config, seed, record=True) for seed in config.seeds]
+    assert [(e.seed, e.success, e.steps) for e in together] == [(e.seed, e.success, e.steps) for e in alone]
+    assert len({e.steps for e in together}) > 1, "the seeds end at different steps"
+    assert policy.calls[0] == [0, 1, 2] and len(policy.calls) == max(e.steps for e in together)
+    for mine, theirs in zip(together[:2], alone[:2]):
+        np.testing.assert_array_equal(mine.frames["corner"], theirs.frames["corner"])
+    assert together[2].frames is None  # record_episodes=2

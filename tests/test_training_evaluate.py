@@ -65,14 +65,14 @@ def test_the_policy_sees_frames_and_state_as_training_read_them_and_acts_in_meta
     as_recorded = np.array(Image.fromarray(rendered[::-1]).resize((16, 16), Image.BILINEAR))  # flipped, resized
     expected = policy.tokenizer.encode(as_recorded[None].transpose(0, 3, 1, 2)).flatten(1)
     action = policy(obs)
-    assert torch.equal(policy.frames[-1], expected)
+    assert torch.equal(policy.episodes[0].frames[-1], expected)
     stats = spec.stats["state"]
-    assert np.allclose(policy.states[-1], (np.array([0.1, 0.6, 0.2, 1.0]) - stats["mean"]) / np.asarray(stats["std"]),
+    assert np.allclose(policy.episodes[0].states[-1], (np.array([0.1, 0.6, 0.2, 1.0]) - stats["mean"]) / np.asarray(stats["std"]),
                        atol=1e-5)
     assert action.shape == (4,) and action.dtype == np.float32 and np.all(np.abs(action) <= 1)
     assert action[-1] in (-1.0, 1.0)
     policy.reset()
-    assert len(policy.frames) == 0
+    assert len(policy.episodes[0].frames) == 0
 
 
 def test_a_strided_policy_keeps_the_window_training_read(trained, tmp_path):
@@ -92,11 +92,11 @@ def test_a_strided_policy_keeps_the_window_training_read(trained, tmp_path):
     for _ in range(5):
         policy({"observation.images.corner": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
                 "observation.state": rng.normal(size=4).astype(np.float32)})
-    assert len(policy.frames) == 4  # (history - 1) * stride + 1 steps are kept
+    assert len(policy.episodes[0].frames) == 4  # (history - 1) * stride + 1 steps are kept
     assert [o["step_is_pad"].tolist() for o in seen] == [[[True, False]]] * 3 + [[[False, False]]] * 2
     assert torch.equal(seen[2]["frames"][0, 0], seen[0]["frames"][0, 1])  # step 2 still leans on step 0
     assert torch.equal(seen[4]["frames"][0, 0], seen[1]["frames"][0, 1])  # step 4 sees step 1
-    assert torch.equal(seen[4]["frames"][0, 1], policy.frames[-1])
+    assert torch.equal(seen[4]["frames"][0, 1], policy.episodes[0].frames[-1])
 
 
 def test_a_checkpoint_whose_tokenizer_left_the_lake_cannot_be_evaluated(trained, tmp_path):
@@ -111,3 +111,25 @@ def test_a_checkpoint_whose_tokenizer_left_the_lake_cannot_be_evaluated(trained,
         "format", "checkpoint_id", "model", "saved_at", "optimizer_param_groups")}, "tokenizer_path": None})
     with pytest.raises(EvaluationError, match=meta["tokenizer_id"]):
         evaluate(other.root, moved, EvalConfig(episodes=0))
+
+
+@pytest.mark.parametrize("replan_every", [1, 2])
+def test_a_batch_of_episodes_gets_the_actions_each_would_get_alone(trained, replan_every):
+    """act() runs the model once for every episode that re-plans; each episode's actions are the
+    ones a policy playing it alone returns, although the episodes end at different steps."""
+    lake, directory, spec = trained
+    rng = np.random.default_rng(2)
+    steps = {0: 5, 1: 3, 2: 4}  # episode -> its length
+    seen = {i: [{"observation.images.corner": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                 "observation.state": rng.normal(size=4).astype(np.float32)} for _ in range(n)] for i, n in steps.items()}
+    batched = MetaWorldPolicy(directory, spec.tokenizer_path, replan_every=replan_every)
+    batched.reset(len(steps))
+    together = {i: [] for i in steps}
+    for t in range(max(steps.values())):
+        for i, action in batched.act({i: seen[i][t] for i in steps if t < steps[i]}).items():
+            together[i].append(action)
+    alone = MetaWorldPolicy(directory, spec.tokenizer_path, replan_every=replan_every)
+    for i in steps:
+        alone.reset()
+        np.testing.assert_allclose(np.stack([alone(o) for o in seen[i]]), np.stack(together[i]), atol=1e-5)
+    assert not np.allclose(together[0][0], together[1][0]), "different observations, different actions"

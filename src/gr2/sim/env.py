@@ -17,6 +17,11 @@ A policy sees LeRobot's keys:
     observation.state              (4,) float32: hand xyz and gripper opening
     observation.environment_state  (39,) float64: the simulator's full observation
 and returns a 4-d action: hand xyz delta and gripper effort, each in [-1, 1].
+
+A policy that can act for many episodes at once (`BatchPolicy`: a learned model, whose forward
+pass costs about as much for ten observations as for one on a CPU) plays `config.lockstep`
+seeds side by side, one batched call per step; each seed is still its own fresh environment, so
+its episode is the one it would be alone.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class RolloutConfig:
     max_steps: int = 200  # the scripted expert needs ~90 steps on drawer-open-v3
     shadows: bool = False  # make_env's rendering quality
     record_episodes: int = 0  # keep every frame of this many first episodes, for videos
+    # a BatchPolicy's episodes run this many at a time; each live environment holds ~100 MB
+    # (MuJoCo's model and data and an osmesa context, measured here), so ten cost ~1 GB
+    lockstep: int = 10
 
 
 @dataclass
@@ -69,6 +77,15 @@ class Policy(Protocol):
     def reset(self) -> None: ...
 
     def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+class BatchPolicy(Protocol):
+    """A policy that acts for several episodes in one call: `reset(episodes)` starts that many, and
+    `act` takes the observations of those still running, keyed by episode, and returns their actions."""
+
+    def reset(self, episodes: int = 1) -> None: ...
+
+    def act(self, observations: dict[int, dict[str, np.ndarray]]) -> dict[int, np.ndarray]: ...
 
 
 class SimError(Gr2Error):
@@ -142,39 +159,78 @@ def render(env, cameras: tuple[str, ...]) -> dict[str, np.ndarray]:
     return frames
 
 
+def observe(env, obs: np.ndarray, cameras: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """What a policy sees of `env` now (the module note's keys); obs is the simulator's last observation."""
+    observation = {f"observation.images.{camera}": image for camera, image in render(env, cameras).items()}
+    observation["observation.state"] = obs[:4].astype(np.float32)
+    observation["observation.environment_state"] = obs
+    return observation
+
+
 def run_episode(policy: Policy, config: RolloutConfig, seed: int, record: bool = False) -> EpisodeResult:
     """One closed-loop episode; it succeeds when Meta-World reports success at any step."""
-    env = make_env(config.env_name, seed, config.cameras[0], config.image_size, config.shadows)
-    recorded: dict[str, list[np.ndarray]] = {camera: [] for camera in config.cameras}
+    (result,) = run_lockstep(_OneEpisode(policy), config, (seed,), record=1 if record else 0)
+    return result
+
+
+def run_lockstep(policy: BatchPolicy, config: RolloutConfig, seeds: tuple[int, ...], record: int = 0) -> list[EpisodeResult]:
+    """One episode per seed, all stepped together: each step renders every live episode, asks the
+    policy for all their actions in one call, and steps each environment. An episode ends when
+    Meta-World reports success, at config.max_steps, or when its environment ends it; the first
+    `record` episodes keep their frames."""
+    envs, results = [], []
     try:
-        obs, _ = env.reset(seed=seed)
-        policy.reset()
-        success, steps = False, 0
-        while steps < config.max_steps and not success:
-            images = render(env, config.cameras)
-            if record:
-                for camera, image in images.items():
-                    recorded[camera].append(image)
-            observation = {f"observation.images.{camera}": image for camera, image in images.items()}
-            observation["observation.state"] = obs[:4].astype(np.float32)
-            observation["observation.environment_state"] = obs
-            action = np.asarray(policy(observation), dtype=np.float32)
-            obs, _, terminated, truncated, info = env.step(action)
-            steps += 1
-            success = bool(info["success"])
-            if terminated or truncated:
-                break
+        for seed in seeds:
+            envs.append(make_env(config.env_name, seed, config.cameras[0], config.image_size, config.shadows))
+        obs = {i: env.reset(seed=seed)[0] for i, (env, seed) in enumerate(zip(envs, seeds))}
+        policy.reset(len(seeds))
+        results = [EpisodeResult(seed=seed, success=False, steps=0) for seed in seeds]
+        recorded: dict[int, dict[str, list[np.ndarray]]] = {i: {c: [] for c in config.cameras} for i in range(record)}
+        live = [i for i in range(len(seeds)) if config.max_steps > 0]
+        while live:
+            observations = {i: observe(envs[i], obs[i], config.cameras) for i in live}
+            for i in set(live) & recorded.keys():
+                for camera in config.cameras:
+                    recorded[i][camera].append(observations[i][f"observation.images.{camera}"])
+            actions = policy.act(observations)
+            for i in list(live):
+                obs[i], _, terminated, truncated, info = envs[i].step(np.asarray(actions[i], dtype=np.float32))
+                results[i].steps += 1
+                results[i].success = bool(info["success"])
+                if results[i].success or results[i].steps >= config.max_steps or terminated or truncated:
+                    live.remove(i)
     finally:
-        env.close()
-    frames = {camera: np.stack(images) for camera, images in recorded.items()} if record else None
-    return EpisodeResult(seed=seed, success=success, steps=steps, frames=frames)
+        for env in envs:
+            env.close()
+    for i, frames in recorded.items():
+        results[i].frames = {camera: np.stack(images) for camera, images in frames.items()}
+    return results
 
 
-def run_rollouts(policy: Policy, config: RolloutConfig) -> RolloutResult:
-    """Every seed of config, in this process; see the module note before mixing with training."""
+class _OneEpisode:
+    """A one-episode Policy as a BatchPolicy."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def reset(self, episodes: int = 1) -> None:
+        assert episodes == 1, "a Policy plays one episode at a time"
+        self.policy.reset()
+
+    def act(self, observations: dict[int, dict[str, np.ndarray]]) -> dict[int, np.ndarray]:
+        return {i: self.policy(o) for i, o in observations.items()}
+
+
+def run_rollouts(policy: Policy | BatchPolicy, config: RolloutConfig) -> RolloutResult:
+    """Every seed of config, in this process (see the module note before mixing with training): a
+    BatchPolicy's config.lockstep at a time, any other policy's one by one."""
+    batched = hasattr(policy, "act")
+    played, group = (policy, max(config.lockstep, 1)) if batched else (_OneEpisode(policy), 1)
     result = RolloutResult(env_name=config.env_name)
-    for i, seed in enumerate(config.seeds):
-        result.episodes.append(run_episode(policy, config, seed, record=i < config.record_episodes))
+    for start in range(0, len(config.seeds), group):
+        seeds = config.seeds[start:start + group]
+        record = max(0, min(config.record_episodes - start, len(seeds)))
+        result.episodes += run_lockstep(played, config, seeds, record)
     return result
 
 

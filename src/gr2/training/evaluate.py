@@ -170,7 +170,8 @@ def instruction_embedding(meta: dict, instruction: str, lake_root: str | None = 
 
 
 class MetaWorldPolicy:
-    """A GR-2 checkpoint acting in Meta-World: observation dict -> 4-d action (gr2.sim.env.Policy).
+    """A GR-2 checkpoint acting in Meta-World: observation dict -> 4-d action (gr2.sim.env.Policy),
+    or many episodes' observations -> their actions in one forward pass (`act`, a BatchPolicy).
 
     The state layout is the recorder's (gr2.sim.record.STATE_NAMES); Meta-World's observation
     gives the hand position and gripper opening, and the hand's orientation, which Meta-World
@@ -207,24 +208,25 @@ class MetaWorldPolicy:
         self.replan_every = replan_every
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, episodes: int = 1) -> None:
+        """Start `episodes` episodes (gr2.sim.env.BatchPolicy); calling the policy plays episode 0."""
         span = (self.history - 1) * self.stride + 1  # the steps one window reaches back over
-        self.frames: deque = deque(maxlen=span)
-        self.states: deque = deque(maxlen=span)
-        self.plan: list[np.ndarray] = []
-        self.t = 0
+        self.episodes = [_Episode(deque(maxlen=span), deque(maxlen=span)) for _ in range(episodes)]
 
-    def _tokens(self, observation: dict) -> torch.Tensor:
+    def _tokens(self, observations: list[dict]) -> torch.Tensor:
+        """(episodes, views, tokens): each observation's frames flipped and resized as the lake holds
+        them, encoded in one batch."""
         from PIL import Image
 
         images = []
-        for camera in self.cameras:
-            image = observation[f"observation.images.{camera}"][::-1]  # as the recorder stores it
-            if image.shape[1::-1] != self.size:
-                image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(self.size, Image.BILINEAR))
-            images.append(image)
-        grids = self.tokenizer.encode(np.stack(images).transpose(0, 3, 1, 2))  # (V, h, w)
-        return grids.flatten(1)
+        for observation in observations:
+            for camera in self.cameras:
+                image = observation[f"observation.images.{camera}"][::-1]  # as the recorder stores it
+                if image.shape[1::-1] != self.size:
+                    image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(self.size, Image.BILINEAR))
+                images.append(image)
+        grids = self.tokenizer.encode(np.stack(images).transpose(0, 3, 1, 2))  # (episodes * V, h, w)
+        return grids.flatten(1).reshape(len(observations), len(self.cameras), -1)
 
     def _state(self, observation: dict) -> np.ndarray:
         x, y, z, gripper = observation["observation.state"]
@@ -232,30 +234,55 @@ class MetaWorldPolicy:
         raw = np.array([seen.get(n, self.state_fill[n]) for n in self.state_names])
         return lay.to_model(raw, self.stats["state"], self.state_layout).astype(np.float32)
 
-    @torch.no_grad()
     def __call__(self, observation: dict) -> np.ndarray:
-        self.frames.append(self._tokens(observation))
-        self.states.append(self._state(observation))
-        self.t += 1
-        if self.plan and (self.t - 1) % self.replan_every:
-            return self.plan.pop(0)
-        # history step i sits (h-1-i)*stride steps back; before the episode reaches that far it repeats
+        return self.act({0: observation})[0]
+
+    @torch.no_grad()
+    def act(self, observations: dict[int, dict]) -> dict[int, np.ndarray]:
+        """Actions for the given episodes' observations; the model runs once for all that re-plan."""
+        tokens = self._tokens(list(observations.values()))
+        for k, (i, observation) in enumerate(observations.items()):
+            episode = self.episodes[i]
+            episode.frames.append(tokens[k])
+            episode.states.append(self._state(observation))
+            episode.t += 1
+        out = {i: self.episodes[i].plan.pop(0) for i in observations
+               if self.episodes[i].plan and (self.episodes[i].t - 1) % self.replan_every}
+        planning = [i for i in observations if i not in out]
+        if not planning:
+            return out
+        # history step j sits (h-1-j)*stride steps back; before the episode reaches that far it repeats
         # the first step, marked as padding (as gr2.robot.actions.window_indices clamps in training)
-        back = [(self.history - 1 - i) * self.stride for i in range(self.history)]
-        have = len(self.frames)
-        index = [max(have - 1 - b, 0) for b in back]
-        is_pad = [have - 1 - b < 0 for b in back]
-        frames = [self.frames[i] for i in index]
-        states = [self.states[i] for i in index]
-        obs = {"frames": torch.stack(frames)[None], "state": torch.as_tensor(np.stack(states))[None],
-               "step_is_pad": torch.tensor([is_pad]), "text_embedding": self.text}
-        chunk = self.model.select_action(obs)[0].numpy().astype(np.float64)
-        chunk = lay.from_model(chunk, self.stats["action"], self.action_layout)
-        if self.action_column != "source_action":  # ee_delta: metres -> Meta-World's command units
-            chunk = np.concatenate([chunk[:, :3] / self.ACTION_SCALE, chunk[:, -1:]], axis=1)
-        actions = [np.clip(a, -1.0, 1.0).astype(np.float32) for a in chunk]
-        self.plan = actions[1:self.replan_every]
-        return actions[0]
+        back = [(self.history - 1 - j) * self.stride for j in range(self.history)]
+        frames, states, pads = [], [], []
+        for i in planning:
+            episode = self.episodes[i]
+            have = len(episode.frames)
+            index = [max(have - 1 - b, 0) for b in back]
+            frames.append(torch.stack([episode.frames[j] for j in index]))
+            states.append(np.stack([episode.states[j] for j in index]))
+            pads.append([have - 1 - b < 0 for b in back])
+        obs = {"frames": torch.stack(frames), "state": torch.as_tensor(np.stack(states)),
+               "step_is_pad": torch.tensor(pads), "text_embedding": self.text.expand(len(planning), -1)}
+        chunks = self.model.select_action(obs).numpy().astype(np.float64)
+        for i, chunk in zip(planning, chunks):
+            chunk = lay.from_model(chunk, self.stats["action"], self.action_layout)
+            if self.action_column != "source_action":  # ee_delta: metres -> Meta-World's command units
+                chunk = np.concatenate([chunk[:, :3] / self.ACTION_SCALE, chunk[:, -1:]], axis=1)
+            actions = [np.clip(a, -1.0, 1.0).astype(np.float32) for a in chunk]
+            self.episodes[i].plan = actions[1:self.replan_every]
+            out[i] = actions[0]
+        return out
+
+
+@dataclass
+class _Episode:
+    """What MetaWorldPolicy remembers of one running episode: its last steps' tokens and states."""
+
+    frames: deque
+    states: deque
+    plan: list = dataclasses.field(default_factory=list)
+    t: int = 0
 
 
 def env_name_for(spec: DataSpec, config: EvalConfig) -> str:
