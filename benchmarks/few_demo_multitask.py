@@ -27,7 +27,7 @@ No actions reach pre-training: the video lake holds clips and captions only. Eve
 under --work in a directory named by a hash of what shaped it, and is skipped when finished, so a
 killed run resumes. Results: benchmarks/results/few_demo_multitask.json and PNGs beside it.
 
-    .venv/bin/python benchmarks/few_demo_multitask.py            # the default run (~3 h on this 2-core machine)
+    .venv/bin/python benchmarks/few_demo_multitask.py            # the default run (~93 min on this 2-core machine)
     .venv/bin/python benchmarks/few_demo_multitask.py --quick    # wiring only, a few minutes
 """
 
@@ -447,7 +447,7 @@ def print_table(table: dict, tasks: tuple[str, ...]) -> None:
         print(f"{name:24}" + "".join(f"{c:>14}" for c in cells) + (f"{accuracy:>11.3f}" if accuracy is not None else f"{'-':>11}"))
 
 
-def loss_curves(result: dict, png: str) -> str:
+def loss_curves(result: dict, png: str) -> str | None:
     """Why pre-training does or does not carry over, as a picture: pre-training's next-frame loss beside
     its unigram floor, and each GR-2 arm's fine-tuning losses (image and arm) on seed 0 at the fewest demos."""
     import matplotlib
@@ -467,7 +467,7 @@ def loss_curves(result: dict, png: str) -> str:
              if run["arm"] != "cnn" and run["seed"] == 0 and run["demos"] == demos]
     if not all(os.path.isdir(os.path.dirname(c)) for c in [pre["checkpoint"]] + [r["train"]["checkpoint"]
                                                                                  for r in drawn]):
-        return png  # drawn by the run whose checkpoints these are; its work directory is gone (--keep-results)
+        return None  # drawn by the run whose checkpoints these are; its work directory is gone (--keep-results)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(*curve(pre["checkpoint"], "loss_image"), label="pre-training (clips)")
     if pre.get("unigram_entropy_nats"):
@@ -561,7 +561,8 @@ def main() -> None:
     if args.table:
         result = json.loads(args.out.read_text())
         print(markdown_table(result))
-        print(loss_curves(result, str(args.out.with_suffix("")) + "/loss_curves.png"))
+        drawn = loss_curves(result, str(args.out.with_suffix("")) + "/loss_curves.png")
+        print(drawn or "(loss curves not redrawn: the checkpoints they read are not under --work)")
         return
     if args.quick:
         args.tasks, args.demos, args.block, args.seeds = ["reach-v3", "drawer-close-v3"], [1], 1, 1
