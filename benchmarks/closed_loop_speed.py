@@ -120,11 +120,13 @@ def main() -> None:
     result = {"command": "benchmarks/closed_loop_speed.py", "checkpoint": checkpoint, "task": args.task,
               "seeds": args.seeds, "max_steps": args.max_steps, "make_env_cpu_s": round(make_s, 2),
               "render_two_cameras_cpu_ms": round(render_ms, 2), "one_by_one": alone, "side_by_side": together,
-              "same_episodes": sum(same), "same_success": sum(same_success), "speedup_cpu": round(alone["cpu_s"] / together["cpu_s"], 2),
+              "same_episodes": sum(same), "same_success": sum(same_success),
+              "speedup_cpu": round(alone["cpu_s"] / together["cpu_s"], 2),
               "policy_speedup_cpu": round(alone["policy_cpu_s"] / together["policy_cpu_s"], 2)}
     print(f"{'':24}{'CPU ms / env step':>18}{'policy CPU ms / step':>22}{'CPU s':>8}{'wall s':>8}")
     for name, r in (("one by one", alone), (f"{args.seeds} side by side", together)):
-        print(f"{name:24}{r['cpu_ms_per_env_step']:>18}{r['policy_cpu_ms_per_env_step']:>22}{r['cpu_s']:>8}{r['wall_s']:>8}")
+        print(f"{name:24}{r['cpu_ms_per_env_step']:>18}{r['policy_cpu_ms_per_env_step']:>22}"
+              f"{r['cpu_s']:>8}{r['wall_s']:>8}")
     print(f"floors: rendering two cameras {render_ms:.1f} CPU ms a step; making an environment {make_s:.2f} CPU s")
     print(f"same success: {sum(same_success)} of {len(same)} seeds, same length too: {sum(same)}; "
           f"{result['speedup_cpu']}x less CPU side by side (policy alone {result['policy_speedup_cpu']}x)")

@@ -354,7 +354,8 @@ def closed_loop(args, work: str, policies: dict[str, dict], tokenizer: str, lake
     # a worker holds torch, the policy and --eval-seeds live environments (~100 MB each: gr2.sim.env)
     remote = ray.remote(num_cpus=1, memory=(1536 + 100 * args.eval_seeds) * 2**20)(rollouts)
     seeds = list(range(EVAL_SEED, EVAL_SEED + args.eval_seeds))
-    halves = [h for h in (list(args.tasks[: (len(args.tasks) + 1) // 2]), list(args.tasks[(len(args.tasks) + 1) // 2:])) if h]
+    middle = (len(args.tasks) + 1) // 2
+    halves = [half for half in (list(args.tasks[:middle]), list(args.tasks[middle:])) if half]
     shaping = {name: {"policy": p["checkpoint"], "tasks": args.tasks, "seeds": args.eval_seeds,
                       "max_steps": args.max_steps, "replan": args.replan_every} for name, p in policies.items()}
     futures = {name: [remote.remote(p["arm"], p["checkpoint"], tokenizer, lake, half, seeds, args.max_steps,

@@ -173,12 +173,13 @@ def run_episode(policy: Policy, config: RolloutConfig, seed: int, record: bool =
     return result
 
 
-def run_lockstep(policy: BatchPolicy, config: RolloutConfig, seeds: tuple[int, ...], record: int = 0) -> list[EpisodeResult]:
+def run_lockstep(policy: BatchPolicy, config: RolloutConfig, seeds: tuple[int, ...],
+                 record: int = 0) -> list[EpisodeResult]:
     """One episode per seed, all stepped together: each step renders every live episode, asks the
     policy for all their actions in one call, and steps each environment. An episode ends when
     Meta-World reports success, at config.max_steps, or when its environment ends it; the first
     `record` episodes keep their frames."""
-    envs, results = [], []
+    envs = []
     try:
         for seed in seeds:
             envs.append(make_env(config.env_name, seed, config.cameras[0], config.image_size, config.shadows))
