@@ -283,6 +283,11 @@ def _feed_when_read(pipe, data: bytes, then_file, timeout: float = 120) -> None:
         w.write(data)
 
 
+def _ray_state(ray) -> str:
+    """What Ray had free, for a failure message (the state API needs the dashboard our Ray runs without)."""
+    return f"; free {ray.available_resources()} of {ray.cluster_resources()}"
+
+
 def test_clips_reach_the_lake_while_a_later_video_is_still_being_read(ray_local, media, tmp_path):
     from gr2.video.build import run_build
 
@@ -299,13 +304,17 @@ def test_clips_reach_the_lake_while_a_later_video_is_still_being_read(ray_local,
         sources, lake, FAST.model_copy(update={"commit_every": 1, "clip_s": 0.5, "min_clip_s": 0.25}),
         log=lambda *_: None)))
     build.start()
-    deadline = time.time() + 90
-    while time.time() < deadline and not lake.exists("clips"):
+    # Alone this takes ~10 s. The pipe stays unfed however long we wait, so a long deadline cannot
+    # pass a build that read it first; it only spares a loaded machine (CI failed once at 90 s).
+    started = time.time()
+    while time.time() < started + 240 and not lake.exists("clips") and build.is_alive():
         time.sleep(0.2)
+    waited = time.time() - started
     clips_before_late = len(lake.read("clips")) if lake.exists("clips") else 0
+    state = _ray_state(ray_local) if not clips_before_late else ""
     _feed_when_read(late, media["avi"].read_bytes(), media["avi"])
     build.join(timeout=300)
-    assert clips_before_late >= 1, "no clip was committed while a later video was still unread"
+    assert clips_before_late >= 1, f"no clip was committed while a later video was still unread ({waited:.0f} s){state}"
     f = done["result"].funnel
     assert (f["inputs"], f["accepted"], f["processed"]) == (3, 3, 3)
     videos = lake.read("videos")
