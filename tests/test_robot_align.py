@@ -97,6 +97,15 @@ def test_every_dropped_frame_is_flagged_and_counted():
     assert result.flagged.sum() == np.logical_or.reduce([~v.ok for v in result.views]).sum()
 
 
+
+def test_an_episode_without_cameras_has_every_step_and_none_flagged():
+    import dataclasses
+
+    episode, _ = synthetic_episode(seed=2)
+    result = align(dataclasses.replace(episode, cameras={}))
+    # [T], not [0]: the ingest's flagged fraction is a mean over the steps (numpy warned on an empty one)
+    assert result.views == [] and result.flagged.shape == (episode.length,) and not result.flagged.any()
+
 def test_ignoring_a_latency_picks_frames_from_the_wrong_time():
     episode, truth = synthetic_episode(seed=3, cams={"head": (30.0, 0.050)}, drops=0)
     right = align(episode, declared(truth)).views[0]

@@ -55,11 +55,12 @@ class ViewAlignment:
 @dataclass
 class Alignment:
     views: list[ViewAlignment]
+    steps: int  # T, the state clock's steps: an episode without cameras has steps and no views
 
     @property
     def flagged(self) -> np.ndarray:
-        """[T] bool: steps where at least one view has no frame within tolerance."""
-        return ~np.logical_and.reduce([v.ok for v in self.views]) if self.views else np.zeros(0, bool)
+        """[T] bool: steps where at least one view has no frame within tolerance (none without views)."""
+        return ~np.logical_and.reduce([v.ok for v in self.views]) if self.views else np.zeros(self.steps, bool)
 
     @property
     def report(self) -> list[dict]:
@@ -274,7 +275,7 @@ def align(episode: Episode, config: AlignConfig = AlignConfig(), cameras: list[s
         else:
             offset, source = 0.0, "none"
         views.append(align_camera(step_times, cam, offset, source, config.tolerance_s))
-    return Alignment(views)
+    return Alignment(views, len(step_times))
 
 
 def _estimate(episode: Episode, cam: Camera, config: AlignConfig) -> float:

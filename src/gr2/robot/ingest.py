@@ -465,9 +465,12 @@ def estimate_source_offsets(refs: list[EpisodeRef], config: IngestConfig) -> tup
         if len(sample.setdefault(ref.source, [])) < config.estimate_episodes:
             sample[ref.source].append(ref)
     items = [_ref_item(r) for rs in sample.values() for r in rs]
-    out = ray.data.from_items(items).map_batches(
+    if not items:
+        return {}, {}
+    out = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         offset_curves, fn_kwargs={"config": config}, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=config.concurrency), num_cpus=1, **worker_env(),
+        # no more tasks than episodes: Ray Data warns of a concurrency its input cannot fill
+        compute=ray.data.TaskPoolStrategy(size=min(config.concurrency, len(items))), num_cpus=1, **worker_env(),
     ).take_all()
     lags = estimation_grid(config.align_config())
     curves: dict[tuple[str, str], list] = {}

@@ -108,10 +108,10 @@ def sample_clip_frames(lake: Lake, resolution: int, config: SampleConfig,
     if not items:
         return {}, 0
     keep = ("clip_id", "uri", "width", "height", "frame_size", "indices")
-    ds = ray.data.from_items([{k: it[k] for k in keep} for it in items],
-                             override_num_blocks=max(1, min(len(items), workers * 4)))
+    blocks = max(1, min(len(items), workers * 4))
+    ds = ray.data.from_items([{k: it[k] for k in keep} for it in items], override_num_blocks=blocks)
     ds = ds.map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4,
-                        compute=ray.data.TaskPoolStrategy(workers),
+                        compute=ray.data.TaskPoolStrategy(min(workers, blocks)),  # no more tasks than blocks
                         **worker_env())
     out, failed = {}, 0
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
@@ -161,9 +161,11 @@ def sample_robot_frames(lake: Lake, resolution: int, config: SampleConfig,
     items = items[: config.max_robot_frames]
     if not items:
         return {}, 0
-    frames = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64 + 1, workers * 4)))
+    blocks = max(1, min(len(items) // 64 + 1, workers * 4))
+    # no more tasks than blocks: Ray Data warns of a concurrency its input cannot fill
+    frames = (ray.data.from_items(items, override_num_blocks=blocks)
               .map_batches(decode_jpegs, fn_kwargs={"resolution": resolution}, batch_size=64,
-                           compute=ray.data.TaskPoolStrategy(workers)))
+                           compute=ray.data.TaskPoolStrategy(min(workers, blocks))))
     out: dict[str, list] = {}
     failed = 0
     for batch in frames.iter_batches(batch_size=256, batch_format="numpy"):

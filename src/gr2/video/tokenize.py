@@ -300,11 +300,12 @@ def tokenize_lake(lake: Lake, checkpoint_dir: str, only_missing: bool = True, ac
 
     workers = decoders or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     built = {r["clip_id"]: r["build_id"] for r in items}
+    blocks = max(1, min(len(items), workers * 4))
     ds = (
         ray.data.from_items([{k: r[k] for k in ("clip_id", "uri", "width", "height", "frame_size", "indices")}
-                             for r in items], override_num_blocks=max(1, min(len(items), workers * 4)))
+                             for r in items], override_num_blocks=blocks)
         .map_batches(decode_clip_frames, fn_kwargs={"resolution": resolution}, batch_size=4,
-                     compute=ray.data.TaskPoolStrategy(workers),
+                     compute=ray.data.TaskPoolStrategy(min(workers, blocks)),  # no more tasks than blocks
                      **worker_env())
         .map_batches(TokenizeClips, fn_constructor_args=(checkpoint_dir,), batch_size=8, compute=_actor_pool(actors),
                      **actor_args())
