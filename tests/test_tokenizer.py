@@ -253,6 +253,18 @@ def test_corrupt_checkpoint_fails_at_load_naming_the_file(saved, fault):
     assert str(saved) in str(err.value)
 
 
+
+def test_a_save_that_fails_half_way_leaves_no_config_json(tmp_path):
+    """config.json marks a checkpoint complete (resuming takes the newest step that has one), so it
+    appears whole or not at all: here its encoding fails part-way, as a save killed while writing it."""
+    from gr2.tokenizers.checkpoint import write_checkpoint
+
+    step = tmp_path / "step-000003"
+    with pytest.raises(TypeError):
+        write_checkpoint(str(step), {"model.safetensors": ({"w": torch.zeros(2)}, {})},
+                         {"format": "gr2.test", "step": 3, "world": object()})
+    assert sorted(p.name for p in step.iterdir()) == ["model.safetensors"]
+
 def test_tokenizers_import_no_engine():
     code = "import sys, gr2.tokenizers; print([m for m in sys.modules if m.split('.')[0] in ('ray', 'prefect', 'lance')])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

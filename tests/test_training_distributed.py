@@ -34,6 +34,21 @@ def kill_a_worker_after_the_first_checkpoint(run_dir: str, done: threading.Event
     return killed
 
 
+def test_a_metrics_line_torn_by_a_kill_loses_only_itself(tmp_path):
+    from gr2.training.metrics import MetricsLog
+
+    log = MetricsLog(str(tmp_path))
+    for step in (1, 2):
+        log.write({"step": step, "loss": 1.0})
+    log.flush()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # the worker was killed here
+    resumed = MetricsLog(str(tmp_path))
+    resumed.write({"step": 3, "loss": 0.5})
+    resumed.flush()
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path))] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+
+
 def test_two_workers_pretrain_and_a_killed_worker_resumes_from_the_last_checkpoint(fresh_ray, tmp_path):
     lake = clips_lake(str(tmp_path / "lake"), clips=10, frames=5)
     # slow enough per step that the kill lands mid-run: a full model over 8-frame windows

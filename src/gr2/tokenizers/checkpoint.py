@@ -7,7 +7,9 @@ A checkpoint is a directory (local path or fsspec URI) holding
 
 The checkpoint id is the first 16 hex digits of sha256 over the config and every tensor's name,
 dtype, shape and bytes; rows tokenized with a checkpoint record it. Loading recomputes it, so
-weights or a config changed after saving are caught at load, never mid-build.
+weights or a config changed after saving are caught at load, never mid-build. config.json is
+written last and appears whole (renamed into place on a local disk), so a directory that has one
+holds a complete checkpoint: resuming takes the newest such step.
 
 GR-2 checkpoints (training/checkpoint.py) are the same format with other files and fields; the
 format's pieces (`content_id`, `write_checkpoint`, `read_tensors`, `read_json`) live here, on the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -73,8 +76,18 @@ def write_checkpoint(directory: str, files: dict[str, tuple[dict[str, torch.Tens
     for name, (tensors, metadata) in files.items():
         with fs.open(_join(root, name), "wb") as f:
             f.write(save_safetensors(tensors, metadata=metadata))
-    with fs.open(_join(root, CONFIG), "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
+    text = json.dumps(config, indent=1, sort_keys=True)
+    final = _join(root, CONFIG)
+    if "file" in fs.protocol:
+        # A local file exists, empty, from the moment it is opened: a reader or a save killed right then
+        # would take it for a whole checkpoint (CI killed a worker on seeing it). Written aside and
+        # renamed, it appears whole; an object store's PUT does that by itself.
+        aside = f"{final}.{os.getpid()}.part"
+        with open(aside, "w") as f:
+            f.write(text)
+        os.replace(aside, final)
+    else:
+        fs.pipe_file(final, text.encode())
 
 
 def _path(directory: str, name: str) -> str:

@@ -31,6 +31,19 @@ class MetricsLog:
         self._all: list[dict] | None = None if self._local else read_metrics_raw(self.path)
         if self._local:
             self.fs.makedirs(self._path.rsplit("/", 1)[0], exist_ok=True)
+            self._end_a_torn_line()
+
+    def _end_a_torn_line(self) -> None:
+        """A worker killed mid-append leaves half a line; ended here, the records after it stay whole."""
+        try:
+            with open(self._path, "rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+        except FileNotFoundError:
+            pass
 
     def write(self, record: dict) -> None:
         self._pending.append(record)
@@ -53,7 +66,14 @@ def read_metrics_raw(path: str) -> list[dict]:
     if not fs.exists(p):
         return []
     with fs.open(p) as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        lines = f.read().decode().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # blank, or an append torn by a worker killed mid-write: not a record
+            continue
+    return records
 
 
 def read_metrics(run_dir: str) -> list[dict]:
