@@ -292,7 +292,7 @@ def test_training_under_ddp_keeps_ranks_identical(frames):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
+    out = mp.get_context("spawn").Manager().dict()  # a forked manager would inherit lance (not fork-safe)
     mp.spawn(_ddp_worker, args=(2, port, frames[:32], out), nprocs=2)
     assert out[0] == out[1]
     assert out[0][2] == 2 * 6 * 4
