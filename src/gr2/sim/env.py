@@ -187,7 +187,7 @@ def run_lockstep(policy: BatchPolicy, config: RolloutConfig, seeds: tuple[int, .
         policy.reset(len(seeds))
         results = [EpisodeResult(seed=seed, success=False, steps=0) for seed in seeds]
         recorded: dict[int, dict[str, list[np.ndarray]]] = {i: {c: [] for c in config.cameras} for i in range(record)}
-        live = [i for i in range(len(seeds)) if config.max_steps > 0]
+        live = list(range(len(seeds))) if config.max_steps > 0 else []
         while live:
             observations = {i: observe(envs[i], obs[i], config.cameras) for i in live}
             for i in set(live) & recorded.keys():
